@@ -1,0 +1,100 @@
+r"""ALiBi: attention with linear biases (Press, Smith, Lewis, arXiv 2108.12409).
+
+The slopes follow the official rule of ``ofirpress/attention_with_linear_biases`` (``get_slopes`` in
+``fairseq/models/transformer.py``), which BLOOM, MPT, FlashAttention's helpers and llama.cpp share: for H a power of
+two :math:`m_h = 2^{-8h/H}`, h = 1..H; otherwise the :math:`c = 2^{\lfloor \log_2 H \rfloor}` slopes of c heads
+followed by the odd-indexed slopes of 2c heads, :math:`2^{-4(2k-1)/c}`, k = 1..H-c, appended in that order (not
+sorted).
+
+The official code builds the key-only form :math:`+m\,j`, which differs from :math:`-m|i-j|` by the per-row constant
+:math:`m\,i` under a causal mask (so probabilities agree and the log-sum-exp does not) and is wrong without one. This
+module computes the relative form :math:`-m|i-j|`, valid in both settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from array_api_compat import device as array_device
+
+from . import _checks
+from .family import BiasFamily
+
+__all__ = ["ALiBi", "alibi_slopes"]
+
+
+def _slope_exponents(num_heads: int) -> list[float]:
+    """Base-2 exponents of the official slopes (exact dyadic rationals, so the float values are exact)."""
+    c = 1 << (num_heads.bit_length() - 1)
+    exps = [-8.0 * h / c for h in range(1, c + 1)]
+    exps += [-4.0 * (2 * k - 1) / c for k in range(1, num_heads - c + 1)]
+    return exps
+
+
+def alibi_slopes(num_heads: int, *, dtype: Any = None, xp: Any = None, device: Any = None) -> Any:
+    r"""The official ALiBi slopes for ``num_heads`` heads.
+
+    Parameters
+    ----------
+    num_heads : int
+        H >= 1.
+    dtype : optional
+        float64 by default.
+    xp : array namespace, optional
+        NumPy by default.
+    device : optional
+
+    Returns
+    -------
+    array of shape (H,)
+        :math:`m_h = 2^{e_h}` with exact exponents, rounded once to ``dtype`` (the official code reaches the same
+        numbers through a product of floats, which may differ in the last ulp).
+
+    Examples
+    --------
+    >>> import numpy as np, relpos_ref as rp
+    >>> np.log2(rp.alibi_slopes(6)).tolist()
+    [-2.0, -4.0, -6.0, -8.0, -1.0, -3.0]
+    """
+    num_heads = _checks.integer("num_heads", num_heads, minimum=1)
+    xp = xp if xp is not None else _checks.default_namespace()
+    dtype = dtype if dtype is not None else xp.float64
+    return xp.asarray([2.0**e for e in _slope_exponents(num_heads)], dtype=dtype, device=device)
+
+
+class ALiBi(BiasFamily):
+    r"""ALiBi bias, relative (symmetric) form.
+
+    .. math:: b_h(i, j) = -m_h\,|i - j|
+
+    added after the :math:`1/\sqrt{d}` scale in the official code (``placement="post_scale"``).
+
+    Parameters
+    ----------
+    slopes : float array of shape (H,)
+        Finite and > 0. See :func:`alibi_slopes` and :meth:`from_num_heads`.
+    xp, dtype, device : optional
+        Used only when ``slopes`` is not already an array.
+    """
+
+    _head_params = ("slopes",)
+
+    def __init__(self, slopes: Any, *, xp: Any = None, dtype: Any = None, device: Any = None) -> None:
+        slopes = _checks.as_param("slopes", slopes, xp, dtype, device)
+        ns = _checks.namespace(slopes, names=("slopes",))
+        _checks.float_array("slopes", slopes, ns, ndim=1)
+        _checks.nonempty("slopes", slopes)
+        _checks.finite("slopes", slopes, ns)
+        _checks.positive("slopes", slopes, ns)
+        self._finish(
+            {"slopes": slopes}, num_heads=slopes.shape[0], xp=ns, dtype=slopes.dtype, device=array_device(slopes)
+        )
+
+    @classmethod
+    def from_num_heads(cls, num_heads: int, *, dtype: Any = None, xp: Any = None, device: Any = None) -> ALiBi:
+        """ALiBi with the official slopes for ``num_heads`` heads."""
+        return cls(alibi_slopes(num_heads, dtype=dtype, xp=xp, device=device))
+
+    def _compute(self, xp: Any, arrays: dict[str, Any], delta: Any, q_pos: Any, dtype: Any) -> Any:
+        dist = xp.astype(xp.abs(delta), dtype)
+        return -(arrays["slopes"][:, None, None] * dist[None, :, :])

@@ -1,0 +1,131 @@
+r"""FIRE: functional interpolation for relative positions (Li et al., arXiv 2310.04418, ICLR 2024).
+
+.. math::
+
+    b_h(i, j) = f_\theta\!\left(\frac{\psi(|i - j|)}{\psi(\max(L, i)) + \varepsilon}\right),
+    \qquad \psi(t) = \log(1 + c\,t),
+
+with :math:`f_\theta(x) = W_2\,\mathrm{relu}(W_1 x + b_1) + b_2` a one-hidden-layer MLP. ``i`` is the absolute query
+position: under a KV cache or chunked prefill the normaliser uses the true position, not the row index of the slice.
+The normaliser makes FIRE the one family here that is not a function of :math:`i - j` alone once :math:`i > L`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from array_api_compat import device as array_device
+
+from . import _checks
+from .family import BiasFamily
+
+__all__ = ["FIRE"]
+
+
+class FIRE(BiasFamily):
+    r"""FIRE bias with a one-hidden-layer MLP in PyTorch ``nn.Linear`` layouts.
+
+    Parameters
+    ----------
+    w1 : float array (W, 1)
+        Weight of ``nn.Linear(1, W)``.
+    b1 : float array (W,)
+    w2 : float array (H, W)
+        Weight of ``nn.Linear(W, H)``.
+    b2 : float array (H,)
+    c : float or 0-d array, default 0.1
+        Scale inside :math:`\psi`; > 0. The reference listing stores ``c`` as a learnable parameter initialised to
+        0.1 and applies ``abs``; here it must be positive.
+    L : float or 0-d array, default 512.0
+        Threshold of the normaliser :math:`\psi(\max(L, i))`; > 0 (``init_L * L_multiplier`` in the listing).
+    eps : float, default 0.0
+        Added to the normaliser (the listing uses 1e-6); >= 0.
+    xp, dtype, device : optional
+        Used only for arguments that are not already arrays.
+
+    Notes
+    -----
+    With :math:`c, L > 0` the normaliser is at least :math:`\log(1 + cL) > 0`, so no division by zero can occur. The
+    listing applies ``abs`` to the offset; so does this class: keys after the query get the bias of their mirror
+    image and must be removed by a causal mask, as in the paper, which defines FIRE for causal attention.
+    """
+
+    _head_params = ("w2", "b2")
+
+    def __init__(
+        self,
+        w1: Any,
+        b1: Any,
+        w2: Any,
+        b2: Any,
+        *,
+        c: Any = 0.1,
+        L: Any = 512.0,  # noqa: N803  (the paper's name)
+        eps: float = 0.0,
+        xp: Any = None,
+        dtype: Any = None,
+        device: Any = None,
+    ) -> None:
+        w1 = _checks.as_param("w1", w1, xp, dtype, device)
+        ns = _checks.namespace(w1, names=("w1",))
+        dtype = w1.dtype
+        dev = array_device(w1)
+        b1 = _checks.as_param("b1", b1, ns, dtype, dev)
+        w2 = _checks.as_param("w2", w2, ns, dtype, dev)
+        b2 = _checks.as_param("b2", b2, ns, dtype, dev)
+        c = _checks.as_param("c", c, ns, dtype, dev)
+        L = _checks.as_param("L", L, ns, dtype, dev)  # noqa: N806
+        ns = _checks.namespace(w1, b1, w2, b2, c, L, names=("w1", "b1", "w2", "b2", "c", "L"))
+        for name, arr, nd in (("w1", w1, 2), ("b1", b1, 1), ("w2", w2, 2), ("b2", b2, 1), ("c", c, 0), ("L", L, 0)):
+            _checks.float_array(name, arr, ns, ndim=nd)
+            _checks.nonempty(name, arr)
+            _checks.finite(name, arr, ns)
+        width = w1.shape[0]
+        heads = w2.shape[0]
+        expected = {"w1": (width, 1), "b1": (width,), "w2": (heads, width), "b2": (heads,)}
+        for name, arr in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+            if tuple(arr.shape) != expected[name]:
+                msg = (
+                    f"{name}: expected shape {expected[name]} (nn.Linear layouts: w1 (W, 1), b1 (W,), w2 (H, W), "
+                    f"b2 (H,)), got {tuple(arr.shape)}"
+                )
+                raise ValueError(msg)
+        _checks.positive("c", c, ns)
+        _checks.positive("L", L, ns)
+        eps = _checks.real_scalar("eps", eps, nonnegative=True)
+        self._finish(
+            {"w1": w1, "b1": b1, "w2": w2, "b2": b2, "c": c, "L": L},
+            num_heads=heads,
+            xp=ns,
+            dtype=dtype,
+            device=dev,
+            options={"eps": eps},
+        )
+
+    @property
+    def width(self) -> int:
+        """W, the hidden width of the MLP."""
+        return int(self._params["w1"].shape[0])
+
+    def interpolant(self, q_pos: Any, k_pos: Any) -> Any:
+        r"""The MLP input :math:`x(i, j) = \psi(|i-j|) / (\psi(\max(L, i)) + \varepsilon)`, shape (Sq, Sk)."""
+        from .positions import _positions_pair, relative_offsets
+
+        xp = _positions_pair(q_pos, k_pos, self.xp)
+        cdtype = _checks.compute_dtype(xp, self.dtype)
+        arrays = {k: xp.astype(v, cdtype) for k, v in self._params.items()}
+        x = self._x(xp, arrays, relative_offsets(q_pos, k_pos, xp=xp), q_pos, cdtype)
+        return x if x.dtype == self.dtype else xp.astype(x, self.dtype)
+
+    def _x(self, xp: Any, arrays: dict[str, Any], delta: Any, q_pos: Any, dtype: Any) -> Any:
+        c, L = arrays["c"], arrays["L"]  # noqa: N806
+        dist = xp.astype(xp.abs(delta), dtype)
+        norm = xp.log1p(c * xp.maximum(xp.astype(q_pos, dtype), L)) + self._options["eps"]
+        return xp.log1p(c * dist) / norm[:, None]
+
+    def _compute(self, xp: Any, arrays: dict[str, Any], delta: Any, q_pos: Any, dtype: Any) -> Any:
+        x = self._x(xp, arrays, delta, q_pos, dtype)
+        w1 = arrays["w1"][:, 0]
+        hidden = xp.maximum(w1[:, None, None] * x[None, :, :] + arrays["b1"][:, None, None], 0)
+        out = xp.tensordot(arrays["w2"], hidden, axes=1)
+        return out + arrays["b2"][:, None, None]

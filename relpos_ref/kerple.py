@@ -1,0 +1,80 @@
+r"""KERPLE: kernelized relative positional embeddings (Chi, Fan, Ramadge, Rudnicky, arXiv 2205.09921).
+
+Both kernels are conditionally positive definite; the bias is the negated kernel, a distance penalty that is zero at
+:math:`\Delta = 0` and non-increasing in :math:`|\Delta|` under the constraints enforced here. The official code
+(``chijames/KERPLE``, ``megatron/mpu/layers.py``: ``ParallelKerplePower`` and ``ParallelKerpleLog``) names the
+parameters ``bias_a``/``bias_p`` with the roles swapped between the two classes; here ``r1`` is always the outer
+multiplier and ``r2`` the inner exponent or rate, as in the paper.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from array_api_compat import device as array_device
+
+from . import _checks
+from .family import BiasFamily
+
+__all__ = ["KerpleLog", "KerplePower"]
+
+
+class _Kerple(BiasFamily):
+    _head_params = ("r1", "r2")
+    _r2_upper: float | None = None
+
+    def __init__(self, r1: Any, r2: Any, *, xp: Any = None, dtype: Any = None, device: Any = None) -> None:
+        r1 = _checks.as_param("r1", r1, xp, dtype, device)
+        r2 = _checks.as_param("r2", r2, xp, dtype, device)
+        ns = _checks.namespace(r1, r2, names=("r1", "r2"))
+        _checks.float_array("r1", r1, ns, ndim=1)
+        _checks.float_array("r2", r2, ns, ndim=1)
+        _checks.nonempty("r1", r1)
+        if r2.shape != r1.shape:
+            msg = f"r2: expected the shape of r1 {tuple(r1.shape)} (one value per head), got {tuple(r2.shape)}"
+            raise ValueError(msg)
+        if r2.dtype != r1.dtype:
+            msg = f"r2: expected the dtype of r1 ({r1.dtype}), got {r2.dtype}"
+            raise TypeError(msg)
+        _checks.finite("r1", r1, ns)
+        _checks.finite("r2", r2, ns)
+        _checks.positive("r1", r1, ns)
+        _checks.positive("r2", r2, ns, upper=self._r2_upper)
+        self._finish({"r1": r1, "r2": r2}, num_heads=r1.shape[0], xp=ns, dtype=r1.dtype, device=array_device(r1))
+
+
+class KerplePower(_Kerple):
+    r"""KERPLE power kernel.
+
+    .. math:: b_h(i, j) = -r_{1,h}\,|i - j|^{r_{2,h}}, \qquad r_1 > 0,\; 0 < r_2 \le 2
+
+    Parameters
+    ----------
+    r1, r2 : float arrays of shape (H,)
+        Official code: ``r1 = bias_a``, ``r2 = bias_p`` of ``ParallelKerplePower`` (clamped there to >= 0.01 and
+        r2 <= 2 on every forward; here out-of-range values are rejected instead).
+    """
+
+    _r2_upper = 2.0
+
+    def _compute(self, xp: Any, arrays: dict[str, Any], delta: Any, q_pos: Any, dtype: Any) -> Any:
+        dist = xp.astype(xp.abs(delta), dtype)
+        return -(arrays["r1"][:, None, None] * xp.pow(dist[None, :, :], arrays["r2"][:, None, None]))
+
+
+class KerpleLog(_Kerple):
+    r"""KERPLE logarithmic kernel.
+
+    .. math:: b_h(i, j) = -r_{1,h}\,\log(1 + r_{2,h}\,|i - j|), \qquad r_1, r_2 > 0
+
+    evaluated with ``log1p``.
+
+    Parameters
+    ----------
+    r1, r2 : float arrays of shape (H,)
+        Official code: ``r1 = bias_p``, ``r2 = bias_a`` of ``ParallelKerpleLog``.
+    """
+
+    def _compute(self, xp: Any, arrays: dict[str, Any], delta: Any, q_pos: Any, dtype: Any) -> Any:
+        dist = xp.astype(xp.abs(delta), dtype)
+        return -(arrays["r1"][:, None, None] * xp.log1p(arrays["r2"][:, None, None] * dist[None, :, :]))

@@ -1,0 +1,89 @@
+r"""Sandwich: parameter-free bias from the cross term of sinusoidal embeddings (Chi, Fan, Rudnicky, Ramadge,
+arXiv 2212.10356).
+
+Formula as implemented in NeMo (``SandwichRelativePositionEmbedding``,
+``nemo/collections/nlp/modules/common/megatron/position_embedding/sandwich_relative_position_embedding.py``):
+
+.. math::
+
+    b_h(i, j) = \frac{\sum_{k=1}^{d/2} \cos(|i - j|\,\omega_k) - d/2}{8h/H},
+    \qquad \omega_k = 10000^{-2k/d},\; h = 1..H.
+
+The numerator is evaluated as :math:`-2\sum_k \sin^2(|i-j|\,\omega_k/2)`, the same quantity without the cancellation
+of :math:`\sum\cos - d/2` near :math:`\Delta = 0`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from array_api_compat import device as array_device
+
+from . import _checks
+from .family import BiasFamily
+
+__all__ = ["Sandwich"]
+
+
+class Sandwich(BiasFamily):
+    r"""Sandwich bias; no learned parameters.
+
+    Parameters
+    ----------
+    num_heads : int
+        H >= 1. Head h (1-based) is divided by :math:`8h/H`, so head 1 is the steepest, as in ALiBi.
+    head_dim : int
+        d, even and >= 2 (NeMo's per-head hidden size).
+    dtype : optional
+        float64 by default.
+    xp : array namespace, optional
+        NumPy by default.
+    device : optional
+
+    Notes
+    -----
+    Zero at :math:`\Delta = 0`, symmetric, a function of :math:`i - j` only, and not monotone: with d = 128 head 1
+    first increases between :math:`|\Delta| = 13` and 14.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, *, dtype: Any = None, xp: Any = None, device: Any = None) -> None:
+        num_heads = _checks.integer("num_heads", num_heads, minimum=1)
+        head_dim = _checks.integer("head_dim", head_dim, minimum=2)
+        if head_dim % 2:
+            msg = f"head_dim: expected an even integer (d/2 frequencies), got {head_dim}"
+            raise ValueError(msg)
+        xp = xp if xp is not None else _checks.default_namespace()
+        dtype = dtype if dtype is not None else xp.float64
+        if not _checks.is_float_dtype(xp, dtype):
+            msg = f"dtype: expected a real floating-point dtype, got {dtype}"
+            raise TypeError(msg)
+        half = head_dim // 2
+        omega = xp.asarray([10000.0 ** (-2.0 * k / head_dim) for k in range(1, half + 1)], dtype=dtype, device=device)
+        divisor = xp.asarray([8.0 * h / num_heads for h in range(1, num_heads + 1)], dtype=dtype, device=device)
+        self._finish(
+            {},
+            num_heads=num_heads,
+            xp=xp,
+            dtype=omega.dtype,
+            device=device,
+            derived={"divisor": divisor},
+            options={"num_heads": num_heads, "head_dim": head_dim},
+        )
+        object.__setattr__(self, "_omega", omega)
+
+    @classmethod
+    def _rebuild(cls, obj: BiasFamily, *, dtype: Any, xp: Any, device: Any) -> BiasFamily:
+        xp_to = xp if xp is not None else obj.xp
+        if dtype is None:
+            dtype = getattr(xp_to, _checks.dtype_name(obj.dtype))
+        return cls(**obj._options, dtype=dtype, xp=xp_to, device=device)
+
+    def _compute(self, xp: Any, arrays: dict[str, Any], delta: Any, q_pos: Any, dtype: Any) -> Any:
+        omega = xp.astype(self._omega, dtype)
+        half_dist = xp.astype(xp.abs(delta), dtype) * 0.5
+        total = xp.zeros(delta.shape, dtype=dtype, device=array_device(delta))
+        # One frequency at a time keeps the working memory at one (Sq, Sk) array instead of (d/2, Sq, Sk).
+        for k in range(omega.shape[0]):
+            s = xp.sin(half_dist * omega[k])
+            total = total + s * s
+        return (-2.0 * total)[None, :, :] / arrays["divisor"][:, None, None]

@@ -1,0 +1,61 @@
+"""An arbitrary, fully materialised bias: the fallback for anything the named families do not cover."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from array_api_compat import device as array_device
+
+from . import _checks
+from .family import BiasFamily, _head_indices
+from .positions import _positions_pair
+
+__all__ = ["TensorBias"]
+
+
+class TensorBias(BiasFamily):
+    r"""A given bias tensor :math:`b_h(i, j)`, indexed by query row and key column.
+
+    Parameters
+    ----------
+    array : float array of shape (H, Sq, Sk)
+        NaN and +inf are rejected; -inf is allowed and acts as a mask (probability exactly 0).
+    xp, dtype, device : optional
+        Used only when ``array`` is not already an array.
+
+    Notes
+    -----
+    Unlike the other families this one is not a function of positions: :meth:`bias` only checks that the position
+    arrays have lengths Sq and Sk and returns the tensor. Row i belongs to the i-th query whatever the alignment.
+    """
+
+    _head_params = ("array",)
+
+    def __init__(self, array: Any, *, xp: Any = None, dtype: Any = None, device: Any = None) -> None:
+        array = _checks.as_param("array", array, xp, dtype, device)
+        ns = _checks.namespace(array, names=("array",))
+        _checks.float_array("array", array, ns, ndim=3)
+        _checks.nonempty("array", array)
+        if not bool(ns.all(~ns.isnan(array) & (array != float("inf")))):
+            msg = "array: expected finite values or -inf (a mask), got NaN or +inf"
+            raise ValueError(msg)
+        self._finish({"array": array}, num_heads=array.shape[0], xp=ns, dtype=array.dtype, device=array_device(array))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self._params["array"].shape)
+
+    def bias(self, q_pos: Any, k_pos: Any, *, heads: Any = None) -> Any:
+        xp = _positions_pair(q_pos, k_pos, self.xp)
+        _, sq, sk = self.shape
+        if (q_pos.shape[0], k_pos.shape[0]) != (sq, sk):
+            msg = (
+                f"q_pos, k_pos: expected lengths ({sq}, {sk}) matching the tensor's (Sq, Sk), "
+                f"got ({q_pos.shape[0]}, {k_pos.shape[0]})"
+            )
+            raise ValueError(msg)
+        arr = self._params["array"]
+        if heads is None:
+            return xp.asarray(arr, copy=True)
+        idx = xp.asarray(_head_indices(heads, self.num_heads), dtype=xp.int64, device=self.device)
+        return xp.take(arr, idx, axis=0)
