@@ -199,11 +199,25 @@ def positive(name: str, value: Any, xp: Any, *, upper: float | None = None) -> N
         raise ValueError(msg)
 
 
+def host_numpy(value: Any) -> Any:
+    """A host NumPy array with the data of ``value`` (any namespace; copies only when it must)."""
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        return value
+    if array_api_compat.is_cupy_array(value):
+        return value.get()
+    try:
+        return np.from_dlpack(value)
+    except (TypeError, ValueError, BufferError, RuntimeError, AttributeError):
+        return np.asarray(value)
+
+
 def _preview(value: Any) -> str:
     try:
         import numpy as np
 
-        arr = np.asarray(array_api_compat.to_device(value, "cpu"), dtype=float)
+        arr = np.asarray(host_numpy(value), dtype=float)
     except Exception:
         return f"array of shape {tuple(value.shape)}"
     with np.printoptions(threshold=8, precision=6):

@@ -168,7 +168,7 @@ def _convert(value: Any, xp_from: Any, xp_to: Any, dtype: Any, device: Any) -> A
         return out
     import numpy as np
 
-    host = np.asarray(to_device(value, "cpu")) if is_array_api_obj(value) else np.asarray(value)
+    host = _checks.host_numpy(value) if is_array_api_obj(value) else np.asarray(value)
     if host.dtype.kind == "V" or host.dtype == np.float16:
         host = host.astype(np.float64) if host.dtype.kind == "V" else host
     return xp_to.asarray(host, dtype=dtype, device=device)

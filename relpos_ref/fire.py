@@ -125,7 +125,12 @@ class FIRE(BiasFamily):
 
     def _compute(self, xp: Any, arrays: dict[str, Any], delta: Any, q_pos: Any, dtype: Any) -> Any:
         x = self._x(xp, arrays, delta, q_pos, dtype)
-        w1 = arrays["w1"][:, 0]
-        hidden = xp.maximum(w1[:, None, None] * x[None, :, :] + arrays["b1"][:, None, None], 0)
-        out = xp.tensordot(arrays["w2"], hidden, axes=1)
-        return out + arrays["b2"][:, None, None]
+        w1, b1, w2 = arrays["w1"][:, 0], arrays["b1"], arrays["w2"]
+        out = xp.broadcast_to(arrays["b2"][:, None, None], (w2.shape[0], *x.shape))
+        # One hidden unit at a time, in a fixed order: memory stays at one (H, Sq, Sk) array, and each head's sum is
+        # the same sequence of roundings whichever heads are selected or however they are permuted (a matrix product
+        # would let the BLAS kernel, and so the rounding, depend on the number of heads).
+        for w in range(w1.shape[0]):
+            hidden = xp.maximum(w1[w] * x + b1[w], 0)
+            out = out + w2[:, w, None, None] * hidden[None, :, :]
+        return out

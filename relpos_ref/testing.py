@@ -5,25 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from array_api_compat import is_array_api_obj, to_device
+from array_api_compat import is_array_api_obj
+
+from ._checks import host_numpy
 
 __all__ = ["max_errors", "to_numpy"]
 
 
 def to_numpy(x: Any) -> np.ndarray:
     """A host NumPy copy of an array of any namespace (CuPy, array_api_strict, NumPy, DLPack producers)."""
-    if isinstance(x, np.ndarray):
-        return x.copy()
     if is_array_api_obj(x):
-        try:
-            host = to_device(x, "cpu")
-        except (ValueError, TypeError, AttributeError):
-            host = x
-        try:
-            return np.asarray(host).copy()
-        except (TypeError, ValueError):
-            return np.from_dlpack(host).copy()
-    return np.asarray(x).copy()
+        return np.array(host_numpy(x), copy=True)
+    return np.array(x, copy=True)
 
 
 def max_errors(actual: Any, desired: Any, *, tiny: float = 1e-300) -> tuple[float, float]:

@@ -1,0 +1,311 @@
+"""``relpos-ref verify``: every family and the attention path on every available backend and dtype.
+
+Each case is computed on a backend in a dtype and compared with NumPy float64 evaluated on the *same* rounded inputs
+(parameters and q/k/v are rounded to the dtype first, then widened exactly), so the error measured is the error of the
+computation, not of the input rounding. A case passes when its normwise error is within the dtype's tolerance
+(``TOLERANCES``) and every quick property holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from .alibi import ALiBi
+from .attention import attention
+from .family import BiasFamily
+from .fire import FIRE
+from .kerple import KerpleLog, KerplePower
+from .offset import OffsetBias
+from .positions import causal_mask, positions
+from .sandwich import Sandwich
+from .softmax import biased_softmax
+from .t5 import T5Bias, t5_bucket
+from .tensor_bias import TensorBias
+from .testing import max_errors, to_numpy
+
+__all__ = ["TOLERANCES", "available_backends", "run_verify"]
+
+# Normwise tolerance: max |x - x64| <= tol * max(1, max |x64|). float16 and float32 results are computed in float32
+# (rounded once to float16); the float32 figure leaves room for libm differences in pow/log1p/sin between backends and
+# for sums over up to a few hundred keys. float64 compares the backends' float64 arithmetic with NumPy's.
+TOLERANCES = {"float64": 1e-14, "float32": 5e-6, "float16": 2e-3}
+
+SQ, SK = 24, 40  # Sq != Sk so alignment matters; bottom-right puts the queries at positions 16..39.
+
+
+@dataclasses.dataclass
+class Row:
+    case: str
+    backend: str
+    dtype: str
+    max_abs: float
+    max_rel: float
+    tolerance: float
+    properties: list[tuple[str, bool]]
+    error: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        props = all(ok for _, ok in self.properties)
+        return self.error is None and props and self.max_abs <= self.tolerance * self.scale
+
+    scale: float = 1.0
+
+
+def available_backends() -> list[tuple[str, Any, str | None]]:
+    """(name, namespace or None, reason when unavailable) for numpy, array_api_strict and cupy."""
+    import array_api_compat.numpy as np_xp
+
+    out: list[tuple[str, Any, str | None]] = [("numpy", np_xp, None)]
+    try:
+        import array_api_strict as strict
+
+        out.append(("array_api_strict", strict, None))
+    except ImportError:
+        out.append(("array_api_strict", None, "not installed (pip install array-api-strict)"))
+    try:
+        import cupy
+
+        if cupy.is_available():
+            import array_api_compat.cupy as cp_xp
+
+            out.append(("cupy", cp_xp, None))
+        else:
+            out.append(("cupy", None, "no CUDA GPU available"))
+    except Exception as exc:
+        out.append(("cupy", None, f"not usable ({type(exc).__name__})"))
+    return out
+
+
+def _families(rng: np.random.Generator) -> dict[str, BiasFamily]:
+    h, w = 4, 16
+    return {
+        "t5_bidirectional": T5Bias(rng.standard_normal((h, 32)), bidirectional=True),
+        "t5_causal": T5Bias(rng.standard_normal((h, 32)), bidirectional=False),
+        "offset": OffsetBias(rng.standard_normal((h, 2 * 8 + 1))),
+        "alibi": ALiBi.from_num_heads(h),
+        "kerple_power": KerplePower(rng.uniform(0.05, 1.0, h), np.array([0.5, 1.0, 1.5, 2.0])),
+        "kerple_log": KerpleLog(rng.uniform(0.05, 2.0, h), rng.uniform(0.05, 1.0, h)),
+        # L = 20 < the largest query position, so the normaliser's max(L, i) takes both branches.
+        "fire": FIRE(
+            rng.standard_normal((w, 1)), rng.standard_normal(w), rng.standard_normal((h, w)) / 4,
+            rng.standard_normal(h), c=0.1, L=20.0,
+        ),
+        "sandwich": Sandwich(h, 64),
+        "tensor": TensorBias(rng.standard_normal((h, SQ, SK))),
+    }
+
+
+def _convert_family(fam: BiasFamily, xp: Any, dtype_name: str) -> BiasFamily:
+    return fam.astype(getattr(xp, dtype_name), xp=xp)
+
+
+def _as64(fam_low: BiasFamily) -> BiasFamily:
+    import array_api_compat.numpy as np_xp
+
+    return fam_low.astype(np_xp.float64, xp=np_xp)
+
+
+def _props_family(fam: BiasFamily, xp: Any, name: str) -> list[tuple[str, bool]]:
+    """Quick structural properties of one family on one backend (float64)."""
+    props: list[tuple[str, bool]] = []
+    if isinstance(fam, TensorBias):
+        return props
+    q = xp.asarray([3, 9, 15], dtype=xp.int64)
+    k = xp.arange(0, 16, dtype=xp.int64)
+    b = to_numpy(fam.bias(q, k))
+    # FIRE is offset-only too while every query position is <= L (here at most 19 against L = 20).
+    shifted = to_numpy(fam.bias(q + 4, k + 4))
+    props.append(("offset-only", bool(np.array_equal(b, shifted))))
+    one = to_numpy(fam.bias(q, k, heads=[2]))
+    props.append(("heads=", bool(np.array_equal(one[0], b[2]))))
+    if isinstance(fam, ALiBi | KerplePower | KerpleLog | Sandwich):
+        d0 = to_numpy(fam.bias(q, q))
+        props.append(("zero at 0", bool(np.all(np.diagonal(d0, axis1=1, axis2=2) == 0))))
+    if isinstance(fam, ALiBi | KerplePower | KerpleLog):
+        far = xp.asarray([200], dtype=xp.int64)
+        row = to_numpy(fam.bias(far, xp.arange(200, -1, -1, dtype=xp.int64)))  # |Delta| = 0..200
+        props.append(("monotone", bool(np.all(np.diff(row, axis=-1) <= 0))))
+    if isinstance(fam, T5Bias):
+        opts = fam.options()
+        delta = xp.arange(0, 4 * opts["max_distance"], dtype=xp.int64)
+        bk = to_numpy(t5_bucket(delta, bidirectional=opts["bidirectional"], num_buckets=fam.num_buckets,
+                                max_distance=opts["max_distance"]))
+        props.append(("buckets monotone", bool(np.all(np.diff(bk) >= 0) and bk.max() < fam.num_buckets)))
+    return props
+
+
+def _props_attention(fam: BiasFamily, xp: Any, rng: np.random.Generator) -> list[tuple[str, bool]]:
+    """Causal independence from future keys, rows summing to 1, KV-cache suffix consistency, shift invariance."""
+    props: list[tuple[str, bool]] = []
+    h = fam.num_heads
+    q = rng.standard_normal((1, h, SQ, 8))
+    k = rng.standard_normal((1, 2, SK, 8))
+    v = rng.standard_normal((1, 2, SK, 8))
+    qx, kx, vx = (xp.asarray(a) for a in (q, k, v))
+    bias = fam
+    out = to_numpy(attention(qx, kx, vx, bias=bias, causal=True))
+    # Future keys: change every key after query 5 (position SK - SQ + 5) and compare rows 0..5.
+    cut = SK - SQ + 5 + 1
+    k2, v2 = k.copy(), v.copy()
+    k2[:, :, cut:] += 3.0
+    v2[:, :, cut:] -= 3.0
+    out2 = to_numpy(attention(qx, xp.asarray(k2), xp.asarray(v2), bias=bias, causal=True))
+    props.append(("causal", bool(np.array_equal(out[:, :, :6, :], out2[:, :, :6, :]))))
+    if not isinstance(fam, TensorBias):
+        qp, kp = positions(SQ, SK, xp=xp)
+        s = xp.asarray(rng.standard_normal((h, SQ, SK)))
+        p = to_numpy(biased_softmax(s, fam.bias(qp, kp), mask=causal_mask(qp, kp)))
+        props.append(("rows sum to 1", bool(np.allclose(p.sum(-1), 1.0, rtol=0, atol=1e-12) and p.min() >= 0)))
+        tail = to_numpy(attention(qx[:, :, -3:, :], kx, vx, bias=bias, causal=True))
+        props.append(("kv-cache suffix", bool(np.allclose(tail, out[:, :, -3:], rtol=0, atol=1e-12))))
+        shift = xp.asarray(rng.standard_normal((h, SQ, 1)) * 100)
+        p1, l1 = biased_softmax(s, fam.bias(qp, kp), return_lse=True)
+        p2, l2 = biased_softmax(s, fam.bias(qp, kp) + shift, return_lse=True)
+        same_p = np.allclose(to_numpy(p1), to_numpy(p2), rtol=0, atol=1e-12)
+        moved = np.allclose(to_numpy(l2) - to_numpy(l1), to_numpy(shift)[..., 0], rtol=0, atol=1e-10)
+        props.append(("shift invariance", bool(same_p and moved)))
+    return props
+
+
+def _cases(rng: np.random.Generator) -> list[tuple[str, Callable[[Any, str], tuple[Any, Any]]]]:
+    """(name, fn(xp, dtype) -> (value on backend, float64 NumPy value on the same rounded inputs))."""
+    import array_api_compat.numpy as np_xp
+
+    fams = _families(rng)
+    cases: list[tuple[str, Callable[[Any, str], tuple[Any, Any]]]] = []
+    q = rng.standard_normal((2, 4, SQ, 16))
+    k = rng.standard_normal((2, 2, SK, 16))
+    v = rng.standard_normal((2, 2, SK, 16))
+
+    def bias_case(fam: BiasFamily) -> Callable[[Any, str], tuple[Any, Any]]:
+        def run(xp: Any, dtype: str) -> tuple[Any, Any]:
+            low = _convert_family(fam, xp, dtype)
+            qp, kp = positions(SQ, SK, xp=xp)
+            ref = _as64(low).bias(*positions(SQ, SK))
+            return low.bias(qp, kp), ref
+
+        return run
+
+    def attn_case(fam: BiasFamily, placement: str) -> Callable[[Any, str], tuple[Any, Any]]:
+        def run(xp: Any, dtype: str) -> tuple[Any, Any]:
+            low = _convert_family(fam, xp, dtype)
+            dt = getattr(xp, dtype)
+            qx, kx, vx = (xp.asarray(a, dtype=dt) for a in (q, k, v))
+            q64, k64, v64 = (to_numpy(a).astype(np.float64) for a in (qx, kx, vx))
+            got = attention(qx, kx, vx, bias=low, causal=True, placement=placement, block_size=7)
+            want = attention(
+                np_xp.asarray(q64), np_xp.asarray(k64), np_xp.asarray(v64), bias=_as64(low), causal=True,
+                placement=placement,
+            )
+            return got, want
+
+        return run
+
+    for name, fam in fams.items():
+        cases.append((f"bias {name}", bias_case(fam)))
+    for name, fam in fams.items():
+        cases.append((f"attention {name}", attn_case(fam, "post_scale")))
+    cases.append(("attention alibi pre_scale", attn_case(fams["alibi"], "pre_scale")))
+    return cases
+
+
+def run_verify(
+    *,
+    backends: Iterable[str] | None = None,
+    dtypes: Iterable[str] = ("float64", "float32", "float16"),
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[list[Row], list[str]]:
+    """Run the verification matrix. Returns (rows, notes on what was skipped and why)."""
+    notes: list[str] = []
+    chosen = []
+    for name, xp, reason in available_backends():
+        if backends is not None and name not in backends:
+            continue
+        if xp is None:
+            notes.append(f"backend {name} skipped: {reason}")
+            continue
+        chosen.append((name, xp))
+    rows: list[Row] = []
+    for bname, xp in chosen:
+        for dtype in dtypes:
+            if getattr(xp, dtype, None) is None:
+                notes.append(f"{bname} has no {dtype} (not required by the array API standard); skipped")
+                continue
+            rng = np.random.default_rng(seed)
+            for case, fn in _cases(rng):
+                if progress:
+                    progress(f"{bname} {dtype} {case}")
+                try:
+                    got, want = fn(xp, dtype)
+                    abs_err, rel_err = max_errors(got, want)
+                    scale = max(1.0, float(np.nanmax(np.abs(np.where(np.isfinite(w := to_numpy(want)), w, 0)))))
+                    row = Row(case, bname, dtype, abs_err, rel_err, TOLERANCES[dtype], [], scale=scale)
+                except Exception as exc:
+                    row = Row(case, bname, dtype, math.inf, math.inf, TOLERANCES[dtype], [],
+                              error=f"{type(exc).__name__}: {exc}")
+                rows.append(row)
+        # Properties once per backend, in float64 (float32 where float64 is missing).
+        prop_dtype = "float64" if getattr(xp, "float64", None) is not None else "float32"
+        rng = np.random.default_rng(seed)
+        for name, fam in _families(rng).items():
+            if progress:
+                progress(f"{bname} properties {name}")
+            fam_x = _convert_family(fam, xp, prop_dtype)
+            try:
+                props = _props_family(fam_x, xp, name) + _props_attention(fam_x, xp, np.random.default_rng(seed))
+                err = None
+            except Exception as exc:
+                props, err = [], f"{type(exc).__name__}: {exc}"
+            rows.append(Row(f"properties {name}", bname, prop_dtype, 0.0, 0.0, 0.0, props, error=err))
+    return rows, notes
+
+
+def format_table(rows: list[Row]) -> str:
+    head = f"{'case':<30} {'backend':<17} {'dtype':<8} {'max abs err':>11} {'max rel err':>11} {'tolerance':>10} " \
+           f"{'result':<6} properties"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r.case.startswith("properties"):
+            errs = tol = "-"
+            ae = re_ = "-"
+        else:
+            ae, re_ = f"{r.max_abs:.2e}", f"{r.max_rel:.2e}"
+            tol = f"{r.tolerance * r.scale:.1e}"
+            errs = ""
+        props = ", ".join(f"{n} {'ok' if ok else 'FAIL'}" for n, ok in r.properties) or errs
+        if r.error:
+            props = f"ERROR {r.error}"
+        lines.append(
+            f"{r.case:<30} {r.backend:<17} {r.dtype:<8} {ae:>11} {re_:>11} {tol:>10} "
+            f"{'ok' if r.passed else 'FAIL':<6} {props}"
+        )
+    return "\n".join(lines)
+
+
+def main_verify(args: Any) -> int:
+    start = time.perf_counter()
+    backends = args.backend or None
+    rows, notes = run_verify(backends=backends, dtypes=args.dtype or ("float64", "float32", "float16"), seed=args.seed)
+    print(format_table(rows))
+    for n in notes:
+        print(f"note: {n}")
+    failed = [r for r in rows if not r.passed]
+    n_props = sum(len(r.properties) for r in rows)
+    print(
+        f"\n{len(rows) - len(failed)} of {len(rows)} rows passed ({n_props} property checks) in "
+        f"{time.perf_counter() - start:.1f} s; tolerance = normwise, max|x - x64| <= tol * max(1, max|x64|), "
+        f"tol = {TOLERANCES}"
+    )
+    if failed:
+        print(f"FAILED: {len(failed)} rows")
+        return 1
+    print("OK")
+    return 0
