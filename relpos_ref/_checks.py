@@ -33,10 +33,10 @@ def namespace(*arrays: Any, xp: Any = None, names: tuple[str, ...] = ()) -> Any:
     if xp is not None:
         if present:
             got = _namespace_or_raise(present, names)
-            if _ns_name(got) != _ns_name(xp):
+            if not same_namespace(got, xp):
                 msg = (
-                    f"{_names(names)}: expected arrays of the namespace given by xp "
-                    f"({_ns_name(xp)}), got arrays of {_ns_name(got)}"
+                    f"{_names(names)}: expected arrays of {_ns_name(xp)} (the namespace in use), "
+                    f"got arrays of {_ns_name(got)}"
                 )
                 raise TypeError(msg)
         return xp
@@ -63,7 +63,13 @@ def _names(names: tuple[str, ...]) -> str:
 
 
 def _ns_name(xp: Any) -> str:
-    return getattr(xp, "__name__", repr(xp))
+    """Library name of a namespace; the array-api-compat wrapper of a library counts as that library."""
+    name = getattr(xp, "__name__", repr(xp))
+    return name.removeprefix("array_api_compat.")
+
+
+def same_namespace(a: Any, b: Any) -> bool:
+    return _ns_name(a) == _ns_name(b)
 
 
 def option(name: str, value: Any, choices: tuple[str, ...]) -> str:

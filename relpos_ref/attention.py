@@ -111,7 +111,7 @@ def attention(
         if family.num_heads != nh:
             msg = f"bias: expected a family with num_heads = {nh} (query heads of q), got {family.num_heads}"
             raise ValueError(msg)
-        if getattr(family.xp, "__name__", None) != getattr(xp, "__name__", None):
+        if not _checks.same_namespace(family.xp, xp):
             msg = f"bias: expected a family whose parameters live in {xp.__name__}, got {family.xp.__name__}"
             raise TypeError(msg)
     elif array_bias is not None:
