@@ -10,14 +10,14 @@ from array_api_compat import device as array_device
 from . import _checks
 from .family import BiasFamily
 from .positions import ALIGNMENTS, causal_mask, positions
-from .softmax import FULLY_MASKED, PLACEMENTS, broadcast_to, softmax_core
+from .softmax import FULLY_MASKED, PLACEMENTS, broadcast_to
 from .tensor_bias import TensorBias
 
 __all__ = ["attention"]
 
-# Logit elements per query block when the caller does not choose: 4 Mi elements = 32 MiB in float64, small enough
-# to stay in a laptop's memory at any sequence length, large enough to amortise per-block overhead.
-_BLOCK_ELEMENTS = 1 << 22
+# Logits per (query block, key block) tile when the caller does not choose: 1 Mi elements, 4 MiB in float32, so
+# a tile and its bias stay near the cache while the per-tile Python overhead stays small.
+_BLOCK_ELEMENTS = 1 << 20
 
 
 def attention(
@@ -34,6 +34,7 @@ def attention(
     fully_masked: str = "zero",
     return_lse: bool = False,
     block_size: int | None = None,
+    kv_block_size: int | None = None,
     xp: Any = None,
 ) -> Any:
     r"""Attention output :math:`O = \mathrm{softmax}(z)\,V` with a relative positional bias.
@@ -70,7 +71,10 @@ def attention(
     return_lse : bool, default False
         Also return the natural-log log-sum-exp of the final logits, (B, H, Sq), in the compute dtype.
     block_size : int, optional
-        Queries per block. By default chosen so one block's logits hold about 4 Mi elements.
+        Queries per tile. By default at most 256, fewer when B * H is large.
+    kv_block_size : int, optional
+        Keys per tile. By default chosen so a tile holds about 1 Mi logits (all of a KV cache of ordinary length
+        when Sq = 1).
     xp : array namespace, optional
 
     Returns
@@ -80,8 +84,12 @@ def attention(
 
     Notes
     -----
-    Working memory is one query block of logits, (B, H, block, Sk), plus that block's bias; under ``causal`` keys
-    that no query of a block can see are not computed. float16 inputs are computed in float32.
+    Streamed over (query block, key block) tiles with an online softmax (running maximum and running sum, as in
+    FlashAttention): working memory is one tile of logits, (B, H, block_size, kv_block_size), plus that tile's bias,
+    generated from the family inside the loop. Under ``causal`` the tiles entirely after a block's last query are
+    never computed and only tiles crossing the diagonal are masked. float16 inputs are computed in float32. The scale
+    multiplies q once per block (``pre_scale``: and the bias tile), which rounds differently from scaling each logit
+    by at most an ulp of the logit.
     """
     tensor = bias._params["array"] if isinstance(bias, TensorBias) else None
     family = bias if isinstance(bias, BiasFamily) and tensor is None else None
@@ -128,53 +136,44 @@ def attention(
     _checks.option("fully_masked", fully_masked, FULLY_MASKED)
     _checks.boolean("return_lse", return_lse)
     scale = 1.0 / math.sqrt(d) if scale is None else _checks.real_scalar("scale", scale, positive=True)
-    if block_size is None:
-        block_size = max(1, min(sq, _BLOCK_ELEMENTS // max(1, nb * nh * sk)))
-    else:
+    if block_size is not None:
         block_size = _checks.integer("block_size", block_size, minimum=1)
+    if kv_block_size is not None:
+        kv_block_size = _checks.integer("kv_block_size", kv_block_size, minimum=1)
+    block_size, kv_block_size = _block_sizes(nb, nh, sq, sk, block_size, kv_block_size)
+    # Value checks last (they read the arrays): a NaN or infinite input has no attention output, and an inf in a
+    # logit would surface as inf - inf inside the softmax. -inf in an array bias is a mask, as in TensorBias.
+    for name, arr in (("q", q), ("k", k), ("v", v)):
+        _checks.finite(name, arr, xp)
+    if array_bias is not None and tensor is None and bool(xp.any(xp.isnan(array_bias) | (array_bias == math.inf))):
+        msg = "bias: expected finite values or -inf (a mask), got NaN or +inf"
+        raise ValueError(msg)
 
     dev = array_device(q)
     cdtype = _checks.compute_dtype(xp, q.dtype)
     q_pos, k_pos = positions(sq, sk, align=align, xp=xp, device=dev)
-    q_start = sk - sq if align == "bottom_right" else 0
-    group = nh // nkv
-    dv = v.shape[3]
     kc = xp.astype(k, cdtype) if k.dtype != cdtype else k
     vc = xp.astype(v, cdtype) if v.dtype != cdtype else v
-
-    outs, lses = [], []
-    for start in range(0, sq, block_size):
-        stop = min(sq, start + block_size)
-        rows = stop - start
-        # Under a causal mask no query of this block sees a key beyond its last query's position.
-        k_end = min(sk, max(0, q_start + stop)) if causal else sk
-        if k_end == 0:
-            fill = 0.0 if fully_masked == "zero" else float("nan")
-            outs.append(xp.full((nb, nh, rows, dv), fill, dtype=cdtype, device=dev))
-            lses.append(
-                xp.full((nb, nh, rows), -math.inf if fully_masked == "zero" else math.nan, dtype=cdtype, device=dev)
-            )
-            continue
-        qb = q[:, :, start:stop, :]
-        qb = xp.astype(qb, cdtype) if qb.dtype != cdtype else qb
-        qb = xp.reshape(qb, (nb, nkv, group, rows, d))
-        kb = kc[:, :, None, :k_end, :]
-        scores = xp.reshape(qb @ xp.matrix_transpose(kb), (nb, nh, rows, k_end))
-        bias_b = None
-        if family is not None:
-            bias_b = family.bias(q_pos[start:stop], k_pos[:k_end])[None, ...]
-        elif array_bias is not None:
-            bias_b = _rows_cols(array_bias, start, stop, k_end, sq, sk)
-        mask_b = causal_mask(q_pos[start:stop], k_pos[:k_end], xp=xp) if causal else None
-        if mask is not None:
-            user = _rows_cols(mask, start, stop, k_end, sq, sk)
-            mask_b = user if mask_b is None else (user & mask_b)
-        probs, lse = softmax_core(xp, scores, bias_b, mask_b, scale, placement, fully_masked, cdtype)
-        probs = xp.reshape(probs, (nb, nkv, group, rows, k_end))
-        out = probs @ vc[:, :, None, :k_end, :]
-        outs.append(xp.reshape(out, (nb, nh, rows, dv)))
-        lses.append(lse)
-
+    outs, lses = _stream(
+        xp,
+        q,
+        kc,
+        vc,
+        family=family,
+        array_bias=array_bias,
+        mask=mask,
+        causal=causal,
+        q_pos=q_pos,
+        k_pos=k_pos,
+        q_start=sk - sq if align == "bottom_right" else 0,
+        scale=scale,
+        placement=placement,
+        fully_masked=fully_masked,
+        cdtype=cdtype,
+        bq=block_size,
+        bk=kv_block_size,
+        dev=dev,
+    )
     out = outs[0] if len(outs) == 1 else xp.concat(outs, axis=2)
     if out.dtype != q.dtype:
         out = xp.astype(out, q.dtype)
@@ -184,10 +183,109 @@ def attention(
     return out, lse
 
 
-def _rows_cols(arr: Any, start: int, stop: int, k_end: int, sq: int, sk: int) -> Any:
-    """Rows start:stop and columns :k_end of a (., ., Sq or 1, Sk or 1) array, keeping broadcast axes."""
+def _block_sizes(nb: int, nh: int, sq: int, sk: int, bq: int | None, bk: int | None) -> tuple[int, int]:
+    """Query and key block sizes: about ``_BLOCK_ELEMENTS`` logits per block unless the caller chose.
+
+    Sq = 1 (decoding) gets one query and up to ``_BLOCK_ELEMENTS / (B H)`` keys per block, so a KV cache of ordinary
+    length is one block: a single row softmax with no rescaling.
+    """
+    if bq is None:
+        bq = max(1, min(sq, 256, _BLOCK_ELEMENTS // max(1, nb * nh * 64)))
+    if bk is None:
+        bk = max(64, _BLOCK_ELEMENTS // max(1, nb * nh * bq))
+    return bq, min(bk, sk)
+
+
+def _stream(
+    xp: Any,
+    q: Any,
+    kc: Any,
+    vc: Any,
+    *,
+    family: Any,
+    array_bias: Any,
+    mask: Any,
+    causal: bool,
+    q_pos: Any,
+    k_pos: Any,
+    q_start: int,
+    scale: float,
+    placement: str,
+    fully_masked: str,
+    cdtype: Any,
+    bq: int,
+    bk: int,
+    dev: Any,
+) -> tuple[list[Any], list[Any]]:
+    """Online-softmax attention over (query block, key block) tiles; returns per-query-block outputs and lse."""
+    nb, nh, sq, d = q.shape
+    nkv, sk, dv = kc.shape[1], kc.shape[2], vc.shape[3]
+    group = nh // nkv
+    neg_inf = -math.inf
+    fill = 0.0 if fully_masked == "zero" else math.nan
+    lse_fill = neg_inf if fully_masked == "zero" else math.nan
+    k_g = kc[:, :, None, :, :]  # (B, H_kv, 1, Sk, D): broadcasts over the query heads of each kv head
+    v_g = vc[:, :, None, :, :]
+    outs, lses = [], []
+    for qs in range(0, sq, bq):
+        qe = min(sq, qs + bq)
+        rows = qe - qs
+        first_q, last_q = q_start + qs, q_start + qe - 1  # absolute positions (k_pos = arange(Sk))
+        # Under a causal mask no query of this block sees a key after its last query: those tiles are skipped.
+        k_stop = min(sk, last_q + 1) if causal else sk
+        if k_stop <= 0:
+            outs.append(xp.full((nb, nh, rows, dv), fill, dtype=cdtype, device=dev))
+            lses.append(xp.full((nb, nh, rows), lse_fill, dtype=cdtype, device=dev))
+            continue
+        qb = q[:, :, qs:qe, :]
+        qb = xp.astype(qb, cdtype) if qb.dtype != cdtype else qb
+        # The scale is applied to q once per block rather than to every logit; pre_scale scales the bias instead.
+        qb = xp.reshape(qb * scale, (nb, nkv, group, rows, d))
+        qp = q_pos[qs:qe]
+        run_max = xp.full((nb, nh, rows, 1), neg_inf, dtype=cdtype, device=dev)
+        run_sum = xp.zeros((nb, nh, rows, 1), dtype=cdtype, device=dev)
+        acc = xp.zeros((nb, nkv, group, rows, dv), dtype=cdtype, device=dev)
+        for ks in range(0, k_stop, bk):
+            ke = min(k_stop, ks + bk)
+            cols = ke - ks
+            z = xp.reshape(qb @ xp.matrix_transpose(k_g[:, :, :, ks:ke, :]), (nb, nh, rows, cols))
+            b = None
+            if family is not None:
+                b = family.bias(qp, k_pos[ks:ke])
+            elif array_bias is not None:
+                b = _tile(array_bias, qs, qe, ks, ke, sq, sk)
+            if b is not None:
+                b = xp.astype(b, cdtype) if b.dtype != cdtype else b
+                z = z + (b * scale if placement == "pre_scale" else b)
+            keep = causal_mask(qp, k_pos[ks:ke], xp=xp) if causal and ke - 1 > first_q else None
+            if mask is not None:
+                user = _tile(mask, qs, qe, ks, ke, sq, sk)
+                keep = user if keep is None else (user & keep)
+            if keep is not None:
+                z = xp.where(keep, z, neg_inf)
+            new_max = xp.maximum(run_max, xp.max(z, axis=-1, keepdims=True))
+            # A row with nothing attended so far has max -inf; shifting by 0 keeps exp(-inf) = 0, never -inf - -inf.
+            shift = xp.where(new_max == neg_inf, 0.0, new_max)
+            p = xp.exp(z - shift)
+            rescale = xp.exp(run_max - shift)
+            run_sum = run_sum * rescale + xp.sum(p, axis=-1, keepdims=True)
+            pv = xp.reshape(p, (nb, nkv, group, rows, cols)) @ v_g[:, :, :, ks:ke, :]
+            acc = acc * xp.reshape(rescale, (nb, nkv, group, rows, 1)) + pv
+            run_max = new_max
+        acc = xp.reshape(acc, (nb, nh, rows, dv))
+        # The largest attended logit contributes exp(0) = 1, so the sum is 0 exactly when nothing was attended.
+        empty = run_sum == 0
+        safe_sum = xp.where(empty, 1.0, run_sum)
+        outs.append(xp.where(empty, fill, acc / safe_sum))
+        lse = xp.where(empty, lse_fill, xp.where(empty, 0.0, run_max) + xp.log(safe_sum))
+        lses.append(lse[..., 0])
+    return outs, lses
+
+
+def _tile(arr: Any, qs: int, qe: int, ks: int, ke: int, sq: int, sk: int) -> Any:
+    """Rows qs:qe and columns ks:ke of a (., ., Sq or 1, Sk or 1) array, keeping broadcast axes."""
     if arr.shape[2] == sq:
-        arr = arr[:, :, start:stop, :]
-    if arr.shape[3] == sk and k_end != sk:
-        arr = arr[:, :, :, :k_end]
+        arr = arr[:, :, qs:qe, :]
+    if arr.shape[3] == sk:
+        arr = arr[:, :, :, ks:ke]
     return arr
