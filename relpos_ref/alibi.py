@@ -47,8 +47,9 @@ def alibi_slopes(num_heads: int, *, dtype: Any = None, xp: Any = None, device: A
     Returns
     -------
     array of shape (H,)
-        :math:`m_h = 2^{e_h}` with exact exponents, rounded once to ``dtype`` (the official code reaches the same
-        numbers through a product of floats, which may differ in the last ulp).
+        :math:`m_h = 2^{e_h}` with exact exponents, rounded once to ``dtype``. The official code computes
+        ``start * ratio**i`` in float64, which raises the rounding error of ``start`` to the power i: its slopes
+        differ from these by up to (i + 3) * 2**-53 relative, measured up to 90 ulp at H = 256.
 
     Examples
     --------
@@ -57,8 +58,11 @@ def alibi_slopes(num_heads: int, *, dtype: Any = None, xp: Any = None, device: A
     [-2.0, -4.0, -6.0, -8.0, -1.0, -3.0]
     """
     num_heads = _checks.integer("num_heads", num_heads, minimum=1)
-    xp = xp if xp is not None else _checks.default_namespace()
+    xp = _checks.namespace_arg(xp)
     dtype = dtype if dtype is not None else xp.float64
+    if not _checks.is_float_dtype(xp, dtype):
+        msg = f"dtype: expected a real floating-point dtype, got {dtype!r}"
+        raise TypeError(msg)
     return xp.asarray([2.0**e for e in _slope_exponents(num_heads)], dtype=dtype, device=device)
 
 
