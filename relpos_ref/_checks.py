@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any
 
 import array_api_compat
@@ -24,6 +25,18 @@ def default_namespace() -> Any:
     return np_compat
 
 
+def namespace_arg(xp: Any) -> Any:
+    """The ``xp`` argument of a public function: NumPy (array-api-compat) when None, else checked to be a namespace."""
+    if xp is None:
+        return default_namespace()
+    if isinstance(xp, type) or not all(callable(getattr(xp, a, None)) for a in ("asarray", "astype", "arange")):
+        msg = (
+            f"xp: expected an array namespace (a module such as array_api_compat.numpy or array_api_strict), got {xp!r}"
+        )
+        raise TypeError(msg)
+    return xp
+
+
 def namespace(*arrays: Any, xp: Any = None, names: tuple[str, ...] = ()) -> Any:
     """Array namespace of ``arrays`` (``None`` entries skipped), or ``xp`` when given.
 
@@ -31,6 +44,7 @@ def namespace(*arrays: Any, xp: Any = None, names: tuple[str, ...] = ()) -> Any:
     """
     present = [a for a in arrays if a is not None]
     if xp is not None:
+        xp = namespace_arg(xp)
         if present:
             got = _namespace_or_raise(present, names)
             if not same_namespace(got, xp):
@@ -125,9 +139,19 @@ def real_scalar(
 
 def is_float_dtype(xp: Any, dtype: Any) -> bool:
     try:
-        return bool(xp.isdtype(dtype, "real floating"))
+        # A dtype of another library (array_api_strict's against NumPy) makes isdtype compare across libraries,
+        # which warns before it fails; the failure is the answer, the warning is noise.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return bool(xp.isdtype(dtype, "real floating"))
     except (TypeError, ValueError):
         # ml_dtypes.bfloat16 and other extension dtypes are not known to isdtype; NumPy marks them floating.
+        if "numpy" not in _ns_name(xp):
+            return False
+        if isinstance(dtype, type) and getattr(dtype, "__name__", "") == "bfloat16":
+            import numpy as np
+
+            dtype = np.dtype(dtype)  # the scalar type ml_dtypes.bfloat16 -> its NumPy dtype
         kind = getattr(dtype, "kind", None)
         return kind == "V" and "bfloat16" in str(dtype)
 
@@ -240,19 +264,29 @@ def as_param(name: str, value: Any, xp: Any, dtype: Any, device: Any) -> Any:
     if is_array_api_obj(value):
         ns = namespace(value, xp=xp, names=(name,))
         float_array(name, value, ns)
-        if dtype is not None and value.dtype != dtype:
+        if dtype is not None and value.dtype != float_dtype("dtype", dtype, ns):
             value = ns.astype(value, dtype)
         return value
     if isinstance(value, bool | str | bytes) or value is None:
         msg = f"{name}: expected a floating-point array or real numbers, got {value!r}"
         raise TypeError(msg)
-    ns = xp if xp is not None else default_namespace()
+    ns = namespace_arg(xp)
+    if dtype is not None:
+        float_dtype("dtype", dtype, ns)
     target = dtype if dtype is not None else ns.float64
     try:
         return ns.asarray(value, dtype=target, device=device)
     except (TypeError, ValueError) as exc:
         msg = f"{name}: expected a floating-point array or real numbers, got {value!r}"
         raise TypeError(msg) from exc
+
+
+def float_dtype(name: str, dtype: Any, xp: Any) -> Any:
+    """A real floating dtype of ``xp`` (the ``dtype=`` argument of constructors and conversions)."""
+    if not is_float_dtype(xp, dtype):
+        msg = f"{name}: expected a real floating-point dtype, got {dtype!r}"
+        raise TypeError(msg)
+    return dtype
 
 
 def compute_dtype(xp: Any, dtype: Any) -> Any:

@@ -91,11 +91,16 @@ class BiasFamily:
         device : optional
             Target device.
         """
+        if dtype is not None:
+            target = _checks.namespace_arg(xp) if xp is not None else self.xp
+            if not _checks.is_float_dtype(target, dtype):
+                msg = f"dtype: expected a real floating-point dtype, got {dtype!r}"
+                raise TypeError(msg)
         return type(self)._rebuild(self, dtype=dtype, xp=xp, device=device)
 
     @classmethod
     def _rebuild(cls, obj: BiasFamily, *, dtype: Any, xp: Any, device: Any) -> BiasFamily:
-        xp_to = xp if xp is not None else obj.xp
+        xp_to = _checks.namespace_arg(xp) if xp is not None else obj.xp
         if dtype is None:
             dtype = getattr(xp_to, _checks.dtype_name(obj.dtype), None) or obj.dtype
         params = {k: _convert(v, obj.xp, xp_to, dtype, device) for k, v in obj._params.items()}

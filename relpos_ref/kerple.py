@@ -53,6 +53,8 @@ class KerplePower(_Kerple):
     r1, r2 : float arrays of shape (H,)
         Official code: ``r1 = bias_a``, ``r2 = bias_p`` of ``ParallelKerplePower`` (clamped there to >= 0.01 and
         r2 <= 2 on every forward; here out-of-range values are rejected instead).
+    xp, dtype, device : optional
+        Used only for arguments that are not already arrays.
     """
 
     _r2_upper = 2.0
@@ -73,6 +75,8 @@ class KerpleLog(_Kerple):
     ----------
     r1, r2 : float arrays of shape (H,)
         Official code: ``r1 = bias_p``, ``r2 = bias_a`` of ``ParallelKerpleLog``.
+    xp, dtype, device : optional
+        Used only for arguments that are not already arrays.
     """
 
     def _compute(self, xp: Any, arrays: dict[str, Any], delta: Any, q_pos: Any, dtype: Any) -> Any:

@@ -58,7 +58,7 @@ def positions(
     q_len = _checks.integer("q_len", q_len, minimum=1)
     k_len = _checks.integer("k_len", k_len, minimum=1)
     _checks.option("align", align, ALIGNMENTS)
-    xp = xp if xp is not None else _checks.default_namespace()
+    xp = _checks.namespace_arg(xp)
     start = k_len - q_len if align == "bottom_right" else 0
     q_pos = xp.arange(start, start + q_len, dtype=xp.int64, device=device)
     k_pos = xp.arange(0, k_len, dtype=xp.int64, device=device)
@@ -85,6 +85,8 @@ def relative_offsets(q_pos: Any, k_pos: Any, *, xp: Any = None) -> Any:
     ----------
     q_pos, k_pos : 1-D integer arrays
         Absolute positions (see :func:`positions`).
+    xp : array namespace, optional
+        Namespace the positions must belong to; taken from them by default.
 
     Returns
     -------
@@ -101,6 +103,8 @@ def causal_mask(q_pos: Any, k_pos: Any, *, xp: Any = None) -> Any:
     ----------
     q_pos, k_pos : 1-D integer arrays
         Absolute positions (see :func:`positions`).
+    xp : array namespace, optional
+        Namespace the positions must belong to; taken from them by default.
 
     Returns
     -------

@@ -52,19 +52,22 @@ class Sandwich(BiasFamily):
         if head_dim % 2:
             msg = f"head_dim: expected an even integer (d/2 frequencies), got {head_dim}"
             raise ValueError(msg)
-        xp = xp if xp is not None else _checks.default_namespace()
+        xp = _checks.namespace_arg(xp)
         dtype = dtype if dtype is not None else xp.float64
         if not _checks.is_float_dtype(xp, dtype):
             msg = f"dtype: expected a real floating-point dtype, got {dtype}"
             raise TypeError(msg)
         half = head_dim // 2
-        omega = xp.asarray([10000.0 ** (-2.0 * k / head_dim) for k in range(1, half + 1)], dtype=dtype, device=device)
-        divisor = xp.asarray([8.0 * h / num_heads for h in range(1, num_heads + 1)], dtype=dtype, device=device)
+        # The frequencies and divisors are derived constants, not parameters: they live in the compute dtype
+        # (float32 for float16), so a float16 bias is the float32 computation rounded once.
+        cdtype = _checks.compute_dtype(xp, dtype)
+        omega = xp.asarray([10000.0 ** (-2.0 * k / head_dim) for k in range(1, half + 1)], dtype=cdtype, device=device)
+        divisor = xp.asarray([8.0 * h / num_heads for h in range(1, num_heads + 1)], dtype=cdtype, device=device)
         self._finish(
             {},
             num_heads=num_heads,
             xp=xp,
-            dtype=omega.dtype,
+            dtype=xp.empty((0,), dtype=dtype, device=device).dtype,
             device=device,
             derived={"divisor": divisor},
             options={"num_heads": num_heads, "head_dim": head_dim},
@@ -73,7 +76,7 @@ class Sandwich(BiasFamily):
 
     @classmethod
     def _rebuild(cls, obj: BiasFamily, *, dtype: Any, xp: Any, device: Any) -> BiasFamily:
-        xp_to = xp if xp is not None else obj.xp
+        xp_to = _checks.namespace_arg(xp) if xp is not None else obj.xp
         if dtype is None:
             dtype = getattr(xp_to, _checks.dtype_name(obj.dtype))
         return cls(**obj._options, dtype=dtype, xp=xp_to, device=device)

@@ -82,12 +82,30 @@ def biased_softmax(
     _checks.option("placement", placement, PLACEMENTS)
     _checks.option("fully_masked", fully_masked, FULLY_MASKED)
     _checks.boolean("return_lse", return_lse)
+    _attended_values("scores", scores, mask, xp)
+    if bias is not None:
+        _attended_values("bias", bias, mask, xp)
     out_dtype = scores.dtype if bias is None else _result_dtype(xp, scores.dtype, bias.dtype)
     cdtype = _checks.compute_dtype(xp, out_dtype)
     probs, lse = softmax_core(xp, scores, bias, mask, scale, placement, fully_masked, cdtype)
     if probs.dtype != out_dtype:
         probs = xp.astype(probs, out_dtype)
     return (probs, lse) if return_lse else probs
+
+
+def _attended_values(name: str, value: Any, mask: Any, xp: Any) -> None:
+    """Reject NaN and +inf on attended entries: the softmax of such a row is undefined (inf - inf).
+
+    -inf is a mask; masked entries may hold anything, since they never reach the result.
+    """
+    bad = xp.isnan(value) | (value == float("inf"))
+    if mask is not None:
+        bad = bad & mask
+    if bool(xp.any(bad)):
+        msg = (
+            f"{name}: expected finite values or -inf on attended entries, got NaN or +inf in {_checks._preview(value)}"
+        )
+        raise ValueError(msg)
 
 
 def _result_dtype(xp: Any, a: Any, b: Any) -> Any:

@@ -216,10 +216,21 @@ class T5Bias(BiasFamily):
         ns = _checks.namespace(table, names=("table",))
         _checks.float_array("table", table, ns, ndim=2)
         _checks.nonempty("table", table)
+        given_shape = tuple(table.shape)
         if layout == "buckets_heads":
             table = ns.permute_dims(table, (1, 0))
         _checks.finite("table", table, ns)
-        bidirectional, _, max_distance, _, _ = _config(bidirectional, table.shape[1], max_distance)
+        try:
+            bidirectional, _, max_distance, _, _ = _config(bidirectional, table.shape[1], max_distance)
+        except ValueError as exc:
+            # The bucket count is not an argument here but an axis of the table: say so.
+            if not str(exc).startswith("num_buckets:"):
+                raise
+            msg = (
+                f"table: expected a number of buckets B (axis {0 if layout == 'buckets_heads' else 1} of the table) "
+                f"that is{str(exc).removeprefix('num_buckets: expected')}; table shape {given_shape}, layout {layout!r}"
+            )
+            raise ValueError(msg) from None
         self._finish(
             {"table": table},
             num_heads=table.shape[0],
@@ -231,6 +242,7 @@ class T5Bias(BiasFamily):
 
     @property
     def num_buckets(self) -> int:
+        """B, the number of buckets (columns of the stored (H, B) table)."""
         return int(self._params["table"].shape[1])
 
     def _compute(self, xp: Any, arrays: dict[str, Any], delta: Any, q_pos: Any, dtype: Any) -> Any:

@@ -43,6 +43,7 @@ class TensorBias(BiasFamily):
 
     @property
     def shape(self) -> tuple[int, int, int]:
+        """(H, Sq, Sk) of the stored tensor."""
         return tuple(self._params["array"].shape)
 
     def bias(self, q_pos: Any, k_pos: Any, *, heads: Any = None) -> Any:

@@ -1,0 +1,58 @@
+"""Conformance harness: test any bias, bucket or attention implementation against relpos_ref.
+
+Three ways in:
+
+1. Python: :func:`check_bias`, :func:`check_buckets`, :func:`check_attention` return a :class:`Report` (``passed``,
+   one :class:`CheckResult` per check with errors, first mismatch, diagnosis and a reproduction snippet,
+   ``to_json()``, a text table via ``str(report)``).
+2. pytest: :func:`parametrize_with_checks` over :func:`bias_checks` / :func:`attention_checks` /
+   :func:`bucket_checks`, with known divergences marked.
+3. ``relpos-ref conform MODULE:FUNCTION ...`` on the command line, or
+   ``RELPOS_REF_IMPL=MODULE:FUNCTION RELPOS_REF_ARGS="..." pytest --pyargs relpos_ref.conformance``.
+
+The tolerance rule is in :mod:`relpos_ref.conformance.tolerance` and ``spec/tolerances_conformance.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._arrays import to_host
+from ._core import Check, run_checks
+from .attention import AttentionShape, attention_checks, attention_inputs, check_attention, hand_over
+from .bias import bias_checks, check_bias
+from .buckets import bucket_checks, check_buckets
+from .plugin import load_target, parametrize_with_checks
+from .report import CheckResult, ConformanceError, Report
+from .tolerance import ATTENTION_FLOORS, ATTENTION_K, BIAS_TOLERANCES, rule_text
+
+__all__ = [
+    "ATTENTION_FLOORS",
+    "ATTENTION_K",
+    "BIAS_TOLERANCES",
+    "AttentionShape",
+    "Check",
+    "CheckResult",
+    "ConformanceError",
+    "Report",
+    "as_numpy",
+    "attention_checks",
+    "attention_inputs",
+    "bias_checks",
+    "bucket_checks",
+    "check_attention",
+    "check_bias",
+    "check_buckets",
+    "hand_over",
+    "load_target",
+    "parametrize_with_checks",
+    "rule_text",
+    "run_checks",
+]
+
+
+def as_numpy(x: Any) -> np.ndarray:
+    """A host NumPy copy of an array from NumPy, PyTorch, CuPy, JAX or any DLPack producer (floats as float64)."""
+    return to_host(x)[0]

@@ -1,0 +1,140 @@
+"""Copy-pasteable reproduction snippets for failed checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..alibi import ALiBi, alibi_slopes
+from ..family import BiasFamily
+from ..sandwich import Sandwich
+
+__all__: list[str] = []
+
+_MAX_INLINE = 4096  # parameter elements written out in full; beyond that the snippet asks for the object
+
+
+def candidate_source(candidate: Any, target: str | None) -> str:
+    """Line(s) that bind ``candidate`` in a fresh interpreter."""
+    if target:
+        return f"from relpos_ref.conformance import load_target\ncandidate = load_target({target!r})"
+    module = getattr(candidate, "__module__", None)
+    qualname = getattr(candidate, "__qualname__", None)
+    if module and qualname and module != "__main__" and "<" not in qualname:
+        head = qualname.split(".")[0]
+        line = f"from {module} import {head}"
+        return line if qualname == "candidate" else f"{line}\ncandidate = {qualname}"
+    return "candidate = ...  # the callable you passed (a lambda, closure or __main__ object: paste its definition)"
+
+
+def array_source(arr: Any) -> str:
+    a = np.asarray(arr, dtype=np.float64)
+    return f"np.array({a.tolist()!r})"
+
+
+def positions_source(pos: np.ndarray) -> str:
+    pos = np.asarray(pos, dtype=np.int64)
+    if len(pos) > 1 and np.all(np.diff(pos) == 1):
+        return f"np.arange({int(pos[0])}, {int(pos[-1]) + 1})"
+    return f"np.array({pos.tolist()!r}, dtype=np.int64)"
+
+
+def family_source(fam: BiasFamily | None) -> str:
+    """Python that rebuilds ``fam`` with NumPy float64 parameters (exact: repr of a float round-trips)."""
+    if fam is None:
+        return "None"
+    name = type(fam).__name__
+    params = fam.parameters()
+    opts = fam.options()
+    if isinstance(fam, Sandwich):
+        return f"rp.Sandwich({opts['num_heads']}, {opts['head_dim']})"
+    if isinstance(fam, ALiBi):
+        slopes = np.asarray(params["slopes"], dtype=np.float64)
+        if np.array_equal(slopes, np.asarray(alibi_slopes(fam.num_heads))):
+            return f"rp.ALiBi.from_num_heads({fam.num_heads})"
+    if sum(int(np.asarray(v).size) for v in params.values()) > _MAX_INLINE:
+        return "...  # your reference family object (its parameters are too large to write out here)"
+    args = ", ".join(f"{k}={array_source(np.asarray(v, dtype=np.float64))}" for k, v in params.items())
+    kw = ", ".join(f"{k}={v!r}" for k, v in opts.items())
+    return f"rp.{name}({', '.join(s for s in (args, kw) if s)})"
+
+
+def bias_snippet(
+    candidate: Any,
+    target: str | None,
+    reference: BiasFamily,
+    q_pos: np.ndarray,
+    k_pos: np.ndarray,
+    index: tuple[int, ...] | None,
+) -> str:
+    lines = [
+        "import numpy as np",
+        "import relpos_ref as rp",
+        "from relpos_ref.conformance import as_numpy",
+        candidate_source(candidate, target),
+        f"reference = {family_source(reference)}",
+        f"q_pos = {positions_source(q_pos)}",
+        f"k_pos = {positions_source(k_pos)}",
+        "got = as_numpy(candidate(q_pos, k_pos))",
+        "want = reference.astype(np.float64).bias(q_pos, k_pos)",
+    ]
+    if index is not None:
+        lines.append(f"print(got[{', '.join(map(str, index))}], want[{', '.join(map(str, index))}])")
+    return "\n".join(lines)
+
+
+def bucket_snippet(candidate: Any, target: str | None, delta: np.ndarray, opts: dict[str, Any]) -> str:
+    kw = ", ".join(f"{k}={v!r}" for k, v in opts.items())
+    return "\n".join(
+        [
+            "import numpy as np",
+            "import relpos_ref as rp",
+            "from relpos_ref.conformance import as_numpy",
+            candidate_source(candidate, target),
+            f"delta = np.array({np.asarray(delta).tolist()!r}, dtype=np.int64)  # query minus key",
+            "print(as_numpy(candidate(delta)))",
+            f"print(rp.t5_bucket(delta, {kw}))",
+        ]
+    )
+
+
+def attention_snippet(
+    candidate: Any,
+    target: str | None,
+    bias: BiasFamily | None,
+    shape: Any,
+    *,
+    dtype: str,
+    seed: int,
+    xp_name: str,
+    options: dict[str, Any],
+    index: tuple[int, ...] | None,
+    with_lse: bool,
+    lse: bool = False,
+) -> str:
+    hand = "candidate(q, k, v)" if xp_name == "numpy" else f"candidate(*hand_over((q, k, v), xp={xp_name!r}))"
+    opts = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    lines = [
+        "import numpy as np",
+        "import relpos_ref as rp",
+        "from relpos_ref.conformance import AttentionShape, as_numpy, attention_inputs, hand_over",
+        candidate_source(candidate, target),
+        f"bias = {family_source(bias)}",
+        f"shape = {shape!r}",
+        f"q, k, v = attention_inputs(shape, dtype={dtype!r}, seed={seed})",
+        f"result = {hand}",
+    ]
+    if with_lse:
+        lines.append(f"got = as_numpy(result[{1 if lse else 0}])")
+    else:
+        lines.append("got = as_numpy(result)")
+    lines.append(
+        f"want = rp.attention(*(a.astype(np.float64) for a in (q, k, v)), bias=bias, {opts}, "
+        f"return_lse=True)[{1 if lse else 0}]"
+    )
+    if index is not None:
+        sel = ", ".join(map(str, index[:3]))
+        lines.append(f"print(got[{sel}].tolist())")
+        lines.append(f"print(want[{sel}].tolist())")
+    return "\n".join(lines)

@@ -1,0 +1,579 @@
+"""Bias tensors against a relpos_ref family: ``check_bias`` and ``bias_checks``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .. import _checks
+from ..alibi import ALiBi
+from ..family import BiasFamily
+from ..fire import FIRE
+from ..kerple import KerpleLog, KerplePower
+from ..offset import OffsetBias
+from ..positions import causal_mask, positions
+from ..t5 import T5Bias
+from ..tensor_bias import TensorBias
+from . import _repro, diagnose
+from ._arrays import FLOAT_DTYPES
+from ._core import (
+    CandidateError,
+    Check,
+    _as_float_array,
+    _errors,
+    _f,
+    _first,
+    _max_rel,
+    _Suite,
+    _target_name,
+    _to_numpy64,
+    run_checks,
+)
+from .report import CheckResult, Report
+from .tolerance import bias_tolerance, rule_text
+
+__all__ = ["bias_checks", "check_bias"]
+
+EQUIVALENCES = ("exact", "row_shift")
+
+_MONOTONE = (ALiBi, KerplePower, KerpleLog)
+_NOT_OFFSET_ONLY = (TensorBias,)
+
+
+class _BiasSuite(_Suite):
+    def __init__(
+        self,
+        candidate: Any,
+        reference: Any,
+        *,
+        q_len: int,
+        k_len: int,
+        align: str,
+        equivalence: str,
+        causal: bool,
+        dtype: str | None,
+        rtol: float | None,
+        atol: float | None,
+        target: str | None,
+        label: str,
+    ) -> None:
+        if not callable(candidate):
+            msg = f"candidate: expected a callable candidate(q_pos, k_pos), got {type(candidate).__name__}"
+            raise TypeError(msg)
+        if not isinstance(reference, BiasFamily):
+            msg = (
+                "reference: expected a relpos_ref bias family (ALiBi, T5Bias, KerplePower, ...), "
+                f"got {type(reference).__name__}"
+            )
+            raise TypeError(msg)
+        self.candidate = candidate
+        self.target = target
+        self.q_len = _checks.integer("q_len", q_len, minimum=1)
+        self.k_len = _checks.integer("k_len", k_len, minimum=1)
+        self.align = _checks.option("align", align, ("bottom_right", "top_left"))
+        self.equivalence = _checks.option("equivalence", equivalence, EQUIVALENCES)
+        self.causal = _checks.boolean("causal", causal)
+        if dtype is not None:
+            _checks.option("dtype", dtype, FLOAT_DTYPES)
+        self.dtype = dtype
+        self.rtol, self.atol = rtol, atol
+        if rtol is not None or atol is not None:
+            bias_tolerance("float64", 1.0, rtol=rtol, atol=atol)  # validates
+        self.reference = reference
+        self.ref64 = _to_numpy64(reference)
+        self.label = label
+        self.notes: list[str] = []
+        self.seen_dtype: str | None = None
+        self._cache: dict[tuple[bytes, bytes], tuple[np.ndarray, str]] = {}
+        if isinstance(reference, TensorBias):
+            _, sq, sk = reference.shape
+            if (sq, sk) != (self.q_len, self.k_len):
+                msg = f"q_len, k_len: expected the TensorBias's (Sq, Sk) = {(sq, sk)}, got {(self.q_len, self.k_len)}"
+                raise ValueError(msg)
+
+    # -- plumbing ------------------------------------------------------------------------------------------
+    def header(self) -> dict[str, Any]:
+        return {
+            "candidate": _target_name(self.candidate, self.target),
+            "reference": repr(self.reference),
+            "kind": "bias tensor (H, Sq, Sk) from absolute positions",
+            "setup": (
+                f"q_len={self.q_len}, k_len={self.k_len}, align={self.align}, equivalence={self.equivalence}, "
+                f"causal={self.causal}"
+            ),
+            "candidate dtype": self.dtype or self.seen_dtype or "(from the candidate's output)",
+            "tolerance rule": rule_text("bias")
+            if self.rtol is None and self.atol is None
+            else f"user override: |cand - ref| <= atol + rtol |ref| with rtol={self.rtol}, atol={self.atol}",
+        }
+
+    def main_positions(self) -> tuple[np.ndarray, np.ndarray]:
+        q, k = positions(self.q_len, self.k_len, align=self.align)
+        return np.asarray(q), np.asarray(k)
+
+    def evaluate(self, q_pos: np.ndarray, k_pos: np.ndarray) -> tuple[np.ndarray, str]:
+        key = (q_pos.tobytes(), k_pos.tobytes())
+        if key not in self._cache:
+            out = self._call(q_pos.copy(), k_pos.copy())
+            self._cache[key] = _as_float_array(out, "candidate output")
+        arr, dt = self._cache[key]
+        self.seen_dtype = self.dtype or dt
+        expected = (self.ref64.num_heads, len(q_pos), len(k_pos))
+        if arr.shape != expected:
+            err = CandidateError(f"candidate returned shape {arr.shape}, expected (H, Sq, Sk) = {expected}")
+            err.diagnosis = self._shape_diagnosis(arr.shape, expected)  # type: ignore[attr-defined]
+            err.reproduction = self.snippet(q_pos, k_pos, None)  # type: ignore[attr-defined]
+            raise err
+        return arr, dt
+
+    def _shape_diagnosis(self, got: tuple[int, ...], want: tuple[int, int, int]) -> list[str]:
+        h, sq, sk = want
+        out = []
+        if got == (1, *want):
+            out.append("a leading batch axis of size 1 (HF compute_bias returns (1, H, Sq, Sk)): drop it")
+        if got == (h, sk, sq) and sq != sk:
+            out.append("the query and key axes are swapped")
+        if got == (sq, sk, h):
+            out.append("the head axis is last; move it first")
+        if len(got) == 3 and got[1:] == (sq, sk) and got[0] != h:
+            out.append(f"the candidate has {got[0]} heads, the reference {h}")
+            ref = self.ref64
+            if isinstance(ref, T5Bias) and ref.num_buckets == got[0]:
+                out.append(
+                    f"the reference T5Bias has {h} heads x {ref.num_buckets} buckets: a (buckets, heads) table "
+                    "(HF nn.Embedding weight) was given with layout='heads_buckets'; pass layout='buckets_heads'"
+                )
+        return out
+
+    def tol_dtype(self, dt: str) -> str:
+        return self.dtype or dt
+
+    def keep(self, q_pos: np.ndarray, k_pos: np.ndarray) -> np.ndarray:
+        if self.causal:
+            return np.asarray(causal_mask(q_pos, k_pos))
+        return np.ones((len(q_pos), len(k_pos)), dtype=bool)
+
+    def snippet(self, q_pos: np.ndarray, k_pos: np.ndarray, index: tuple[int, ...] | None) -> str:
+        return _repro.bias_snippet(self.candidate, self.target, self.ref64, q_pos, k_pos, index)
+
+    def compare(
+        self, cand: np.ndarray, ref: np.ndarray, keep: np.ndarray, dt: str, *, equivalence: str | None = None
+    ) -> dict[str, Any]:
+        """Compare under the suite's equivalence; returns errors, bound, first failure, shift."""
+        equivalence = equivalence or self.equivalence
+        keep3 = np.broadcast_to(keep, cand.shape)
+        shift = None
+        if equivalence == "row_shift":
+            # The shift of a row is the midrange of cand - ref over its finite compared entries (the constant that
+            # minimises the largest residual); infinite entries (a -inf mask in a TensorBias) must match exactly.
+            sel = keep3 & np.isfinite(cand) & np.isfinite(ref)
+            with np.errstate(invalid="ignore", over="ignore"):
+                d = np.where(sel, cand - ref, 0.0)
+            ok_rows = sel.any(axis=-1)
+            lo = np.min(np.where(sel, d, np.inf), axis=-1)
+            hi = np.max(np.where(sel, d, -np.inf), axis=-1)
+            shift = np.where(ok_rows, (np.where(ok_rows, lo, 0.0) + np.where(ok_rows, hi, 0.0)) / 2, 0.0)
+            err = _errors(np.where(sel, cand - shift[..., None], cand), ref)
+            shift = np.where(ok_rows, shift, np.nan)
+        else:
+            err = _errors(cand, ref)
+        err = np.where(keep3, err, 0.0)
+        fin = keep3 & np.isfinite(ref)
+        mag = max(1.0, float(np.max(np.abs(ref[fin]), initial=0.0)))
+        if equivalence == "row_shift":
+            cfin = keep3 & np.isfinite(cand)
+            mag = max(mag, float(np.max(np.abs(cand[cfin]), initial=0.0)))
+        tdt = self.tol_dtype(dt)
+        tol = bias_tolerance(tdt, mag, rtol=self.rtol, atol=self.atol)
+        scale_el = np.abs(ref) if equivalence == "exact" else np.maximum(np.abs(ref), np.abs(cand))
+        bound = tol.atol + tol.rtol * np.where(np.isfinite(scale_el), scale_el, 0.0)
+        bad = keep3 & (err > bound)
+        return {
+            "passed": not bool(bad.any()),
+            "err": err,
+            "bad": bad,
+            "max_abs": float(np.max(err, initial=0.0)),
+            "max_rel": _max_rel(err, ref, keep3),
+            "bound": float(np.max(bound, initial=tol.atol)) if tol.rtol else tol.atol,
+            "tol": tol,
+            "shift": shift,
+            "index": _first(bad),
+        }
+
+    # -- checks --------------------------------------------------------------------------------------------
+    def values_check(self, name: str, q_pos: np.ndarray, k_pos: np.ndarray, what: str) -> CheckResult:
+        cand, dt = self.evaluate(q_pos, k_pos)
+        ref = np.asarray(self.ref64.bias(q_pos, k_pos), dtype=np.float64)
+        keep = self.keep(q_pos, k_pos)
+        cmp = self.compare(cand, ref, keep, dt)
+        n = int(np.broadcast_to(keep, cand.shape).sum())
+        res = CheckResult(
+            name,
+            cmp["passed"],
+            summary=f"{what}: {n} entries{' kept by the causal mask' if self.causal else ''}, "
+            f"equivalence={self.equivalence}, candidate dtype {dt}",
+            max_abs=cmp["max_abs"],
+            max_rel=cmp["max_rel"],
+            bound=cmp["bound"],
+            tolerance=cmp["tol"].text,
+        )
+        if self.equivalence == "row_shift" and cmp["shift"] is not None:
+            res.details.append(
+                "row shift found: " + diagnose.row_shift_text(cmp["shift"], q_pos, self.ref64, cmp["tol"].atol)
+            )
+        if not res.passed:
+            idx = cmp["index"]
+            res.mismatch = self._mismatch(idx, cand, ref, q_pos, k_pos, cmp["shift"])
+            res.diagnosis = self.diagnose(cand, ref, keep, dt, q_pos, k_pos, cmp)
+            res.reproduction = self.snippet(q_pos, k_pos, idx)
+        return res
+
+    def _mismatch(
+        self,
+        idx: tuple[int, ...] | None,
+        cand: np.ndarray,
+        ref: np.ndarray,
+        q_pos: np.ndarray,
+        k_pos: np.ndarray,
+        shift: np.ndarray | None,
+    ) -> dict[str, Any] | None:
+        if idx is None:
+            return None
+        h, i, j = idx
+        m = {
+            "index": idx,
+            "head": h,
+            "q_pos": int(q_pos[i]),
+            "k_pos": int(k_pos[j]),
+            "delta": int(q_pos[i] - k_pos[j]),
+            "candidate": _f(cand[idx]),
+            "reference": _f(ref[idx]),
+        }
+        if shift is not None:
+            m["row shift"] = _f(shift[h, i])
+        return m
+
+    def diagnose(
+        self,
+        cand: np.ndarray,
+        ref: np.ndarray,
+        keep: np.ndarray,
+        dt: str,
+        q_pos: np.ndarray,
+        k_pos: np.ndarray,
+        cmp: dict[str, Any],
+    ) -> list[str]:
+        """The first convention difference that explains the failure (they are tried from the most specific)."""
+        out: list[str] = []
+        if np.isnan(cand[np.broadcast_to(keep, cand.shape)]).any():
+            out.append("the candidate returned NaN for compared entries")
+        if self.equivalence == "exact":
+            alt = self.compare(cand, ref, keep, dt, equivalence="row_shift")
+            if alt["passed"]:
+                return [
+                    *out,
+                    "per-row constant: candidate = reference + one constant per (head, query row), which "
+                    "leaves the probabilities unchanged; check it with equivalence='row_shift' ["
+                    + diagnose.row_shift_text(alt["shift"], q_pos, self.ref64, alt["tol"].atol)
+                    + "]",
+                ]
+        if not self.causal:
+            causal_keep = np.asarray(causal_mask(q_pos, k_pos))
+            for equiv in dict.fromkeys((self.equivalence, "row_shift")):
+                alt = self.compare(cand, ref, causal_keep, dt, equivalence=equiv)
+                if alt["passed"]:
+                    how = "" if equiv == "exact" else " up to a per-row constant"
+                    detail = (
+                        ""
+                        if equiv == "exact"
+                        else (" [" + diagnose.row_shift_text(alt["shift"], q_pos, self.ref64, alt["tol"].atol) + "]")
+                    )
+                    return [
+                        *out,
+                        f"causal-only form: equals the reference{how} on keys at or before the query and "
+                        "differs on future keys (key-only ALiBi, KERPLE/gpt-neox zeroing the future half); check "
+                        "it with causal=True" + ("" if equiv == "exact" else ", equivalence='row_shift'") + detail,
+                    ]
+        for label, alt_ref in diagnose.bias_hypotheses(self.ref64, q_pos, k_pos):
+            if self.compare(cand, alt_ref, keep, dt)["passed"]:
+                return [*out, label]
+        if isinstance(self.ref64, T5Bias):
+            text = diagnose.t5_value_buckets(self.ref64, cand, q_pos, k_pos, cmp["bad"], cmp["tol"].atol)
+            if text:
+                return [*out, text]
+        text = diagnose.scale_factor_text(cand, ref, keep, cmp["tol"].atol)
+        return [*out, text] if text else out
+
+    def shape_check(self) -> CheckResult:
+        q, k = self.main_positions()
+        cand, dt = self.evaluate(q, k)
+        ok_dtype = dt in FLOAT_DTYPES or dt.startswith("int")
+        res = CheckResult(
+            f"{self.label}.shape",
+            ok_dtype,
+            summary=f"output shape {cand.shape} = (H, Sq, Sk), dtype {dt}",
+        )
+        if not ok_dtype:
+            res.diagnosis.append(f"unexpected output dtype {dt}; expected a float (or integer) dtype")
+        return res
+
+    def offset_only_check(self, shift: int) -> CheckResult:
+        q, k = self.main_positions()
+        c1, dt = self.evaluate(q, k)
+        c2, _ = self.evaluate(q + shift, k + shift)
+        keep = self.keep(q, k)
+        cmp = self.compare(c2, c1, keep, dt)
+        res = CheckResult(
+            f"{self.label}.offset_only",
+            cmp["passed"],
+            summary=f"candidate(q_pos + {shift}, k_pos + {shift}) vs candidate(q_pos, k_pos) "
+            f"(equivalence={self.equivalence})",
+            max_abs=cmp["max_abs"],
+            max_rel=cmp["max_rel"],
+            bound=cmp["bound"],
+            tolerance=cmp["tol"].text,
+        )
+        if not res.passed:
+            idx = cmp["index"]
+            h, i, j = idx
+            res.mismatch = {
+                "index": idx,
+                "head": h,
+                "q_pos": int(q[i]),
+                "k_pos": int(k[j]),
+                "shift": shift,
+                "candidate": _f(c2[idx]),
+                "reference": _f(c1[idx]),
+            }
+            res.diagnosis.append(
+                "the candidate depends on absolute positions, not only on the offset i - j, although the family "
+                f"{type(self.ref64).__name__} is a function of i - j"
+            )
+            res.reproduction = (
+                self.snippet(q, k, None) + f"\nshifted = as_numpy(candidate(q_pos + {shift}, k_pos + {shift}))\n"
+                f"print(got[{h}, {i}, {j}], shifted[{h}, {i}, {j}])"
+            )
+        return res
+
+    def monotone_check(self, p: int) -> CheckResult:
+        q = np.array([p], dtype=np.int64)
+        k = np.arange(0, 2 * p + 1, dtype=np.int64)
+        cand, dt = self.evaluate(q, k)
+        row = cand[:, 0, :]
+        past = row[:, p::-1]  # |delta| = 0..p, keys at or before the query
+        sides = [("past keys", past)]
+        if not self.causal:
+            sides.append(("future keys", row[:, p:]))
+        mag = max(1.0, float(np.max(np.abs(row[np.isfinite(row)]), initial=0.0)))
+        tol = bias_tolerance(self.tol_dtype(dt), mag, rtol=self.rtol, atol=self.atol)
+        slack = tol.atol + tol.rtol * mag
+        worst, where = 0.0, None
+        for side, vals in sides:
+            with np.errstate(invalid="ignore"):
+                inc = np.diff(vals, axis=-1)
+            inc = np.where(np.isnan(inc), np.inf, inc)
+            if inc.size and float(inc.max()) > worst:
+                worst = float(inc.max())
+                h, d = np.unravel_index(int(np.argmax(inc)), inc.shape)
+                where = (side, int(h), int(d))
+        ok = worst <= slack
+        res = CheckResult(
+            f"{self.label}.monotone",
+            ok,
+            summary=f"bias non-increasing in |i - j| for |i - j| = 0..{p} "
+            f"({'past keys only (causal)' if self.causal else 'both sides'}), as {type(self.ref64).__name__} promises",
+            max_abs=worst,
+            bound=slack,
+            tolerance=f"an increase of at most {slack:.3g} between neighbours ({tol.text})",
+        )
+        if not ok and where is not None:
+            side, h, d = where
+            vals = past if side == "past keys" else row[:, p:]
+            res.mismatch = {
+                "index": (h, 0, d),
+                "head": h,
+                "side": side,
+                "|delta|": f"{d} -> {d + 1}",
+                "candidate": _f(vals[h, d + 1]),
+                "reference": f"<= {_f(vals[h, d])}",
+            }
+            if side == "future keys":
+                res.diagnosis.append(
+                    "the bias grows towards future keys: a key-only or signed form (e.g. BLOOM's m*j) is only "
+                    "valid under a causal mask; use causal=True if the candidate is only used causally"
+                )
+            else:
+                res.diagnosis.append("the penalty decreases with distance: a sign or slope error")
+            res.reproduction = self.snippet(q, k, None) + f"\nprint(got[{h}, 0, :])"
+        return res
+
+    def repeatable_check(self) -> CheckResult:
+        q, k = self.main_positions()
+        q_in, k_in = q.copy(), k.copy()
+        first, _ = _as_float_array(self._call(q_in, k_in), "candidate output")
+        second, _ = _as_float_array(self._call(q_in, k_in), "candidate output")
+        same = first.shape == second.shape and bool(np.all((first == second) | (np.isnan(first) & np.isnan(second))))
+        untouched = np.array_equal(q_in, q) and np.array_equal(k_in, k)
+        res = CheckResult(
+            f"{self.label}.repeatable",
+            same and untouched,
+            summary="two calls give bitwise identical results and leave q_pos, k_pos unchanged",
+        )
+        if not same:
+            res.diagnosis.append("two calls with the same positions returned different values")
+        if not untouched:
+            res.diagnosis.append("the candidate modified its q_pos or k_pos argument in place")
+        return res
+
+
+def bias_checks(
+    candidate: Callable[[np.ndarray, np.ndarray], Any],
+    reference: BiasFamily,
+    *,
+    q_len: int,
+    k_len: int,
+    align: str = "bottom_right",
+    equivalence: str = "exact",
+    causal: bool = False,
+    dtype: str | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    target: str | None = None,
+    label: str = "bias",
+) -> list[Check]:
+    """The checks of :func:`check_bias`, unrun (see :func:`check_bias` for the parameters)."""
+    s = _BiasSuite(
+        candidate,
+        reference,
+        q_len=q_len,
+        k_len=k_len,
+        align=align,
+        equivalence=equivalence,
+        causal=causal,
+        dtype=dtype,
+        rtol=rtol,
+        atol=atol,
+        target=target,
+        label=label,
+    )
+    ref = s.ref64
+    checks = [Check(f"{label}.shape", "output shape (H, Sq, Sk) and dtype", s.shape_check, s)]
+
+    def values(name: str, qf: Callable[[], tuple[np.ndarray, np.ndarray]], what: str) -> None:
+        checks.append(
+            Check(f"{label}.values.{name}", what, lambda: s.values_check(f"{label}.values.{name}", *qf(), what), s)
+        )
+
+    values("main", s.main_positions, f"Sq={s.q_len}, Sk={s.k_len}, {s.align} positions")
+    if isinstance(ref, TensorBias):
+        s.notes.append("decode, chunk and offset probes: a TensorBias has fixed (Sq, Sk)")
+    else:
+        kl = s.k_len
+
+        def decode() -> tuple[np.ndarray, np.ndarray]:
+            return np.array([kl - 1], dtype=np.int64), np.arange(kl, dtype=np.int64)
+
+        def chunk() -> tuple[np.ndarray, np.ndarray]:
+            start = kl + 5
+            return np.arange(start, start + 3, dtype=np.int64), np.arange(start + 3, dtype=np.int64)
+
+        radius = _probe_radius(ref)
+
+        def probe() -> tuple[np.ndarray, np.ndarray]:
+            return np.array([radius], dtype=np.int64), np.arange(2 * radius + 1, dtype=np.int64)
+
+        values("decode", decode, f"KV-cache decode: one query at position {kl - 1} against keys 0..{kl - 1}")
+        values("chunk", chunk, f"chunked prefill: queries at {kl + 5}..{kl + 7} against keys 0..{kl + 7}")
+        values("offsets", probe, f"one query at {radius} against keys 0..{2 * radius}: offsets -{radius}..{radius}")
+    shift = 37
+    if isinstance(ref, _NOT_OFFSET_ONLY):
+        s.notes.append("offset_only: a TensorBias is not a function of i - j")
+    elif isinstance(ref, FIRE) and float(np.asarray(ref.parameters()["L"])) < max(s.k_len, s.q_len) + shift:
+        s.notes.append("offset_only: FIRE depends on the absolute query position once it exceeds L")
+    else:
+        checks.append(
+            Check(f"{label}.offset_only", "bias depends only on i - j", lambda: s.offset_only_check(shift), s)
+        )
+    if isinstance(ref, _MONOTONE):
+        checks.append(Check(f"{label}.monotone", "penalty non-increasing in |i - j|", lambda: s.monotone_check(64), s))
+    else:
+        s.notes.append(f"monotone: {type(ref).__name__} does not promise a monotone penalty")
+    checks.append(Check(f"{label}.repeatable", "deterministic, inputs unchanged", s.repeatable_check, s))
+    return checks
+
+
+def _probe_radius(ref: BiasFamily) -> int:
+    if isinstance(ref, T5Bias):
+        md = ref.options()["max_distance"]
+        return max(2 * md, 64)
+    if isinstance(ref, OffsetBias):
+        return ref.max_offset + 5
+    if isinstance(ref, FIRE):
+        return int(min(4096, max(64, math.ceil(1.25 * float(np.asarray(ref.parameters()["L"]))))))
+    return 300
+
+
+def check_bias(
+    candidate: Callable[[np.ndarray, np.ndarray], Any],
+    reference: BiasFamily,
+    *,
+    q_len: int,
+    k_len: int,
+    align: str = "bottom_right",
+    equivalence: str = "exact",
+    causal: bool = False,
+    dtype: str | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    expected_failures: dict[str, str] | None = None,
+    target: str | None = None,
+) -> Report:
+    r"""Check a bias implementation against a relpos_ref family.
+
+    Parameters
+    ----------
+    candidate : callable
+        ``candidate(q_pos, k_pos)`` receives NumPy int64 arrays of absolute query and key positions and returns the
+        (H, Sq, Sk) bias as an array of any library with DLPack or ``__array__`` (NumPy, PyTorch, CuPy, JAX).
+    reference : BiasFamily
+        The family (with the candidate's parameters) it should equal; evaluated in float64.
+    q_len, k_len : int
+        Sizes of the main comparison; query positions follow ``align``. The suite adds a KV-cache decode row, a
+        chunked-prefill block and an offset probe at absolute positions.
+    align : {"bottom_right", "top_left"}
+    equivalence : {"exact", "row_shift"}
+        ``"row_shift"`` accepts a bias equal to the reference up to one constant per (head, query row), which leaves
+        the softmax probabilities unchanged (the key-only ALiBi of BLOOM, MPT and FlashAttention's causal path); the
+        report gives the shift. Anything else that changes probabilities is still rejected.
+    causal : bool
+        Compare only the entries a causal mask keeps (keys at or before the query).
+    dtype : str, optional
+        Dtype whose tolerance applies; the candidate output's dtype by default.
+    rtol, atol : float, optional
+        Replace the tolerance rule by ``|c - r| <= atol + rtol * |r|``.
+    expected_failures : dict, optional
+        Check name (or fnmatch pattern) -> reason for known divergences (reported as xfail).
+    target : str, optional
+        "module:function" of the candidate, used in reproduction snippets.
+
+    Returns
+    -------
+    Report
+    """
+    checks = bias_checks(
+        candidate,
+        reference,
+        q_len=q_len,
+        k_len=k_len,
+        align=align,
+        equivalence=equivalence,
+        causal=causal,
+        dtype=dtype,
+        rtol=rtol,
+        atol=atol,
+        target=target,
+    )
+    return run_checks(checks, expected_failures=expected_failures)

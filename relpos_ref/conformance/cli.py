@@ -1,0 +1,253 @@
+"""``relpos-ref conform MODULE:FUNCTION ...``: the harness from the command line.
+
+The same options drive ``pytest --pyargs relpos_ref.conformance`` through the ``RELPOS_REF_ARGS`` environment
+variable, so both entry points build the suite with :func:`build_checks`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import alibi, fire, kerple, offset, sandwich, t5
+from ..family import BiasFamily
+from ._core import Check, _match_expected, run_checks
+from .attention import attention_checks
+from .bias import bias_checks
+from .buckets import bucket_checks
+from .plugin import load_target
+
+__all__ = ["add_arguments", "build_checks", "main_conform", "parse_env_args"]
+
+FAMILIES = ("none", "alibi", "t5", "offset", "kerple_power", "kerple_log", "fire", "sandwich")
+
+EPILOG = """\
+examples:
+  relpos-ref conform mypkg.bias:alibi --family alibi --heads 12 --causal --equivalence row_shift
+  relpos-ref conform mypkg.bias:t5 --family t5 --params t5_table.npz --layout buckets_heads --no-bidirectional
+  relpos-ref conform mypkg.attn:forward --kind attention --family alibi --heads 8 --causal --dtype float16 --xp torch
+  relpos-ref conform mypkg.t5:bucket --kind buckets --bidirectional
+  relpos-ref conform mypkg.bias:fire --reference mypkg.bias:REFERENCE_FIRE --json report.json
+
+exit status: 0 when every check passes (declared --xfail checks may fail), 1 when one fails, 2 on a usage error.
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "target",
+        metavar="MODULE:FUNCTION",
+        help="the candidate: candidate(q_pos, k_pos) for --kind bias, candidate(delta) for buckets, "
+        "candidate(q, k, v) for attention",
+    )
+    p.add_argument(
+        "--kind",
+        choices=("bias", "attention", "buckets"),
+        default="bias",
+        help="what the candidate computes (default: bias)",
+    )
+    g = p.add_argument_group("reference bias family")
+    g.add_argument(
+        "--family",
+        choices=FAMILIES,
+        default=None,
+        help="bias family of the reference (bias: required unless --reference; attention: default none)",
+    )
+    g.add_argument("--heads", type=int, help="number of heads H (alibi, sandwich)")
+    g.add_argument(
+        "--params",
+        metavar="FILE.npz",
+        help="parameter arrays named as the family's constructor arguments (t5: table; offset: table; "
+        "alibi: slopes; kerple: r1, r2; fire: w1, b1, w2, b2 and optionally c, L)",
+    )
+    g.add_argument("--reference", metavar="MODULE:NAME", help="a relpos_ref family object to use as the reference")
+    g.add_argument(
+        "--bidirectional", action=argparse.BooleanOptionalAction, default=True, help="T5 mode (default: bidirectional)"
+    )
+    g.add_argument("--num-buckets", type=int, default=32, help="T5 buckets (buckets kind; default 32)")
+    g.add_argument("--max-distance", type=int, default=128, help="T5 max_distance (default 128)")
+    g.add_argument(
+        "--layout",
+        choices=("heads_buckets", "buckets_heads"),
+        default="heads_buckets",
+        help="layout of the T5 table in --params (HF nn.Embedding weight: buckets_heads)",
+    )
+    g.add_argument("--head-dim", type=int, help="Sandwich head dimension d")
+    g.add_argument("--fire-eps", type=float, default=0.0, help="FIRE eps (default 0)")
+    c = p.add_argument_group("comparison")
+    c.add_argument("--q-len", type=int, default=8, help="bias: number of queries of the main case (default 8)")
+    c.add_argument("--k-len", type=int, default=24, help="bias: number of keys of the main case (default 24)")
+    c.add_argument("--align", choices=("bottom_right", "top_left"), default="bottom_right")
+    c.add_argument("--equivalence", choices=("exact", "row_shift"), default="exact")
+    c.add_argument("--causal", action="store_true", help="compare only what a causal mask keeps / causal attention")
+    c.add_argument(
+        "--dtype",
+        choices=("float64", "float32", "float16", "bfloat16"),
+        default=None,
+        help="bias: dtype whose tolerance applies (default: the output's); attention: input dtype (default float32)",
+    )
+    c.add_argument("--rtol", type=float, help="override the tolerance rule: |c - r| <= atol + rtol |r|")
+    c.add_argument("--atol", type=float, help="override the tolerance rule: |c - r| <= atol + rtol |r|")
+    a = p.add_argument_group("attention")
+    a.add_argument("--placement", choices=("post_scale", "pre_scale"), default="post_scale")
+    a.add_argument("--scale", type=float, default=None, help="softmax scale (default 1/sqrt(D))")
+    a.add_argument("--with-lse", action="store_true", help="the candidate returns (out, lse)")
+    a.add_argument(
+        "--xp",
+        choices=("numpy", "torch", "cupy", "array_api_strict"),
+        default="numpy",
+        help="library of the q, k, v handed to the candidate (default numpy)",
+    )
+    a.add_argument("--device", default=None, help="device for --xp (e.g. cuda)")
+    a.add_argument("--fully-masked", choices=("zero", "nan"), default="zero")
+    a.add_argument("--seed", type=int, default=0)
+    o = p.add_argument_group("output")
+    o.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    o.add_argument(
+        "--xfail",
+        action="append",
+        default=[],
+        metavar="NAME[=REASON]",
+        help="declare a known divergence (check name or fnmatch pattern; repeatable)",
+    )
+    o.add_argument("--quiet", action="store_true", help="print only the table and the verdict")
+
+
+def parse_env_args(target: str, text: str) -> argparse.Namespace:
+    """Parse the target and ``RELPOS_REF_ARGS``-style options (everything but the target)."""
+    p = argparse.ArgumentParser(prog="RELPOS_REF_ARGS", add_help=False, exit_on_error=False)
+    add_arguments(p)
+    return p.parse_args([target, *shlex.split(text)])
+
+
+def _reference(args: argparse.Namespace) -> BiasFamily | None:
+    if args.reference:
+        obj = load_target(args.reference)
+        if not isinstance(obj, BiasFamily):
+            msg = f"--reference: expected a relpos_ref bias family object, got {type(obj).__name__}"
+            raise TypeError(msg)
+        return obj
+    fam = args.family or "none"
+    params: dict[str, Any] = {}
+    if args.params:
+        with np.load(args.params) as data:
+            params = {k: np.asarray(data[k]) for k in data.files}
+    if fam == "none":
+        return None
+    if fam == "alibi":
+        if "slopes" in params:
+            return alibi.ALiBi(params["slopes"])
+        if args.heads is None:
+            raise ValueError("--heads: expected the number of heads for --family alibi (or --params with slopes)")
+        return alibi.ALiBi.from_num_heads(args.heads)
+    if fam == "sandwich":
+        if args.heads is None or args.head_dim is None:
+            raise ValueError("--heads, --head-dim: expected both for --family sandwich")
+        return sandwich.Sandwich(args.heads, args.head_dim)
+    need = {
+        "t5": ("table",),
+        "offset": ("table",),
+        "kerple_power": ("r1", "r2"),
+        "kerple_log": ("r1", "r2"),
+        "fire": ("w1", "b1", "w2", "b2"),
+    }[fam]
+    missing = [n for n in need if n not in params]
+    if missing:
+        msg = (
+            f"--params: expected an .npz with arrays {list(need)} for --family {fam} (learned parameters the "
+            f"candidate uses too), missing {missing}"
+        )
+        raise ValueError(msg)
+    if fam == "t5":
+        return t5.T5Bias(
+            params["table"], bidirectional=args.bidirectional, max_distance=args.max_distance, layout=args.layout
+        )
+    if fam == "offset":
+        return offset.OffsetBias(params["table"])
+    if fam == "kerple_power":
+        return kerple.KerplePower(params["r1"], params["r2"])
+    if fam == "kerple_log":
+        return kerple.KerpleLog(params["r1"], params["r2"])
+    extra = {k: params[k] for k in ("c", "L") if k in params}
+    return fire.FIRE(params["w1"], params["b1"], params["w2"], params["b2"], eps=args.fire_eps, **extra)
+
+
+def build_checks(args: argparse.Namespace, candidate: Any = None) -> list[Check]:
+    """The suite described by parsed ``conform`` options."""
+    if candidate is None:
+        candidate = load_target(args.target)
+    target = args.target
+    if args.kind == "buckets":
+        return bucket_checks(
+            candidate,
+            bidirectional=args.bidirectional,
+            num_buckets=args.num_buckets,
+            max_distance=args.max_distance,
+            target=target,
+        )
+    ref = _reference(args)
+    if args.kind == "bias":
+        if ref is None:
+            raise ValueError("--family: expected a bias family (or --reference) for --kind bias")
+        return bias_checks(
+            candidate,
+            ref,
+            q_len=args.q_len,
+            k_len=args.k_len,
+            align=args.align,
+            equivalence=args.equivalence,
+            causal=args.causal,
+            dtype=args.dtype,
+            rtol=args.rtol,
+            atol=args.atol,
+            target=target,
+        )
+    return attention_checks(
+        candidate,
+        bias=ref,
+        causal=args.causal,
+        align=args.align,
+        placement=args.placement,
+        scale=args.scale,
+        dtype=args.dtype or "float32",
+        with_lse=args.with_lse,
+        xp=args.xp,
+        device=args.device,
+        fully_masked=args.fully_masked,
+        rtol=args.rtol,
+        atol=args.atol,
+        seed=args.seed,
+        target=target,
+    )
+
+
+def expected_from_args(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, _, reason = item.partition("=")
+        out[name.strip()] = reason.strip() or "declared known divergence"
+    return out
+
+
+def main_conform(args: argparse.Namespace) -> int:
+    try:
+        checks = build_checks(args)
+        expected = expected_from_args(args.xfail)
+        _match_expected(checks, expected)  # an unknown check name is a usage error, reported before running
+    except (ImportError, AttributeError, ValueError, TypeError, OSError) as exc:
+        print(f"relpos-ref conform: error: {exc}", file=sys.stderr)
+        return 2
+    report = run_checks(checks, expected_failures=expected)
+    print(report.table() if args.quiet else report.text(), end="" if not args.quiet else "\n")
+    if args.json:
+        Path(args.json).write_text(report.to_json() + "\n", encoding="utf-8")
+    print(
+        f"\n{'PASSED' if report.passed else 'FAILED'}: {sum(c.status == 'passed' for c in report.checks)} of "
+        f"{len(report.checks)} checks passed" + (f", {len(report.failures)} failed" if report.failures else "")
+    )
+    return 0 if report.passed else 1

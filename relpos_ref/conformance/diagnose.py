@@ -1,0 +1,304 @@
+"""Convention hypotheses that explain a failed check.
+
+Each hypothesis is the reference recomputed under one known convention difference (offset sign, alignment, slopes,
+parameter roles, table layout, scale placement, causal off-by-one, kv-head mapping, ...). When the candidate matches a
+hypothesis within the same tolerance it failed the reference by, the report names that convention. The hypotheses are
+computed from the reference family's parameters, never from the candidate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..alibi import ALiBi, alibi_slopes
+from ..family import BiasFamily
+from ..fire import FIRE
+from ..kerple import KerpleLog, KerplePower
+from ..offset import OffsetBias
+from ..positions import relative_offsets
+from ..sandwich import Sandwich
+from ..t5 import T5Bias, t5_bucket, t5_bucket_thresholds
+from ..tensor_bias import TensorBias
+
+__all__: list[str] = []
+
+BiasFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _np(x: Any) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
+
+
+def _abs_delta(q_pos: np.ndarray, k_pos: np.ndarray) -> np.ndarray:
+    return np.abs(np.asarray(relative_offsets(q_pos, k_pos))).astype(np.float64)
+
+
+def bias_hypotheses(
+    ref: BiasFamily, q_pos: np.ndarray, k_pos: np.ndarray, *, positions: bool = True
+) -> list[tuple[str, np.ndarray]]:
+    """(explanation, alternative (H, Sq, Sk) float64 bias) for a NumPy float64 family at these positions.
+
+    ``positions=False`` leaves out the hypotheses about query positions (alignment), which attention checks test
+    with the mask as well.
+    """
+    out: list[tuple[str, np.ndarray]] = []
+    h = ref.num_heads
+    sq, sk = len(q_pos), len(k_pos)
+    base = _np(ref.bias(q_pos, k_pos)) if not isinstance(ref, TensorBias) else None
+
+    def add(label: str, fn: Callable[[], np.ndarray]) -> None:
+        try:
+            arr = _np(fn())
+        except (ValueError, TypeError, ZeroDivisionError, FloatingPointError):
+            return
+        if arr.shape == (h, sq, sk) and (base is None or not np.array_equal(arr, base)):
+            out.append((label, arr))
+
+    if isinstance(ref, TensorBias):
+        arr = _np(ref.bias(q_pos, k_pos))
+        add("bias negated (sign of the whole bias flipped)", lambda: -arr)
+        if h > 1:
+            add("head order reversed", lambda: arr[::-1])
+        return out
+
+    assert base is not None
+    # -- positions ------------------------------------------------------------------------------------------
+    top_left = k_pos[0] + np.arange(sq, dtype=np.int64)
+    bottom_right = k_pos[-1] - (sq - 1) + np.arange(sq, dtype=np.int64)
+    if positions and not np.array_equal(top_left, q_pos):
+        add(
+            "query positions taken as row indices 0..Sq-1 (top-left alignment; the absolute query positions "
+            f"{_span(q_pos)} were ignored)",
+            lambda: ref.bias(top_left, k_pos),
+        )
+    if positions and not np.array_equal(bottom_right, q_pos):
+        add(
+            "query positions taken as the last Sq key positions (bottom-right alignment; the absolute query "
+            f"positions {_span(q_pos)} were ignored)",
+            lambda: ref.bias(bottom_right, k_pos),
+        )
+    # -- signs ----------------------------------------------------------------------------------------------
+    if not isinstance(ref, FIRE):
+        add(
+            "offset sign flipped: the bias of j - i was used for i - j (T5 code's memory - query vs query - key)",
+            lambda: np.transpose(_np(ref.bias(k_pos, q_pos)), (0, 2, 1)),
+        )
+    add(
+        "bias negated: a penalty became a bonus (e.g. the signed ALiBi form +m*(i - j), whose offset sign is "
+        "flipped, as in the FlexAttention blog's score_mod)",
+        lambda: -base,
+    )
+    if h > 1:
+        add("head order reversed (head h got the parameters of head H-1-h)", lambda: base[::-1])
+    # -- family-specific ----------------------------------------------------------------------------------
+    if isinstance(ref, ALiBi):
+        slopes = _np(ref.parameters()["slopes"])
+        dist = _abs_delta(q_pos, k_pos)
+
+        def with_slopes(m: np.ndarray) -> Callable[[], np.ndarray]:
+            return lambda: -(m[:, None, None] * dist[None])
+
+        closed = 2.0 ** (-8.0 * np.arange(1, h + 1) / h)
+        add(
+            f"slopes of the closed form 2^(-8h/H) for all {h} heads instead of the official rule for a "
+            "non-power-of-two head count (interleaved extra slopes; Press et al. get_slopes, BLOOM, MPT)",
+            with_slopes(closed),
+        )
+        add(
+            "slopes off by one head: 2^(-8h/H) with h = 0..H-1 (first slope 1.0) instead of h = 1..H",
+            with_slopes(2.0 ** (-8.0 * np.arange(0, h) / h)),
+        )
+        if np.allclose(slopes, _np(alibi_slopes(h)), rtol=0, atol=0):
+            add(
+                "slopes sorted in decreasing order instead of the official interleaved order",
+                with_slopes(np.sort(slopes)[::-1]),
+            )
+    elif isinstance(ref, KerplePower):
+        p = ref.parameters()
+        r1, r2 = _np(p["r1"]), _np(p["r2"])
+        dist = _abs_delta(q_pos, k_pos)
+        add(
+            "KERPLE parameters swapped: r1 used as the exponent and r2 as the multiplier (the official code names "
+            "them bias_a/bias_p with roles that differ between the power and log classes)",
+            lambda: -(r2[:, None, None] * dist[None] ** r1[:, None, None]),
+        )
+    elif isinstance(ref, KerpleLog):
+        p = ref.parameters()
+        r1, r2 = _np(p["r1"]), _np(p["r2"])
+        dist = _abs_delta(q_pos, k_pos)
+        add(
+            "KERPLE parameters swapped: r1 used as the rate inside log1p and r2 as the multiplier (the official "
+            "code names them bias_p/bias_a with roles that differ between the log and power classes)",
+            lambda: -(r2[:, None, None] * np.log1p(r1[:, None, None] * dist[None])),
+        )
+    elif isinstance(ref, T5Bias):
+        table = _np(ref.parameters()["table"])
+        opts = ref.options()
+        nb = table.shape[1]
+        if table.shape[0] == nb:
+            add(
+                "T5 table layout transposed: the (heads, buckets) table was read as (buckets, heads)",
+                lambda: T5Bias(table.T, **opts).bias(q_pos, k_pos),
+            )
+        else:
+            add(
+                "T5 table layout transposed: the (heads, buckets) buffer was read as (buckets, heads)",
+                lambda: T5Bias(np.reshape(table, (nb, h)).T, **opts).bias(q_pos, k_pos),
+            )
+        add(
+            f"T5 mode swapped: bidirectional={not opts['bidirectional']} buckets instead of "
+            f"bidirectional={opts['bidirectional']}",
+            lambda: T5Bias(table, bidirectional=not opts["bidirectional"], max_distance=opts["max_distance"]).bias(
+                q_pos, k_pos
+            ),
+        )
+    elif isinstance(ref, OffsetBias):
+        pass  # the offset-sign hypothesis above is the reversed table
+    elif isinstance(ref, FIRE):
+        add(
+            "FIRE normaliser uses the row index 0..Sq-1 instead of the absolute query position (wrong under a KV "
+            "cache or chunked prefill)",
+            lambda: _fire(ref, q_pos, k_pos, norm_pos=np.arange(sq, dtype=np.float64)),
+        )
+        add(
+            "FIRE without the abs: keys after the query get psi of a negative offset",
+            lambda: _fire(ref, q_pos, k_pos, signed=True),
+        )
+    elif isinstance(ref, Sandwich):
+        d = ref.options()["head_dim"]
+        add(
+            "Sandwich frequencies 10000^(-2(k-1)/d), k = 1..d/2 (sinusoidal-embedding indexing) instead of "
+            "10000^(-2k/d)",
+            lambda: _sandwich(h, d, q_pos, k_pos, shift=1),
+        )
+    return out
+
+
+def _span(pos: np.ndarray) -> str:
+    return f"{int(pos[0])}..{int(pos[-1])}" if len(pos) > 1 else f"{int(pos[0])}"
+
+
+def _fire(
+    ref: FIRE, q_pos: np.ndarray, k_pos: np.ndarray, *, norm_pos: np.ndarray | None = None, signed: bool = False
+) -> np.ndarray:
+    p = {k: _np(v) for k, v in ref.parameters().items()}
+    eps = ref.options()["eps"]
+    delta = np.asarray(relative_offsets(q_pos, k_pos)).astype(np.float64)
+    dist = delta if signed else np.abs(delta)
+    qn = np.asarray(q_pos, dtype=np.float64) if norm_pos is None else norm_pos
+    with np.errstate(invalid="ignore", divide="ignore"):
+        x = np.log1p(p["c"] * dist) / (np.log1p(p["c"] * np.maximum(qn, p["L"])) + eps)[:, None]
+    hidden = np.maximum(p["w1"][:, 0][:, None, None] * x[None] + p["b1"][:, None, None], 0.0)
+    return np.einsum("hw,wij->hij", p["w2"], hidden) + p["b2"][:, None, None]
+
+
+def _sandwich(h: int, d: int, q_pos: np.ndarray, k_pos: np.ndarray, *, shift: int) -> np.ndarray:
+    dist = _abs_delta(q_pos, k_pos)
+    omega = 10000.0 ** (-2.0 * (np.arange(1, d // 2 + 1) - shift) / d)
+    num = np.sum(np.cos(dist[None] * omega[:, None, None]), axis=0) - d / 2
+    div = 8.0 * np.arange(1, h + 1) / h
+    return num[None] / div[:, None, None]
+
+
+def t5_value_buckets(
+    ref: T5Bias, cand: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray, bad: np.ndarray, atol: float
+) -> str | None:
+    """Explain T5 mismatches as wrong bucket indices when the table makes the candidate's values identifiable."""
+    table = _np(ref.parameters()["table"])
+    opts = ref.options()
+    delta = np.asarray(relative_offsets(q_pos, k_pos))
+    ref_b = np.asarray(
+        t5_bucket(
+            delta, bidirectional=opts["bidirectional"], num_buckets=table.shape[1], max_distance=opts["max_distance"]
+        )
+    )
+    pairs: dict[tuple[int, int, int], int] = {}
+    for hh, i, j in zip(*np.nonzero(bad)):
+        dist = np.abs(table[hh] - cand[hh, i, j])
+        cands = np.flatnonzero(dist <= atol)
+        if len(cands) != 1:
+            return None
+        pairs[(int(delta[i, j]), int(ref_b[i, j]), int(cands[0]))] = 1
+    if not pairs:
+        return None
+    return bucket_pairs_text(sorted(pairs), opts["bidirectional"], table.shape[1], opts["max_distance"])
+
+
+def bucket_pairs_text(
+    pairs: list[tuple[int, int, int]], bidirectional: bool, num_buckets: int, max_distance: int
+) -> str:
+    """Describe (delta, reference bucket, candidate bucket) triples; name an off-by-one at a boundary."""
+    thr = t5_bucket_thresholds(bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance)
+    half = num_buckets // 2 if bidirectional else num_buckets
+    starts = set(thr)
+    off_by_one = all(abs(c - r) == 1 for _, r, c in pairs)
+    at_boundary = all(
+        (abs(d) if bidirectional else max(d, 0)) in starts or (abs(d) if bidirectional else max(d, 0)) + 1 in starts
+        for d, _, _ in pairs
+    )
+    shown = ", ".join(f"delta {d}: bucket {c} instead of {r}" for d, r, c in pairs[:6])
+    more = f" (+{len(pairs) - 6} more)" if len(pairs) > 6 else ""
+    if off_by_one and at_boundary:
+        firsts = sorted({(r % half if bidirectional else r) for _, r, _ in pairs})
+        where = ", ".join(f"bucket {b} starts at |delta| = {thr[b]}" for b in firsts[:4] if b < len(thr))
+        return f"T5 bucket off by one at a boundary: {shown}{more}; exact thresholds: {where}"
+    return f"candidate's values are other buckets' table entries: {shown}{more}"
+
+
+def row_shift_text(shift: np.ndarray, q_pos: np.ndarray, ref: BiasFamily | None, atol: float = 1e-9) -> str:
+    """Describe a per-(head, row) shift; recognise the key-only ALiBi form (shift = m_h * q_pos + c_h).
+
+    The shift counts as affine in the query position when a straight-line fit per head is within ``atol``.
+    """
+    finite = np.isfinite(shift)
+    if not finite.any():
+        return "no comparable entries"
+    lo, hi = float(np.min(shift[finite])), float(np.max(shift[finite]))
+    text = f"per-row shift between {lo:.6g} and {hi:.6g}"
+    # Only describe the shape of the shift when the tolerance is fine enough to see it (not for bfloat16 values).
+    if len(q_pos) >= 2 and finite.all() and atol <= 1e-3 * max(1.0, abs(lo), abs(hi)):
+        qp = np.asarray(q_pos, dtype=np.float64)
+        a = np.empty(shift.shape[0])
+        affine = True
+        for hh in range(shift.shape[0]):
+            a[hh], c = np.polyfit(qp, shift[hh], 1)
+            affine &= bool(np.max(np.abs(a[hh] * qp + c - shift[hh])) <= max(atol, 1e-12))
+        if affine:
+            if isinstance(ref, ALiBi) and np.allclose(a, _np(ref.parameters()["slopes"]), rtol=1e-3, atol=0):
+                text += (
+                    "; shift = m_h * q_pos + c_h with m_h the ALiBi slopes: the key-only form m_h * (j + const) of "
+                    "the official code, BLOOM, MPT and FlashAttention's causal path, whose lse moves by the shift"
+                )
+            else:
+                shown = ", ".join(f"{x:.6g}" for x in a[:4]) + (", ..." if len(a) > 4 else "")
+                text += f"; affine in the query position: shift = a_h * q_pos + c_h with a = [{shown}]"
+    return text
+
+
+def scale_factor_text(cand: np.ndarray, ref: np.ndarray, keep: np.ndarray, atol: float) -> str | None:
+    """When cand = c * ref for one constant c != 1 (within atol), say so: a bias meant for the other placement."""
+    kk = np.broadcast_to(keep, cand.shape) & np.isfinite(ref) & np.isfinite(cand)
+    r = ref[kk]
+    c = cand[kk]
+    denom = float(np.dot(r, r))
+    if denom == 0.0:
+        return None
+    factor = float(np.dot(r, c)) / denom
+    if not math.isfinite(factor) or abs(factor - 1.0) < 1e-9 or factor == 0.0:
+        return None
+    if np.max(np.abs(c - factor * r)) > atol * max(1.0, abs(factor)):
+        return None
+    sq = factor * factor
+    hint = ""
+    if abs(sq - round(sq)) < 1e-6 * sq and round(sq) > 1:
+        hint = f" = sqrt({round(sq)})"
+    elif sq < 1 and abs(1 / sq - round(1 / sq)) < 1e-6 / sq:
+        hint = f" = 1/sqrt({round(1 / sq)})"
+    return (
+        f"candidate = {factor:.6g}{hint} x reference: a constant factor, e.g. a bias scaled for the other side of "
+        "the 1/sqrt(d) scale (pre_scale vs post_scale, or gpt-neox's sqrt(d)-scaled T5 table)"
+    )

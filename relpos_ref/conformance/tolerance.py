@@ -1,0 +1,199 @@
+r"""The conformance tolerance rule.
+
+Three cases, chosen by what is compared (``spec/tolerances_conformance.md`` states the rule with its sources):
+
+* **Integer outputs** (T5 bucket indices): exact equality.
+* **Attention outputs and log-sum-exp** (FlashAttention's rule, ``tests/test_flash_attn.py``): the candidate's max
+  absolute error against the float64 reference may be at most :math:`k` times the max error of a *plain* computation
+  in the candidate's dtype, plus a small absolute floor:
+
+  .. math:: \max|c - r_{64}| \le k \max|p - r_{64}| + f_{\mathrm{dtype}}\,\max(1, \max|r_{64}|),\qquad k = 2,
+
+  where :math:`p` is :func:`plain_attention` (every elementwise result rounded to the dtype, matrix products
+  accumulated in float32, float64 for float64 inputs). The floor :math:`f` keeps float64 and float32, whose plain error
+  can be a few ulps, from demanding less than the spread between correct summation orders.
+* **Bias tensors** (no baseline applies: a bias is a short formula of the positions and the parameters, with no
+  shape-dependent accumulation): a fixed normwise tolerance per dtype,
+  :math:`\max|c - r_{64}| \le t_{\mathrm{dtype}} \max(1, \max|r_{64}|)`.
+
+``rtol``/``atol`` given by the user replace the rule by the elementwise :math:`|c - r| \le \mathrm{atol} +
+\mathrm{rtol}\,|r|`; every report says which rule was used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+from ._arrays import numpy_dtype, round_to
+
+__all__ = [
+    "ATTENTION_FLOORS",
+    "ATTENTION_K",
+    "BIAS_TOLERANCES",
+    "Tolerance",
+    "attention_tolerance",
+    "bias_tolerance",
+    "plain_attention",
+    "rule_text",
+]
+
+#: Normwise tolerance of bias tensors per dtype: max|c - r| <= t * max(1, max|r|). float32 and float16 match
+#: ``relpos-ref verify``; bfloat16 is PyTorch's default rtol for it (test_transformers.py); float64 leaves room for
+#: pow/log1p/cos differing by an ulp between libraries and for sums over a few dozen terms (FIRE, Sandwich).
+BIAS_TOLERANCES = {"float64": 1e-13, "float32": 5e-6, "float16": 2e-3, "bfloat16": 1.6e-2}
+
+#: FlashAttention's multiplier of the plain same-dtype error.
+ATTENTION_K = 2.0
+
+#: Absolute floors of the attention rule, multiplied by max(1, max|reference|). 1e-5 for float16/bfloat16 is the
+#: slack FlashAttention's tests add; the float32 and float64 floors are about 8 and 450 machine epsilons.
+ATTENTION_FLOORS = {"float64": 1e-13, "float32": 1e-6, "float16": 1e-5, "bfloat16": 1e-5}
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """One comparison's acceptance rule, resolved to numbers.
+
+    Attributes
+    ----------
+    rule : {"exact", "fixed", "baseline", "user"}
+    dtype : str
+        The candidate dtype the numbers were chosen for.
+    atol, rtol : float
+        Elementwise acceptance :math:`|c - r| \\le atol + rtol\\,m` with m the magnitude named in ``text``.
+    text : str
+        Human-readable statement of the rule and the numbers.
+    """
+
+    rule: str
+    dtype: str
+    atol: float
+    rtol: float
+    text: str
+    baseline_error: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _user(dtype: str, rtol: float | None, atol: float | None) -> Tolerance:
+    r = 0.0 if rtol is None else float(rtol)
+    a = 0.0 if atol is None else float(atol)
+    if not (math.isfinite(r) and math.isfinite(a) and r >= 0 and a >= 0):
+        msg = f"rtol, atol: expected finite numbers >= 0, got rtol={rtol!r}, atol={atol!r}"
+        raise ValueError(msg)
+    return Tolerance(
+        "user", dtype, a, r, f"user override: |cand - ref| <= {a:.3g} + {r:.3g} * |ref| elementwise ({dtype})"
+    )
+
+
+def bias_tolerance(dtype: str, scale: float, *, rtol: float | None = None, atol: float | None = None) -> Tolerance:
+    """Tolerance of a bias comparison; ``scale`` = max(1, max|reference|) over the compared entries."""
+    if rtol is not None or atol is not None:
+        return _user(dtype, rtol, atol)
+    if dtype not in BIAS_TOLERANCES:
+        if dtype.startswith(("int", "uint")):
+            return Tolerance("exact", dtype, 0.0, 0.0, f"exact equality ({dtype} output)")
+        msg = f"dtype: expected one of {', '.join(BIAS_TOLERANCES)} for a bias, got {dtype!r}"
+        raise ValueError(msg)
+    t = BIAS_TOLERANCES[dtype]
+    return Tolerance(
+        "fixed",
+        dtype,
+        t * scale,
+        0.0,
+        f"fixed per-dtype bias tolerance: max|cand - ref| <= {t:.1e} * max(1, max|ref|) = {t * scale:.3g} ({dtype})",
+    )
+
+
+def attention_tolerance(
+    dtype: str, baseline_error: float, scale: float, *, rtol: float | None = None, atol: float | None = None
+) -> Tolerance:
+    """Tolerance of an attention-output or LSE comparison (FlashAttention's rule unless overridden)."""
+    if rtol is not None or atol is not None:
+        return _user(dtype, rtol, atol)
+    floor = ATTENTION_FLOORS[dtype] * scale
+    bound = ATTENTION_K * baseline_error + floor
+    text = (
+        f"max|cand - ref64| <= {ATTENTION_K:g} * {baseline_error:.3g} (plain {dtype} error) + "
+        f"{ATTENTION_FLOORS[dtype]:.0e} * max(1, max|ref|) = {bound:.3g}"
+    )
+    return Tolerance("baseline", dtype, bound, 0.0, text, baseline_error=baseline_error)
+
+
+def rule_text(kind: str = "all") -> str:
+    """The rule in one line, printed in every report header; ``kind`` in {"bias", "attention", "buckets", "all"}."""
+    bias = ", ".join(f"{k} {v:.1e}" for k, v in BIAS_TOLERANCES.items())
+    floors = ", ".join(f"{k} {v:.0e}" for k, v in ATTENTION_FLOORS.items())
+    parts = {
+        "buckets": "integer outputs: exact equality",
+        "attention": (
+            f"attention output/lse: max|cand - ref64| <= {ATTENTION_K:g} x max|plain same-dtype computation - ref64| "
+            f"+ floor x max(1, max|ref64|), floor {floors} (FlashAttention's rule)"
+        ),
+        "bias": f"bias: max|cand - ref64| <= t x max(1, max|ref64|), t {bias} (fixed per dtype)",
+    }
+    text = " | ".join(parts.values()) if kind == "all" else parts[kind]
+    return text + "; float64 reference on the inputs the candidate saw (spec/tolerances_conformance.md)"
+
+
+def plain_attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    bias: np.ndarray | None,
+    keep: np.ndarray | None,
+    *,
+    scale: float,
+    placement: str,
+    dtype: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Naive attention in ``dtype``: the baseline of the attention tolerance rule.
+
+    Every elementwise result is rounded to ``dtype``; the two matrix products accumulate in float32 (float64 for
+    float64), as PyTorch's eager path and tensor cores do; the softmax subtracts the row maximum. Fully masked rows
+    give 0 and lse -inf. Inputs are float64 arrays holding values already representable in ``dtype``; bias
+    (B|1, H, Sq, Sk) float64 is rounded to ``dtype`` first (SDPA allocates its bias in the query dtype).
+
+    Returns
+    -------
+    out (B, H, Sq, Dv), lse (B, H, Sq) as float64 arrays of the rounded values.
+    """
+    acc = np.float64 if dtype == "float64" else np.float32
+    nd = numpy_dtype(dtype)
+
+    def rnd(x: np.ndarray) -> np.ndarray:
+        return np.asarray(x).astype(nd).astype(acc)
+
+    nh = q.shape[1]
+    nkv = k.shape[1]
+    group = nh // nkv
+    kk = np.repeat(k, group, axis=1).astype(acc)
+    vv = np.repeat(v, group, axis=1).astype(acc)
+    s = rnd(np.matmul(q.astype(acc), np.swapaxes(kk, -1, -2)))
+    sc = acc(scale) if dtype != "float64" else scale
+    if bias is not None:
+        b = rnd(bias)
+        s = rnd(rnd(s * sc) + b) if placement == "post_scale" else rnd(rnd(s + b) * sc)
+    else:
+        s = rnd(s * sc)
+    if keep is not None:
+        s = np.where(keep, s, -np.inf)
+    m = np.max(s, axis=-1, keepdims=True)
+    empty = m == -np.inf
+    m = np.where(empty, 0.0, m).astype(acc)
+    e = rnd(np.exp(rnd(s - m)))
+    total = rnd(np.sum(e, axis=-1, keepdims=True, dtype=acc))
+    safe = np.where(empty, 1.0, total).astype(acc)
+    p = rnd(e / safe)
+    out = rnd(np.matmul(p, vv))
+    out = np.where(empty, 0.0, out)
+    lse = (m + np.log(safe))[..., 0].astype(np.float64)
+    lse = np.where(empty[..., 0], -np.inf, lse)
+    if dtype in ("float64", "float32"):
+        lse = round_to(lse, dtype)
+    return out.astype(np.float64), lse

@@ -1,0 +1,1055 @@
+"""Generate the golden vectors in ``spec/vectors/*.json`` from the mpmath oracle.
+
+Usage (from the repository root)::
+
+    python spec/vectors/generate.py            # rewrite every file
+    python spec/vectors/generate.py --check    # exit 1 if a committed file differs from a fresh generation
+
+Expected values come only from ``relpos_ref/oracle.py`` (scalar mpmath loops, no array code). Tolerances come from the
+documented bounds in ``relpos_ref/bounds.py`` (the "portable" error model: any summation order, library functions
+within the larger of the NumPy and CUDA ulp limits), fitted per case as ``atol + rtol * |expected|``. Inputs are
+deterministic (closed-form or a fixed integer recurrence); no random number generator of any library is used, so the
+output does not depend on library versions other than mpmath's arithmetic.
+
+See ``spec/vectors/README.md`` for the schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import zlib
+from collections.abc import Callable, Iterator
+from decimal import ROUND_CEILING, Decimal
+from fractions import Fraction
+from pathlib import Path
+
+import mpmath
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from relpos_ref import bounds, oracle  # noqa: E402
+
+SCHEMA_VERSION = 1
+DPS = 50
+DIGITS = 20
+COMMAND = "python spec/vectors/generate.py"
+ALL = ("float64", "float32", "float16", "bfloat16")
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers: exact rounding of inputs, deterministic pseudo-random dyadic numbers, formatting, tolerance fitting
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def round_float(x: float, dtype: str) -> float:
+    """Round a binary64 value to ``dtype`` (round half to even), exactly, with integer arithmetic."""
+    if x == 0 or dtype == "float64":
+        return float(x)
+    p, emin, top = bounds.FORMATS[dtype]
+    fx = Fraction(x)
+    sign = -1 if fx < 0 else 1
+    fx = abs(fx)
+    e = math.floor(math.log2(fx))
+    # correct a possibly off-by-one floor(log2) from the float log
+    while Fraction(2) ** e > fx:
+        e -= 1
+    while Fraction(2) ** (e + 1) <= fx:
+        e += 1
+    e = max(e, emin)
+    quantum = Fraction(2) ** (e - p + 1)
+    q = fx / quantum
+    n = math.floor(q)
+    rem = q - n
+    if rem > Fraction(1, 2) or (rem == Fraction(1, 2) and n % 2 == 1):
+        n += 1
+    out = n * quantum
+    if out > top:
+        return sign * math.inf
+    return sign * float(out)
+
+
+def dtypes_for(values, candidates=ALL) -> list[str]:
+    """The candidate dtypes in which every value is exactly representable."""
+    flat = list(_flatten(values))
+    return [d for d in candidates if all(bounds.representable(float(v), d) for v in flat)]
+
+
+def _flatten(x) -> Iterator:
+    if isinstance(x, list | tuple):
+        for t in x:
+            yield from _flatten(t)
+    else:
+        yield x
+
+
+class Lcg:
+    """Deterministic integer recurrence (Knuth's MMIX constants) for reproducible dyadic inputs."""
+
+    def __init__(self, seed: int) -> None:
+        self.state = seed & ((1 << 64) - 1)
+
+    def next(self) -> int:
+        self.state = (6364136223846793005 * self.state + 1442695040888963407) & ((1 << 64) - 1)
+        return self.state >> 33
+
+    def dyadic(self, lo: int, hi: int, denom: int) -> float:
+        """A value k/denom with k uniform in [lo, hi] (exact in every dtype when |k| < 256 and denom a power of 2)."""
+        return (lo + self.next() % (hi - lo + 1)) / denom
+
+
+def s(x) -> str:
+    """Decimal string of an input value (binary64 repr: parses back to exactly this value)."""
+    return repr(float(x))
+
+
+def nested(f, x):
+    if isinstance(x, list | tuple):
+        return [nested(f, t) for t in x]
+    return f(x)
+
+
+def out(x):
+    """Expected values: nested lists of decimal strings with DIGITS significant digits."""
+    return nested(lambda v: oracle.to_decimal_string(v, DIGITS, dps=DPS), x)
+
+
+def values(x) -> np.ndarray:
+    """Float64 array of nested mpf (for the bound computations only)."""
+    hi, lo = bounds.hilo(x)
+    return hi + lo
+
+
+def fit_tolerance(bound: np.ndarray, value: np.ndarray) -> dict[str, str]:
+    """Smallest (looseness-wise) ``atol + rtol*|v|`` that covers an elementwise bound, as decimal strings.
+
+    Rounded up to 3 significant digits; ``rtol`` also covers the 20-digit rounding of the expected strings.
+    """
+    b = np.asarray(bound, dtype=np.float64).ravel()
+    v = np.abs(np.asarray(value, dtype=np.float64)).ravel()
+    fin = np.isfinite(v)
+    b, v = b[fin], v[fin]
+    if b.size == 0 or not np.any(b > 0):
+        return {"atol": "0.0", "rtol": "0.0"}
+    cands = [0.0]
+    nz = v > 0
+    if np.any(nz):
+        ratios = np.sort(b[nz] / v[nz])
+        cands += [float(ratios[int(t)]) for t in np.linspace(0, ratios.size - 1, min(64, ratios.size))]
+    best = None
+    for r in cands:
+        a = float(np.max(np.maximum(b - r * v, 0.0)))
+        loose = float(np.mean((a + r * v) / np.maximum(b, 1e-300)))
+        if best is None or loose < best[0]:
+            best = (loose, a, r)
+    _, a, r = best
+    r = r + 1e-19 if r > 0 else 0.0
+
+    def up(x):
+        if x == 0:
+            return "0.0"
+        d = Decimal(x)  # exact value of the binary64
+        q = d.quantize(Decimal(1).scaleb(d.adjusted() - 2), rounding=ROUND_CEILING)
+        return f"{q:e}"
+
+    return {"atol": up(a), "rtol": up(r)}
+
+
+def tolerances(dtypes: list[str], bound_fn: Callable[[str], np.ndarray], value: np.ndarray) -> dict[str, dict]:
+    return {d: fit_tolerance(bound_fn(d), value) for d in dtypes}
+
+
+def in_range(value: np.ndarray, dtypes: list[str]) -> list[str]:
+    """Drop dtypes in which the largest expected value would round to infinity."""
+    top = float(np.max(np.abs(value[np.isfinite(value)]))) if np.any(np.isfinite(value)) else 0.0
+    return [d for d in dtypes if math.isfinite(round_float(top, d))]
+
+
+def distances(q_pos, k_pos) -> np.ndarray:
+    return np.abs(np.subtract.outer(np.asarray(q_pos, dtype=np.float64), np.asarray(k_pos, dtype=np.float64)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Case builders. Each returns a list of (case id, thunk) so a subset can be regenerated quickly.
+# ---------------------------------------------------------------------------------------------------------------------
+
+T5_CONFIGS = ((32, 128), (16, 128), (64, 256), (32, 256), (8, 20))
+
+
+def t5_cases():
+    cases = []
+    for nb, md in T5_CONFIGS:
+        for bidir in (True, False):
+            cid = f"t5-bucket-B{nb}-D{md}-{'bidirectional' if bidir else 'causal'}"
+
+            def build(nb=nb, md=md, bidir=bidir, cid=cid):
+                thr = oracle.t5_bucket_thresholds(bidirectional=bidir, num_buckets=nb, max_distance=md)
+                mags = set()
+                for t in thr:
+                    mags |= {t, max(t - 1, 0), t + 1}
+                mags |= {md - 1, md, md + 1, 10**6 - 1, 10**6}
+                offs = sorted(mags | {-m for m in mags})
+                return {
+                    "id": cid,
+                    "kind": "bucket",
+                    "description": "every bucket boundary (first distance of each bucket, one below, one above), "
+                    "the clamp at max_distance and offsets up to 1e6, both signs",
+                    "options": {"bidirectional": bidir, "num_buckets": nb, "max_distance": md},
+                    "thresholds": list(thr),
+                    "delta": offs,
+                    "expected": {
+                        "bucket": [
+                            oracle.t5_bucket(o, bidirectional=bidir, num_buckets=nb, max_distance=md) for o in offs
+                        ]
+                    },
+                    "tolerance": "exact",
+                }
+
+            cases.append((cid, build))
+    for nh, layout in ((1, "heads_buckets"), (12, "heads_buckets"), (12, "buckets_heads")):
+        for nb, md, bidir in ((32, 128, True), (32, 128, False), (8, 20, True)):
+            cid = f"t5-bias-H{nh}-B{nb}-D{md}-{'bidirectional' if bidir else 'causal'}-{layout}"
+
+            def build(nh=nh, layout=layout, nb=nb, md=md, bidir=bidir, cid=cid):
+                rng = Lcg(nh * 1000 + nb * 10 + md + bidir)
+                table_hb = [[rng.dyadic(-64, 64, 16) for _ in range(nb)] for _ in range(nh)]
+                table = table_hb if layout == "heads_buckets" else [list(c) for c in zip(*table_hb)]
+                thr = oracle.t5_bucket_thresholds(bidirectional=bidir, num_buckets=nb, max_distance=md)
+                base = 10**6
+                offs = sorted(set(thr) | {max(t - 1, 0) for t in thr} | {md, 10**6})
+                q_pos = [base, base + 1]
+                k_pos = sorted({base - o for o in offs} | {base + o for o in offs[:6]})
+                bias = oracle.t5_bias(table, q_pos, k_pos, bidirectional=bidir, max_distance=md, layout=layout, dps=DPS)
+                return {
+                    "id": cid,
+                    "kind": "bias",
+                    "description": "table look-up at bucket boundaries; distances up to 1e6 (absolute positions "
+                    "near 1e6)",
+                    "q_pos": q_pos,
+                    "k_pos": k_pos,
+                    "parameters": {"table": nested(s, table)},
+                    "options": {"bidirectional": bidir, "max_distance": md, "layout": layout},
+                    "dtypes": dtypes_for(table),
+                    "expected": {"bias": out(bias)},
+                    "tolerance": {d: {"atol": "0.0", "rtol": "0.0"} for d in dtypes_for(table)},
+                }
+
+            cases.append((cid, build))
+    return cases
+
+
+def offset_cases():
+    def build():
+        rng = Lcg(7)
+        table = [[rng.dyadic(-64, 64, 16) for _ in range(7)] for _ in range(3)]
+        q_pos, k_pos = [0, 2, 10**6], [0, 1, 2, 3, 4, 5, 10**6 - 3, 10**6, 10**6 + 5]
+        return {
+            "id": "offset-K3-H3",
+            "kind": "bias",
+            "description": "clipped per-offset table (H, 2K+1), K = 3: clipping on both sides, distances up to 1e6",
+            "q_pos": q_pos,
+            "k_pos": k_pos,
+            "parameters": {"table": nested(s, table)},
+            "options": {},
+            "dtypes": dtypes_for(table),
+            "expected": {"bias": out(oracle.offset_bias(table, q_pos, k_pos, dps=DPS))},
+            "tolerance": {d: {"atol": "0.0", "rtol": "0.0"} for d in dtypes_for(table)},
+        }
+
+    return [("offset-K3-H3", build)]
+
+
+def _family_case(cid, description, kind, q_pos, k_pos, params, options, exact, bound_fn, dtypes, extra=None):
+    v = values(exact)
+    dts = in_range(v, dtypes)
+    case = {
+        "id": cid,
+        "kind": kind,
+        "description": description,
+        "q_pos": list(q_pos),
+        "k_pos": list(k_pos),
+        "parameters": {k: nested(s, p) for k, p in params.items()},
+        "options": options,
+        "dtypes": dts,
+        "expected": {"bias": out(exact)},
+        "tolerance": tolerances(dts, bound_fn, v),
+    }
+    if extra:
+        case.update(extra)
+    return case
+
+
+ALIBI_POS_Q = [0, 1, 1000, 65535, 131071, 131072, 10**6]
+ALIBI_POS_K = [0, 1, 999, 1000, 65536, 10**6 - 1, 10**6]
+
+
+def alibi_cases():
+    cases = []
+
+    def slopes_case(h):
+        cid = f"alibi-slopes-H{h}"
+
+        def build(h=h, cid=cid):
+            exact = oracle.alibi_slopes(h, dps=DPS)
+            v = values(exact)
+            return {
+                "id": cid,
+                "kind": "slopes",
+                "description": "official slopes (Press et al. get_slopes), exact values of 2**e",
+                "num_heads": h,
+                "dtypes": list(ALL),
+                "expected": {"slopes": out(exact)},
+                "tolerance": {d: fit_tolerance(bounds.alibi_slopes_bound(h, d), v) for d in ALL},
+            }
+
+        return cid, build
+
+    cases += [slopes_case(h) for h in range(1, 257)]
+
+    def bias_case(cid, description, slopes, q_pos, k_pos, candidates=ALL, extra=None):
+        def build():
+            exact = oracle.alibi_bias(slopes, q_pos, k_pos, dps=DPS)
+            dist = distances(q_pos, k_pos)[None]
+            return _family_case(
+                cid,
+                description,
+                "bias",
+                q_pos,
+                k_pos,
+                {"slopes": slopes},
+                {},
+                exact,
+                lambda d: bounds.alibi_bound(values(exact), dist, d),
+                dtypes_for(slopes, candidates),
+                extra,
+            )
+
+        return cid, build
+
+    exact8 = [2.0 ** float(e) for e in oracle.alibi_slope_log2(8)]
+    cases.append(
+        bias_case(
+            "alibi-bias-H8-long",
+            "official 8-head slopes (powers of two, exact in every dtype); "
+            "distances up to 1e6 (float16 is absent: the values exceed its range)",
+            exact8,
+            ALIBI_POS_Q,
+            ALIBI_POS_K,
+        )
+    )
+    cases.append(
+        bias_case(
+            "alibi-bias-H8-float16-range",
+            "official 8-head slopes; distances up to 131000 keep "
+            "-0.5*|delta| inside float16's range (the float16 overflow starts at |delta| = 131040)",
+            exact8,
+            [0, 7, 4096, 131000],
+            [0, 1, 2048, 65536, 131000],
+        )
+    )
+    for h in (1, 12, 256):
+        sl = [2.0 ** float(e) for e in oracle.alibi_slope_log2(h)]
+        qp, kp = ([0, 1000, 10**6], [0, 1, 10**6 - 1]) if h == 256 else (ALIBI_POS_Q, ALIBI_POS_K)
+        cases.append(
+            bias_case(
+                f"alibi-bias-H{h}-official-float64",
+                f"official {h}-head slopes as binary64 values (not all exact in narrower dtypes)",
+                sl,
+                qp,
+                kp,
+            )
+        )
+    sl12 = [2.0 ** float(e) for e in oracle.alibi_slope_log2(12)]
+    for d in ("float32", "bfloat16"):
+        rounded = [round_float(x, d) for x in sl12]
+        dev = max(abs(a - b) / b for a, b in zip(rounded, sl12))
+        cases.append(
+            bias_case(
+                f"alibi-bias-H12-slopes-{d}",
+                f"official 12-head slopes rounded to {d} (the bias follows the stored "
+                f"slopes: relative deviation from the official slopes up to {dev:.3g})",
+                rounded,
+                ALIBI_POS_Q,
+                ALIBI_POS_K,
+                extra={"slope_deviation_from_official": f"{dev:.6g}"},
+            )
+        )
+    return cases
+
+
+def kerple_power_cases():
+    r1 = [2.0**-20, 0.5, 1.0, 3.0, 0.25, 1.0]
+    r2 = [2.0, 2.0**-7, 0.5, 1.0, 1.5, 1.9921875]
+    cases = []
+    for cid, qp, kp, note in (
+        (
+            "kerple-power-long",
+            [10**6],
+            [0, 1, 10**6 - 65536, 10**6 - 1000, 10**6 - 100, 10**6 - 3, 10**6 - 1, 10**6, 10**6 + 1, 10**6 + 1000],
+            "|delta| up to 1e6",
+        ),
+        ("kerple-power-short", [0, 5, 100], [0, 1, 2, 3, 50, 99, 100], "|delta| <= 100 (inside float16 range)"),
+    ):
+
+        def build(cid=cid, qp=qp, kp=kp, note=note):
+            exact = oracle.kerple_power_bias(r1, r2, qp, kp, dps=DPS)
+            dist = distances(qp, kp)[None]
+            r2a = np.asarray(r2)[:, None, None]
+            return _family_case(
+                cid,
+                "r2 = 2, r2 just below 2, tiny r2 = 2**-7, tiny r1 = 2**-20; " + note,
+                "bias",
+                qp,
+                kp,
+                {"r1": r1, "r2": r2},
+                {},
+                exact,
+                lambda d: bounds.kerple_power_bound(values(exact), dist, r2a, d),
+                dtypes_for(r1 + r2),
+            )
+
+        cases.append((cid, build))
+    return cases
+
+
+def kerple_log_cases():
+    r1 = [2.0**-20, 0.5, 2.0, 8.0, 1.0]
+    r2 = [1.0, 2.0**-10, 0.5, 64.0, 2.0**-20]
+
+    def build():
+        qp = [10**6]
+        kp = [0, 1, 10**6 - 65536, 10**6 - 1000, 10**6 - 3, 10**6 - 1, 10**6, 10**6 + 1, 10**6 + 4096]
+        exact = oracle.kerple_log_bias(r1, r2, qp, kp, dps=DPS)
+        dist = distances(qp, kp)[None]
+        return _family_case(
+            "kerple-log-long",
+            "tiny r1 = 2**-20, tiny r2 = 2**-10 and 2**-20, large r2 = 64; |delta| up to 1e6",
+            "bias",
+            qp,
+            kp,
+            {"r1": r1, "r2": r2},
+            {},
+            exact,
+            lambda d: bounds.kerple_log_bound(values(exact), dist, d),
+            dtypes_for(r1 + r2),
+        )
+
+    return [("kerple-log-long", build)]
+
+
+def fire_cases():
+    cases = []
+    for c, L, eps in (
+        (2.0**-10, 512.0, 0.0),
+        (0.125, 512.0, 2.0**-20),
+        (16.0, 512.0, 0.0),
+        (0.125, 1.0, 0.0),
+        (0.125, 100.5, 0.0),
+    ):
+        cid = f"fire-c{c:g}-L{L:g}-eps{eps:g}"
+
+        def build(c=c, L=L, eps=eps, cid=cid):
+            rng = Lcg(int(c * 4096) + int(L * 2))
+            w = 4
+            w1 = [[rng.dyadic(-32, 32, 16)] for _ in range(w)]
+            b1 = [rng.dyadic(-16, 16, 16) for _ in range(w)]
+            w2 = [[rng.dyadic(-32, 32, 32) for _ in range(w)] for _ in range(2)]
+            b2 = [rng.dyadic(-16, 16, 16) for _ in range(2)]
+            li = math.floor(L)
+            qp = sorted({0, 1, li - 1, li, li + 1, 2 * li + 3, 65504, 10**6} - {-1})
+            kp = sorted({0, 1, max(li - 2, 0), li - 1 if li > 0 else 0, li, 1000, 65503, 10**6 - 1})
+            exact = oracle.fire_bias(w1, b1, w2, b2, qp, kp, c=c, L=L, eps=eps, dps=DPS)
+            x = values(oracle.fire_inputs(qp, kp, c=c, L=L, eps=eps, dps=DPS))
+            w1a, b1a, w2a = np.asarray(w1).ravel(), np.asarray(b1), np.asarray(w2)
+            params = {"w1": w1, "b1": b1, "w2": w2, "b2": b2, "c": c, "L": L}
+            return _family_case(
+                cid,
+                "query positions L-1, L, L+1 around the threshold, up to 1e6; one hidden layer of width 4",
+                "bias",
+                qp,
+                kp,
+                params,
+                {"eps": s(eps)},
+                exact,
+                lambda d: bounds.fire_bound(values(exact), x, w1a, b1a, w2a, d, eps=eps),
+                dtypes_for([*_flatten(w1), *b1, *_flatten(w2), *b2, c, L]),
+            )
+
+        cases.append((cid, build))
+    return cases
+
+
+def sandwich_cases():
+    cases = []
+    for hd in (32, 64, 128):
+        for tag, offs in (("short", [0, 1, 2, 7, 8, 13, 14, 100, 1000, 4096]), ("long", [0, 65536, 10**5 + 7, 10**6])):
+            cid = f"sandwich-d{hd}-H8-{tag}"
+
+            def build(hd=hd, offs=offs, cid=cid):
+                base = 10**6
+                qp = [base]
+                kp = sorted({base - o for o in offs} | {base + 1})
+                exact = oracle.sandwich_bias(8, hd, qp, kp, dps=DPS)
+                dist = distances(qp, kp)
+                return _family_case(
+                    cid,
+                    f"head_dim {hd}, 8 heads, |delta| in {offs}",
+                    "bias",
+                    qp,
+                    kp,
+                    {},
+                    {"num_heads": 8, "head_dim": hd},
+                    exact,
+                    lambda d: bounds.sandwich_bound(values(exact), dist, hd, 8, None, d),
+                    list(ALL),
+                )
+
+            cases.append((cid, build))
+    return cases
+
+
+# -- softmax and attention -----------------------------------------------------------------------------------------
+
+
+def generated(shape, a, c, mod, offset, divisor):
+    """The closed-form input of the README: ((sum_k a[k]*idx[k] + c) mod M - offset) / divisor."""
+    spec = {
+        "formula": "affine_mod",
+        "shape": list(shape),
+        "a": list(a),
+        "c": c,
+        "mod": mod,
+        "offset": offset,
+        "divisor": divisor,
+    }
+    arr = np.zeros(shape)
+    for idx in np.ndindex(*shape):
+        arr[idx] = ((sum(ai * ii for ai, ii in zip(a, idx)) + c) % mod - offset) / divisor
+    return spec, arr
+
+
+def _softmax_case(
+    cid,
+    description,
+    scores,
+    bias,
+    mask,
+    scale,
+    placement,
+    fully_masked,
+    dtypes=ALL,
+    sample=None,
+    scores_spec=None,
+    bias_spec=None,
+):
+    scores = np.asarray(scores, dtype=np.float64)
+    b = None if bias is None else np.asarray(bias, dtype=np.float64)
+    m = None if mask is None else np.asarray(mask, dtype=bool)
+    probs, lse = oracle.biased_softmax(
+        scores.tolist(),
+        None if b is None else b.tolist(),
+        mask=None if m is None else m.tolist(),
+        scale=scale,
+        placement=placement,
+        fully_masked=fully_masked,
+        dps=DPS,
+    )
+    z = _exact_logits(scores, b, scale, placement)
+    inputs = [*scores.ravel().tolist(), *([] if b is None else b.ravel().tolist())]
+    dts = dtypes_for(inputs, dtypes)
+    pv, lv = values(probs), values(lse)
+
+    def pb(d):
+        return bounds.softmax_bound(z, m, d, scores=scores, bias=b, scale=scale, placement=placement)
+
+    case = {
+        "id": cid,
+        "kind": "softmax",
+        "description": description,
+        "scores": scores_spec if scores_spec is not None else nested(s, scores.tolist()),
+        "bias": None if b is None else (bias_spec if bias_spec is not None else nested(s, b.tolist())),
+        "mask": None if m is None else m.astype(int).tolist(),
+        "scale": s(scale),
+        "placement": placement,
+        "fully_masked": fully_masked,
+        "dtypes": dts,
+    }
+    if sample is None:
+        case["expected"] = {"probs": out(probs), "lse": out(lse)}
+        case["tolerance"] = {d: {"probs": fit_tolerance(pb(d)[0], pv), "lse": fit_tolerance(pb(d)[1], lv)} for d in dts}
+    else:
+        idx = [tuple(i) for i in sample]
+        flat_p = [probs[r][cidx] for r, cidx in idx]
+        case["expected"] = {"lse": out(lse), "probs_at": [[r, cidx, out(v)] for (r, cidx), v in zip(idx, flat_p)]}
+        tol = {}
+        for d in dts:
+            pbd, lbd = pb(d)
+            sel = np.array([pbd[r, cidx] for r, cidx in idx])
+            tol[d] = {
+                "probs": fit_tolerance(sel, np.array([pv[r, cidx] for r, cidx in idx])),
+                "lse": fit_tolerance(lbd, lv),
+            }
+        case["tolerance"] = tol
+    return case
+
+
+def _exact_logits(scores, b, scale, placement):
+    ctx = oracle.context(DPS)
+    tau = ctx.mpf(float(scale))
+    bb = np.zeros_like(scores) if b is None else np.broadcast_to(b, scores.shape)
+    zs = []
+    for sv, bv in zip(scores.ravel().tolist(), bb.ravel().tolist()):
+        zs.append(ctx.mpf(sv) * tau + ctx.mpf(bv) if placement == "post_scale" else (ctx.mpf(sv) + ctx.mpf(bv)) * tau)
+    hi, lo = bounds.hilo(zs)
+    return (hi + lo).reshape(scores.shape)
+
+
+def softmax_cases():
+    cases = []
+    rng = Lcg(11)
+
+    def small(shape, lo=-64, hi=64, den=16):
+        return [[rng.dyadic(lo, hi, den) for _ in range(shape[1])] for _ in range(shape[0])]
+
+    sc = small((3, 5))
+    bi = small((3, 5), -64, 0, 8)
+    mk = [[1, 1, 0, 1, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]]
+    for fm in ("zero", "nan"):
+        cases.append(
+            (
+                f"softmax-mask-fully-masked-{fm}",
+                lambda fm=fm: _softmax_case(
+                    f"softmax-mask-fully-masked-{fm}",
+                    f"mask with a fully masked row (fully_masked={fm!r}) and a row with one attendable key",
+                    sc,
+                    bi,
+                    mk,
+                    0.125,
+                    "post_scale",
+                    fm,
+                ),
+            )
+        )
+    for placement, scale in (
+        ("post_scale", 1 / math.sqrt(48)),
+        ("pre_scale", 1 / math.sqrt(48)),
+        ("pre_scale", 0.125),
+        ("post_scale", 1.0),
+    ):
+        cid = f"softmax-{placement}-scale{scale:.6g}"
+        cases.append(
+            (
+                cid,
+                lambda cid=cid, placement=placement, scale=scale: _softmax_case(
+                    cid,
+                    f"{placement} with scale {scale!r} (1/sqrt(48) is not exact in any dtype)",
+                    sc,
+                    bi,
+                    None,
+                    scale,
+                    placement,
+                    "zero",
+                ),
+            )
+        )
+    for sq, sk in ((3, 5), (5, 3)):
+        for align in ("bottom_right", "top_left"):
+            cid = f"softmax-causal-Sq{sq}-Sk{sk}-{align}"
+
+            def build(sq=sq, sk=sk, align=align, cid=cid):
+                qp, kp = oracle.positions(sq, sk, align=align)
+                m = oracle.causal_mask(qp, kp)
+                # Own generator per case: the inputs must not depend on which cases were built before.
+                local = Lcg(zlib.crc32(cid.encode()))
+                sc_ = [[local.dyadic(-64, 64, 16) for _ in range(sk)] for _ in range(sq)]
+                bi_ = [[local.dyadic(-32, 0, 8) for _ in range(sk)] for _ in range(sq)]
+                case = _softmax_case(
+                    cid,
+                    f"causal mask of positions({sq}, {sk}, align={align!r}); rows with no key give zeros and lse -inf",
+                    sc_,
+                    bi_,
+                    m,
+                    0.5,
+                    "post_scale",
+                    "zero",
+                )
+                case["positions"] = {"q_len": sq, "k_len": sk, "align": align, "q_pos": qp, "k_pos": kp}
+                return case
+
+            cases.append((cid, build))
+    big = [
+        [9984.0, 9920.0, -9984.0, 10048.0, 0.0],
+        [10048.0, 10048.0, 10048.0, 9984.0, -10048.0],
+        [-9984.0, -9984.0, -10048.0, -9920.0, -9984.0],
+    ]
+    bigb = [[-9984.0, 64.0, 9984.0, -10048.0, 0.0], [0.0, -64.0, 9984.0, 0.0, 9920.0], [0.0, 0.0, 0.0, 0.0, 0.0]]
+    cases.append(
+        (
+            "softmax-logits-near-1e4",
+            lambda: _softmax_case(
+                "softmax-logits-near-1e4",
+                "scores and biases near +-1e4 that cancel or dominate (values exact in bfloat16 and float16)",
+                big,
+                bigb,
+                None,
+                1.0,
+                "post_scale",
+                "zero",
+            ),
+        )
+    )
+    dom = [[0.0, 0.0, 40.0, 0.0, 0.0, 0.0, 0.0, 0.0], [-3.0, 25.0, -3.0, -3.0, 24.0, -3.0, -3.0, -3.0]]
+    cases.append(
+        (
+            "softmax-dominant-key",
+            lambda: _softmax_case(
+                "softmax-dominant-key",
+                "one dominant key (others ~e-40) and two near-tied dominant keys",
+                dom,
+                None,
+                None,
+                1.0,
+                "post_scale",
+                "zero",
+            ),
+        )
+    )
+    for n in (1000, 8192):
+        cid = f"softmax-all-equal-n{n}"
+        cases.append(
+            (
+                cid,
+                lambda n=n, cid=cid: _softmax_case(
+                    cid,
+                    f"all-equal logits over {n} keys: p = 1/{n}, lse = log({n}) + logit",
+                    [[1.5] * n, [-7.25] * n],
+                    None,
+                    None,
+                    1.0,
+                    "post_scale",
+                    "zero",
+                    sample=[(0, 0), (0, n - 1), (1, n // 2)],
+                ),
+            )
+        )
+    n = 8192
+    for placement, scale in (("post_scale", 0.125), ("pre_scale", 1 / math.sqrt(64))):
+        cid = f"softmax-long-n{n}-{placement}"
+
+        def build(placement=placement, scale=scale, cid=cid):
+            sspec, sarr = generated((2, n), [37, 11], 5, 64, 32, 4)
+            bspec, barr = generated((2, n), [13, 7], 3, 64, 0, -8)
+            cols = sorted({0, 1, 2, 3, 7, 8, 100, 1000, 4095, 4096, n - 2, n - 1})
+            sample = [(r, cidx) for r in range(2) for cidx in cols]
+            return _softmax_case(
+                cid,
+                f"rows of {n} keys with closed-form inputs; lse of every row and the probabilities at selected columns",
+                sarr,
+                barr,
+                None,
+                scale,
+                placement,
+                "zero",
+                sample=sample,
+                scores_spec=sspec,
+                bias_spec=bspec,
+            )
+
+        cases.append((cid, build))
+    return cases
+
+
+def _attention_case(
+    cid,
+    description,
+    q,
+    k,
+    v,
+    bias,
+    causal,
+    align,
+    scale,
+    placement,
+    mask=None,
+    fully_masked="zero",
+    specs=None,
+    dtypes=ALL,
+):
+    q, k, v = (np.asarray(t, dtype=np.float64) for t in (q, k, v))
+    b = None if bias is None else np.asarray(bias, dtype=np.float64)
+    m = None if mask is None else np.asarray(mask, dtype=bool)
+    o, lse = oracle.attention(
+        q.tolist(),
+        k.tolist(),
+        v.tolist(),
+        bias=None if b is None else b.tolist(),
+        causal=causal,
+        align=align,
+        scale=scale,
+        placement=placement,
+        mask=None if m is None else m.tolist(),
+        fully_masked=fully_masked,
+        dps=DPS,
+    )
+    tau = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    group = q.shape[1] // k.shape[1]
+    kk = np.repeat(k, group, axis=1)
+    z_s = np.einsum("bhid,bhjd->bhij", q, kk)
+    shape4 = z_s.shape
+    bb = np.zeros(shape4) if b is None else np.broadcast_to(b.reshape((1,) * (4 - b.ndim) + b.shape), shape4)
+    z = z_s * tau + bb if placement == "post_scale" else (z_s + bb) * tau
+    keep = np.ones(shape4, dtype=bool)
+    if causal:
+        qp, kp = oracle.positions(q.shape[2], k.shape[2], align=align)
+        keep &= np.asarray(oracle.causal_mask(qp, kp), dtype=bool)[None, None]
+    if m is not None:
+        keep &= np.broadcast_to(m.reshape((1,) * (4 - m.ndim) + m.shape), shape4)
+    inputs = [*q.ravel().tolist(), *k.ravel().tolist(), *v.ravel().tolist(), *([] if b is None else b.ravel().tolist())]
+    dts = dtypes_for(inputs, dtypes)
+    ov, lv = values(o), values(lse)
+    sp = specs or {}
+
+    def arr(name, x):
+        return sp[name] if name in sp else nested(s, x.tolist())
+
+    return {
+        "id": cid,
+        "kind": "attention",
+        "description": description,
+        "q": arr("q", q),
+        "k": arr("k", k),
+        "v": arr("v", v),
+        "bias": None if b is None else arr("bias", b),
+        "mask": None if m is None else m.astype(int).tolist(),
+        "causal": causal,
+        "align": align,
+        "scale": None if scale is None else s(scale),
+        "placement": placement,
+        "fully_masked": fully_masked,
+        "dtypes": dts,
+        "expected": {"out": out(o), "lse": out(lse)},
+        "tolerance": {
+            d: dict(
+                zip(
+                    ("out", "lse"),
+                    (
+                        fit_tolerance(t, val)
+                        for t, val in zip(
+                            bounds.attention_bound(
+                                q, k, v, z, keep, d, bias=None if b is None else bb, scale=tau, placement=placement
+                            ),
+                            (ov, lv),
+                        )
+                    ),
+                )
+            )
+            for d in dts
+        },
+    }
+
+
+def attention_cases():
+    cases = []
+    rng = Lcg(23)
+
+    def arr(*shape, lo=-32, hi=32, den=16):
+        return np.array([rng.dyadic(lo, hi, den) for _ in range(int(np.prod(shape)))]).reshape(shape)
+
+    q, k, v = arr(1, 4, 3, 4), arr(1, 2, 5, 4), arr(1, 2, 5, 4)
+    bias = arr(4, 3, 5, lo=-32, hi=0, den=8)
+    for align in ("bottom_right", "top_left"):
+        for placement in ("post_scale", "pre_scale"):
+            cid = f"attention-gqa-H4-Hkv2-Sq3-Sk5-causal-{align}-{placement}"
+            cases.append(
+                (
+                    cid,
+                    lambda cid=cid, align=align, placement=placement: _attention_case(
+                        cid,
+                        f"grouped-query heads (4 query heads on 2 kv heads), Sq < Sk, causal {align}, {placement}, "
+                        "default scale 1/sqrt(D)",
+                        q,
+                        k,
+                        v,
+                        bias,
+                        True,
+                        align,
+                        None,
+                        placement,
+                    ),
+                )
+            )
+    q2, k2, v2 = arr(1, 2, 5, 4), arr(1, 1, 3, 4), arr(1, 1, 3, 2)
+    for fm in ("zero", "nan"):
+        cid = f"attention-mqa-Sq5-Sk3-bottom_right-fully-masked-{fm}"
+        cases.append(
+            (
+                cid,
+                lambda cid=cid, fm=fm: _attention_case(
+                    cid,
+                    f"Sq > Sk bottom-right causal: the first two queries see no key (fully_masked={fm!r}); one kv "
+                    "head for two query heads; Dv != D",
+                    q2,
+                    k2,
+                    v2,
+                    None,
+                    True,
+                    "bottom_right",
+                    0.125,
+                    "post_scale",
+                    fully_masked=fm,
+                ),
+            )
+        )
+    q3, k3, v3 = arr(2, 2, 4, 8), arr(2, 2, 6, 8), arr(2, 2, 6, 8)
+    mask3 = np.array([[1, 1, 0, 1, 1, 1], [0, 1, 1, 1, 0, 1], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]], dtype=bool)
+    cases.append(
+        (
+            "attention-B2-mask-t5-scale1",
+            lambda: _attention_case(
+                "attention-B2-mask-t5-scale1",
+                "batch 2, explicit boolean mask (Sq, Sk) broadcast over batch and heads, "
+                "scale 1.0 (T5), bias (H, Sq, Sk), not causal",
+                q3,
+                k3,
+                v3,
+                arr(2, 4, 6, lo=-64, hi=64, den=8),
+                False,
+                "bottom_right",
+                1.0,
+                "post_scale",
+                mask=mask3,
+            ),
+        )
+    )
+    big_q = np.array([[[[64.0, 0.0], [0.0, 64.0]]]])
+    big_k = np.array([[[[64.0, 0.0], [62.0, 0.0], [0.0, 64.0]]]])
+    big_v = np.array([[[[1.0, -1.0], [2.0, 0.5], [-3.0, 4.0]]]])
+    cases.append(
+        (
+            "attention-large-logits",
+            lambda: _attention_case(
+                "attention-large-logits",
+                "q.k up to 4096 with scale 1: near-one-hot rows (logits about 4e3 apart)",
+                big_q,
+                big_k,
+                big_v,
+                None,
+                False,
+                "bottom_right",
+                1.0,
+                "post_scale",
+            ),
+        )
+    )
+    sk, sq, d = 8192, 2, 8
+    for placement, scale in (("post_scale", None), ("pre_scale", 0.25)):
+        cid = f"attention-long-Sk{sk}-{placement}"
+
+        def build(placement=placement, scale=scale, cid=cid):
+            qs, qa = generated((1, 2, sq, d), [0, 5, 3, 7], 1, 64, 32, 32)
+            ks, ka = generated((1, 1, sk, d), [0, 0, 29, 3], 2, 64, 32, 32)
+            vs, va = generated((1, 1, sk, d), [0, 0, 17, 5], 9, 64, 32, 16)
+            bs, ba = generated((2, sq, sk), [1, 3, 1], 0, 64, 0, -4)
+            return _attention_case(
+                cid,
+                f"{sk} keys, 2 queries (bottom-right causal: they see {sk - 1} and {sk} keys), 2 query heads "
+                f"on 1 kv head, closed-form inputs, {placement}",
+                qa,
+                ka,
+                va,
+                ba,
+                True,
+                "bottom_right",
+                scale,
+                placement,
+                specs={"q": qs, "k": ks, "v": vs, "bias": bs},
+            )
+
+        cases.append((cid, build))
+    return cases
+
+
+FILES: dict[str, tuple[str, Callable[[], list]]] = {
+    "t5.json": ("t5", t5_cases),
+    "offset.json": ("offset", offset_cases),
+    "alibi.json": ("alibi", alibi_cases),
+    "kerple_power.json": ("kerple_power", kerple_power_cases),
+    "kerple_log.json": ("kerple_log", kerple_log_cases),
+    "fire.json": ("fire", fire_cases),
+    "sandwich.json": ("sandwich", sandwich_cases),
+    "softmax.json": ("softmax", softmax_cases),
+    "attention.json": ("attention", attention_cases),
+}
+
+
+def header(name: str) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "family": name,
+        "generator": {
+            "script": "spec/vectors/generate.py",
+            "command": COMMAND,
+            "mpmath_version": mpmath.__version__,
+            "dps": DPS,
+            "digits": DIGITS,
+        },
+        "conventions": "delta = q_pos - k_pos; bias arrays are [head][query][key]; mask 1 = attend; lse is the "
+        "natural-log log-sum-exp of the final logits; see spec/vectors/README.md",
+        "tolerance_rule": "|actual - expected| <= atol + rtol * |expected| elementwise, per dtype; 'exact' or "
+        "atol = rtol = 0 means bit-exact; non-finite expected values must match exactly",
+    }
+
+
+def build_case(filename: str, case_id: str) -> dict:
+    """Regenerate one case of one file (used by the fast regeneration test)."""
+    for cid, thunk in FILES[filename][1]():
+        if cid == case_id:
+            return thunk()
+    msg = f"case_id: no case {case_id!r} in {filename}"
+    raise KeyError(msg)
+
+
+def build_file(filename: str) -> dict:
+    name, builder = FILES[filename]
+    doc = header(name)
+    doc["cases"] = [thunk() for _, thunk in builder()]
+    return doc
+
+
+def dumps(doc: dict) -> str:
+    """JSON text: a readable header, one case per line (compact), trailing newline."""
+    head = {k: v for k, v in doc.items() if k != "cases"}
+    text = json.dumps(head, indent=1)[:-2]
+    cases = ",\n".join(json.dumps(c, separators=(",", ":")) for c in doc["cases"])
+    return f'{text},\n "cases": [\n{cases}\n ]\n}}\n'
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="compare with the committed files instead of writing")
+    parser.add_argument("files", nargs="*", help="subset of the files (default: all)")
+    args = parser.parse_args(argv)
+    names = args.files or list(FILES)
+    bad = []
+    for fn in names:
+        text = dumps(build_file(fn))
+        path = HERE / fn
+        if args.check:
+            if not path.exists() or path.read_text(encoding="utf-8") != text:
+                bad.append(fn)
+        else:
+            path.write_text(text, encoding="utf-8")
+            print(f"wrote {path.relative_to(ROOT)} ({len(text) / 1024:.0f} KiB)")
+    if bad:
+        print("differs from a fresh generation: " + ", ".join(bad))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,156 @@
+"""CUDA source checks that need no GPU: NVRTC compiles the kernels to PTX for sm_80 and sm_90, the source stays
+include-free, importing relpos_ref.cuda never touches CUDA, and the fused entry point rejects non-CuPy input.
+
+NVRTC needs no device (NVIDIA NVRTC guide, section 2.1); CuPy's ``RawModule`` does (it asks the device for its
+architecture), so these tests drive CuPy's low-level NVRTC bindings with an explicit ``-arch``. They skip, saying
+why, when CuPy or libnvrtc is missing (``pip install cupy-cuda12x nvidia-cuda-nvrtc-cu12``).
+
+The default run compiles every family x dtype for a representative subset of launch shapes (warp, block and stream
+kernels, vector and scalar accesses); ``RELPOS_REF_FULL_COMPILE=1`` compiles all instantiations the launcher can
+pick (about 870, a minute or two per architecture).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from relpos_ref.cuda._source import (
+    FAMILY_STRUCTS,
+    STORAGE_TYPES,
+    all_kernel_names,
+    kernel_source,
+    plan_launch,
+)
+
+
+def _nvrtc_reason() -> str | None:
+    try:
+        from relpos_ref.cuda._nvrtc import nvrtc_module
+
+        nvrtc_module()
+    except ImportError as exc:
+        return f"NVRTC unavailable: {exc} (install cupy-cuda12x and nvidia-cuda-nvrtc-cu12)"
+    return None
+
+
+NVRTC_REASON = _nvrtc_reason()
+needs_nvrtc = pytest.mark.skipif(NVRTC_REASON is not None, reason=NVRTC_REASON or "")
+
+
+def representative_names() -> list[str]:
+    """Every family x dtype on: warp with vectors, warp scalar, small block, largest block, stream."""
+    names = set()
+    for dtype in STORAGE_TYPES:
+        plans = [
+            plan_launch(128, dtype),
+            plan_launch(1000 + 3, dtype),  # 1003 keys: warp, 32 values per lane, scalar accesses
+            plan_launch(4096, dtype),
+            plan_launch(32768 if dtype != "float64" else 16384, dtype, vector_ok=False),
+            plan_launch(100_000, dtype),
+        ]
+        for p in plans:
+            for fam in FAMILY_STRUCTS:
+                names.add(p.kernel_name(fam, dtype))
+    return [*sorted(names), "rp::sandwich_profile_kernel"]
+
+
+def selected_names() -> list[str]:
+    return all_kernel_names() if os.environ.get("RELPOS_REF_FULL_COMPILE") == "1" else representative_names()
+
+
+@needs_nvrtc
+@pytest.mark.cuda_compile
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+def test_nvrtc_compiles_to_ptx(arch):
+    from relpos_ref.cuda._nvrtc import nvrtc_compile
+
+    names = selected_names()
+    res = nvrtc_compile(names, arch)
+    ptx = res.output.decode()
+    assert f".target sm_{arch.split('_')[1]}" in ptx
+    for name in names:
+        lowered = res.lowered[name]
+        assert re.search(rf"\.entry {re.escape(lowered)}\s*\(", ptx), f"no PTX entry for {name}"
+    # NVRTC warnings are errors waiting to happen on the other toolkit (CUDA 12 here, 13 on the GPU box).
+    assert "warning" not in res.log.lower(), res.log
+
+
+@needs_nvrtc
+@pytest.mark.cuda_compile
+def test_register_spills_bounded_sm90():
+    """ptxas -v through NVRTC for sm_90: the benchmarked kernels (float32/float16; ALiBi, T5, FIRE, no bias; warp,
+    4096-key block, 32768-key block) compile with at most 160 bytes of spill stores.
+
+    Small spill counts are expected in two places: around calls to the IEEE division and libm slow paths (registers
+    saved across a call are counted as spills; the calls sit on rarely taken branches), and in the 1024-thread x
+    32-value block kernels, where the 64-register cap of a full 1024-thread block applies and 32 of them hold the
+    row. A change that makes the row array itself spill (hundreds of bytes) fails here. ``bench/cuda_resources.py``
+    reports every instantiation.
+    """
+    from relpos_ref.cuda._nvrtc import resource_usage
+
+    names = [
+        plan_launch(sk, dtype).kernel_name(fam, dtype)
+        for dtype in ("float32", "float16")
+        for sk in (1024, 4096, 32768)
+        for fam in ("none", "alibi", "t5", "fire")
+    ]
+    usage = resource_usage(names, "sm_90")
+    assert set(usage) == set(names)
+    for name, u in usage.items():
+        assert u["registers"] <= 255
+        assert u["spill_stores"] <= 160, f"{name} spills: {u}"
+
+
+def test_source_is_include_free():
+    """No #include survives the splicing: NVRTC of CUDA 12 and 13 compiles it without any header search path."""
+    src = kernel_source()
+    assert not [line for line in src.splitlines() if line.lstrip().startswith("#include")]
+    assert "struct FamAlibi" in src
+    assert "softmax_warp" in src
+
+
+def test_import_needs_no_cuda():
+    """Importing relpos_ref (and relpos_ref.cuda) must not import CuPy."""
+    import relpos_ref
+
+    code = "import sys, relpos_ref, relpos_ref.cuda, relpos_ref.cuda.bounds; print('cupy' in sys.modules)"
+    root = str(Path(relpos_ref.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120, env=env)
+    assert out.stdout.strip() == "False"
+
+
+def test_plan_launch_covers_every_length():
+    """Every row length maps to a kernel whose registers hold the row (or the stream kernel), with valid vectors."""
+    for dtype in STORAGE_TYPES:
+        itemsize = {"float16": 2, "float32": 4, "float64": 8}[dtype]
+        for sk in [*range(1, 2100), 4095, 4096, 4097, 8192, 16384, 16385, 32768, 32769, 10**5]:
+            p = plan_launch(sk, dtype)
+            assert p.vec * itemsize <= 16
+            assert p.vpt % p.vec == 0
+            assert sk % p.vec == 0
+            if p.kind in ("warp", "block"):
+                assert sk <= p.threads_per_row * p.vpt
+            if p.kind == "warp":
+                assert sk > 16 * p.vpt or p.vpt == 1  # the smallest warp shape that fits
+            assert plan_launch(sk, dtype, vector_ok=False).vec == 1
+    assert plan_launch(32768, "float32").kind == "block"
+    assert plan_launch(32769, "float32").kind == "stream"
+    assert plan_launch(16385, "float64").kind == "stream"
+
+
+def test_fused_rejects_numpy_scores():
+    import relpos_ref as rp
+    from relpos_ref.cuda import fused_biased_softmax
+
+    scores = np.zeros((1, 2, 3, 4), dtype=np.float32)
+    with pytest.raises(TypeError, match=r"scores: expected a CuPy array.*numpy\.ndarray"):
+        fused_biased_softmax(scores, rp.ALiBi.from_num_heads(2))

@@ -1,0 +1,516 @@
+"""Unit tests of the bias families: values against independent computations, and the shared family contract.
+
+Independent computations: hand-typed values from the research notes (formulas.md), mpmath, and plain NumPy float64
+or Python loops written here. The family contract: parameters()/options()/astype, immutability, head selection, the
+float16 policy (computed in float32, rounded once) and namespace/dtype preservation on every backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import array_api_compat.numpy as np_compat
+import array_api_strict
+import mpmath
+import numpy as np
+import pytest
+from array_api_compat import array_namespace
+
+import relpos_ref as rp
+
+
+def to_np(x):
+    if type(x).__module__.startswith("cupy"):
+        return x.get()
+    return np.asarray(x)
+
+
+def ns_name(a) -> str:
+    return array_namespace(a).__name__
+
+
+def np_positions(q_len, k_len, align="bottom_right"):
+    start = k_len - q_len if align == "bottom_right" else 0
+    return np.arange(start, start + q_len), np.arange(k_len)
+
+
+# -- family factories: float64 NumPy parameters, converted to the backend and dtype under test -------------------
+
+RNG = np.random.default_rng(20240601)
+H = 4
+FIRE_W = 6
+PARAMS = {
+    "ALiBi": {"slopes": np.array([0.5, 0.25, 0.125, 0.0625])},
+    "KerplePower": {"r1": np.array([0.5, 1.0, 1.5, 0.25]), "r2": np.array([0.5, 1.0, 2.0, 1.25])},
+    "KerpleLog": {"r1": np.array([1.0, 0.5, 2.0, 0.75]), "r2": np.array([0.5, 1.0, 0.25, 2.0])},
+    "T5Bias": {"table": RNG.standard_normal((H, 32))},
+    "OffsetBias": {"table": RNG.standard_normal((H, 9))},
+    "FIRE": {
+        "w1": RNG.standard_normal((FIRE_W, 1)),
+        "b1": RNG.standard_normal(FIRE_W),
+        "w2": RNG.standard_normal((H, FIRE_W)),
+        "b2": RNG.standard_normal(H),
+    },
+    "TensorBias": {"array": RNG.standard_normal((H, 5, 7))},
+}
+OPTIONS = {
+    "T5Bias": {"bidirectional": True, "max_distance": 20},
+    "FIRE": {"c": 0.25, "L": 3.0, "eps": 1e-6},
+}
+FAMILIES = [*PARAMS, "Sandwich"]
+
+
+def make(name, xp, dtype=None):
+    """Family ``name`` with its parameters in namespace ``xp`` and ``dtype`` (float64 by default)."""
+    dtype = xp.float64 if dtype is None else dtype
+    if name == "Sandwich":
+        return rp.Sandwich(H, 16, dtype=dtype, xp=xp)
+    params = {k: xp.asarray(v, dtype=dtype) for k, v in PARAMS[name].items()}
+    opts = dict(OPTIONS.get(name, {}))
+    if name == "FIRE":
+        opts["c"] = xp.asarray(opts["c"], dtype=dtype)
+        opts["L"] = xp.asarray(opts["L"], dtype=dtype)
+    return getattr(rp, name)(**params, **opts)
+
+
+def pos_for(name, xp):
+    """Positions suited to the family: TensorBias needs its own lengths; the others get Sq < Sk, bottom-right."""
+    q_len, k_len = (5, 7) if name == "TensorBias" else (6, 30)
+    return rp.positions(q_len, k_len, xp=xp)
+
+
+# -- ALiBi ----------------------------------------------------------------------------------------------------------
+
+SLOPE_LOG2 = {
+    1: [-8.0],
+    6: [-2.0, -4.0, -6.0, -8.0, -1.0, -3.0],
+    8: [-1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0, -8.0],
+    12: [-1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0, -8.0, -0.5, -1.5, -2.5, -3.5],
+    16: [-0.5 * k for k in range(1, 17)],
+    20: [*(-0.5 * k for k in range(1, 17)), -0.25, -0.75, -1.25, -1.75],
+}
+
+
+@pytest.mark.parametrize("num_heads", sorted(SLOPE_LOG2))
+def test_alibi_slopes_official_rule(xp, num_heads):
+    slopes = rp.alibi_slopes(num_heads, xp=xp)
+    assert slopes.dtype == xp.float64
+    assert ns_name(slopes) == xp.__name__
+    # Powers of two with these exponents are exact in float64, so equality is exact.
+    assert to_np(slopes).tolist() == [2.0**e for e in SLOPE_LOG2[num_heads]]
+
+
+def test_alibi_slopes_official_recursion():
+    # The recursion of ofirpress/attention_with_linear_biases get_slopes, replayed with Python floats.
+    def get_slopes(n):
+        def power_of_2(n):
+            start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+            return [start * start**i for i in range(n)]
+
+        if math.log2(n).is_integer():
+            return power_of_2(n)
+        c = 2 ** math.floor(math.log2(n))
+        return power_of_2(c) + get_slopes(2 * c)[0::2][: n - c]
+
+    # The official route multiplies floats (start * start**i), so it may be a few ulps off the exact powers of
+    # two that alibi_slopes returns; the exponents agree.
+    for n in range(1, 80):
+        np.testing.assert_allclose(rp.alibi_slopes(n), get_slopes(n), rtol=8 * 2.0**-52, atol=0)
+
+
+def test_alibi_slopes_dtype(xp):
+    s32 = rp.alibi_slopes(12, dtype=xp.float32, xp=xp)
+    assert s32.dtype == xp.float32
+    # 2**-0.5 and friends are rounded once to float32.
+    assert to_np(s32).tolist() == [float(np.float32(2.0**e)) for e in SLOPE_LOG2[12]]
+
+
+@pytest.mark.parametrize(
+    ("q_len", "k_len", "align"), [(7, 7, "bottom_right"), (3, 9, "bottom_right"), (6, 2, "top_left")]
+)
+def test_alibi_bias_values(xp, q_len, k_len, align):
+    fam = rp.ALiBi.from_num_heads(6, xp=xp)
+    q_pos, k_pos = rp.positions(q_len, k_len, align=align, xp=xp)
+    got = to_np(fam.bias(q_pos, k_pos))
+    qn, kn = np_positions(q_len, k_len, align)
+    slopes = np.array([2.0**e for e in SLOPE_LOG2[6]])
+    expected = -slopes[:, None, None] * np.abs(qn[:, None] - kn[None, :])[None]
+    np.testing.assert_array_equal(got, expected)  # products of powers of two and integers: exact
+    assert fam.parameters().keys() == {"slopes"}
+    assert fam.options() == {}
+
+
+# -- KERPLE ---------------------------------------------------------------------------------------------------------
+
+
+def test_kerple_log_worked_example(xp):
+    # formulas.md section 4: r1 = 1, r2 = 0.5 at |Delta| = 0, 1, 2, 10, 100.
+    fam = rp.KerpleLog(xp.asarray([1.0]), xp.asarray([0.5]))
+    q_pos = xp.asarray([100], dtype=xp.int64)
+    k_pos = xp.asarray([100, 99, 98, 90, 0, 101, 110], dtype=xp.int64)  # distances 0, 1, 2, 10, 100, 1, 10
+    got = to_np(fam.bias(q_pos, k_pos))[0, 0]
+    assert np.round(got[:5], 4).tolist() == [0.0, -0.4055, -0.6931, -1.7918, -3.9318]
+    with mpmath.workdps(40):
+        exact = [float(-mpmath.log(1 + mpmath.mpf(1) / 2 * n)) for n in (0, 1, 2, 10, 100, 1, 10)]
+    np.testing.assert_allclose(got, exact, rtol=1e-15, atol=0)
+    assert got[0] == 0.0
+
+
+def _mp_kerple(kind, r1, r2, n):
+    r1, r2, n = mpmath.mpf(float(r1)), mpmath.mpf(float(r2)), mpmath.mpf(int(n))
+    if kind == "power":
+        return -r1 * (n**r2 if n else mpmath.mpf(0))
+    return -r1 * mpmath.log(1 + r2 * n)
+
+
+@pytest.mark.parametrize(("kind", "cls"), [("power", rp.KerplePower), ("log", rp.KerpleLog)])
+def test_kerple_against_mpmath(xp, kind, cls):
+    r1 = [0.5, 1.0, 3.0, 0.01]
+    r2 = [0.01, 0.5, 1.0, 2.0] if kind == "power" else [0.01, 0.5, 1.0, 7.0]
+    fam = cls(xp.asarray(r1), xp.asarray(r2))
+    q_pos, k_pos = rp.positions(4, 300, xp=xp)
+    got = to_np(fam.bias(q_pos, k_pos))
+    qn, kn = np_positions(4, 300)
+    dist = np.abs(qn[:, None] - kn[None, :])
+    with mpmath.workdps(40):
+        for h in range(4):
+            for i in range(4):
+                for j in range(0, 300, 7):
+                    exact = float(_mp_kerple(kind, r1[h], r2[h], dist[i, j]))
+                    assert got[h, i, j] == pytest.approx(exact, rel=1e-15, abs=0), (h, i, j)
+    assert (got[:, np.arange(4), 296 + np.arange(4)] == 0).all()  # zero at Delta = 0
+    assert (np.diff(got[:, -1, ::-1], axis=-1) <= 0).all()  # non-increasing in distance
+
+
+def test_kerple_power_r2_two_is_quadratic(xp):
+    fam = rp.KerplePower(xp.asarray([0.5]), xp.asarray([2.0]))
+    got = to_np(fam.bias(*rp.positions(1, 50, xp=xp)))[0, 0]
+    np.testing.assert_array_equal(got, -0.5 * np.arange(49, -1, -1.0) ** 2)
+
+
+# -- FIRE -------------------------------------------------------------------------------------------------------------
+
+# formulas.md section 5, computed with the listing's eps = 1e-6, to 5 decimals.
+FIRE_X_TABLE = {
+    (0, 0): 0.0,
+    (10, 9): 0.02410,
+    (10, 0): 0.17525,
+    (511, 0): 0.99951,
+    (1000, 0): 1.0,
+    (2000, 1000): 0.87023,
+}
+
+
+def _fire(xp, w=2, h=1, *, c=0.1, L=512.0, eps=0.0, seed=0, dtype=None):
+    rng = np.random.default_rng(seed)
+    dtype = xp.float64 if dtype is None else dtype
+    arrays = [rng.standard_normal(s) for s in ((w, 1), (w,), (h, w), (h,))]
+    return rp.FIRE(*(xp.asarray(a, dtype=dtype) for a in arrays), c=c, L=L, eps=eps), arrays
+
+
+def _mp_fire_x(i, j, c, L, eps):
+    with mpmath.workdps(40):
+        c = mpmath.mpf(c)
+        num = mpmath.log(1 + c * abs(i - j))
+        den = mpmath.log(1 + c * max(mpmath.mpf(L), i)) + mpmath.mpf(eps)
+        return num / den
+
+
+def test_fire_interpolant_table(xp):
+    for eps in (0.0, 1e-6):
+        fam, _ = _fire(xp, eps=eps)
+        for (i, j), value in FIRE_X_TABLE.items():
+            x = float(to_np(fam.interpolant(xp.asarray([i], dtype=xp.int64), xp.asarray([j], dtype=xp.int64)))[0, 0])
+            if eps:
+                assert round(x, 5) == value, (i, j)
+            else:
+                # Without eps, (511, 0) is 0.9995152 and rounds up; the table's 5 decimals hold to 1e-5.
+                assert abs(x - value) < 1e-5, (i, j)
+            assert x == pytest.approx(float(_mp_fire_x(i, j, 0.1, 512.0, eps)), rel=1e-14, abs=0)
+
+
+def test_fire_eps_changes_x_by_the_expected_amount():
+    # x_eps = x_0 * norm / (norm + eps): with eps = 1e-6 and norm = log1p(51.2) ~ 3.955 the change is x * 2.5e-7.
+    q_pos = np.array([10, 511, 1000, 2000])
+    k_pos = np.array([0])
+    x0 = rp.FIRE(np.ones((1, 1)), np.zeros(1), np.ones((1, 1)), np.zeros(1), eps=0.0).interpolant(q_pos, k_pos)
+    x6 = rp.FIRE(np.ones((1, 1)), np.zeros(1), np.ones((1, 1)), np.zeros(1), eps=1e-6).interpolant(q_pos, k_pos)
+    diff = (x0 - x6)[:, 0]
+    expected = [float(_mp_fire_x(int(i), 0, 0.1, 512.0, 0.0) - _mp_fire_x(int(i), 0, 0.1, 512.0, 1e-6)) for i in q_pos]
+    assert (diff > 0).all()
+    assert (diff < 1e-6).all()
+    np.testing.assert_allclose(diff, expected, rtol=1e-7)
+
+
+def test_fire_mlp_against_loops(xp):
+    w, h = 5, 3
+    c, L, eps = 0.3, 4.0, 1e-6
+    fam, (w1, b1, w2, b2) = _fire(xp, w, h, c=c, L=L, eps=eps, seed=7)
+    q_len, k_len = 6, 9
+    got = to_np(fam.bias(*rp.positions(q_len, k_len, xp=xp)))
+    qn, kn = np_positions(q_len, k_len)
+    expected = np.zeros((h, q_len, k_len))
+    for a, i in enumerate(qn):
+        for b, j in enumerate(kn):
+            x = math.log1p(c * abs(int(i) - int(j))) / (math.log1p(c * max(L, float(i))) + eps)
+            for head in range(h):
+                total = b2[head]
+                for unit in range(w):
+                    total += w2[head, unit] * max(0.0, w1[unit, 0] * x + b1[unit])
+                expected[head, a, b] = total
+    np.testing.assert_allclose(got, expected, rtol=1e-13, atol=1e-14)
+    assert fam.parameters().keys() == {"w1", "b1", "w2", "b2", "c", "L"}
+    assert fam.options() == {"eps": eps}
+    assert tuple(fam.parameters()["c"].shape) == ()
+    assert tuple(fam.parameters()["L"].shape) == ()
+
+
+def test_fire_uses_absolute_query_position(xp):
+    # Sq < Sk bottom-right with query positions beyond L: the normaliser must use the absolute position.
+    fam, _ = _fire(xp, 4, 2, c=0.1, L=16.0, seed=3)
+    q_pos, k_pos = rp.positions(2, 40, xp=xp)  # q_pos = 38, 39 > L
+    tail = to_np(fam.bias(q_pos, k_pos))
+    full = to_np(fam.bias(*rp.positions(40, 40, xp=xp)))
+    np.testing.assert_array_equal(tail, full[:, 38:, :])
+    # Row-local positions (0, 1) would give a different normaliser psi(L) instead of psi(38), psi(39).
+    local = to_np(fam.bias(xp.asarray([0, 1], dtype=xp.int64), xp.asarray(np.arange(40) - 38, dtype=xp.int64)))
+    assert not np.allclose(tail, local)
+    x = to_np(fam.interpolant(q_pos, k_pos))
+    assert x[0, 0] == pytest.approx(float(_mp_fire_x(38, 0, 0.1, 16.0, 0.0)), rel=1e-14)
+
+
+# -- Sandwich -------------------------------------------------------------------------------------------------------
+
+
+def nemo_sandwich(num_heads, head_dim, dist):
+    """NeMo SandwichRelativePositionEmbedding, cos form, float64."""
+    k = np.arange(1, head_dim // 2 + 1, dtype=np.float64)
+    omega = 10000.0 ** (-2.0 * k / head_dim)
+    s = np.cos(np.asarray(dist, dtype=np.float64)[..., None] * omega).sum(-1) - head_dim / 2
+    div = 8.0 * np.arange(1, num_heads + 1) / num_heads
+    return s[None] / div.reshape((-1,) + (1,) * np.ndim(dist))
+
+
+@pytest.mark.parametrize(("num_heads", "head_dim"), [(1, 2), (4, 16), (8, 64), (3, 128)])
+def test_sandwich_against_nemo_cos_form(xp, num_heads, head_dim):
+    fam = rp.Sandwich(num_heads, head_dim, xp=xp)
+    q_len, k_len = 5, 60
+    got = to_np(fam.bias(*rp.positions(q_len, k_len, xp=xp)))
+    qn, kn = np_positions(q_len, k_len)
+    expected = nemo_sandwich(num_heads, head_dim, np.abs(qn[:, None] - kn[None, :]))
+    # The cos form loses ~ (d/2) * eps absolute to cancellation; the library's sin^2 form does not.
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=head_dim * 1e-15)
+    assert fam.parameters() == {}
+    assert fam.options() == {"num_heads": num_heads, "head_dim": head_dim}
+
+
+def test_sandwich_zero_at_zero_and_first_increase(xp):
+    fam = rp.Sandwich(2, 128, xp=xp)
+    got = to_np(fam.bias(xp.asarray([40], dtype=xp.int64), xp.arange(40, 19, -1, dtype=xp.int64)))
+    head1 = got[0, 0]  # distances 0..20
+    assert head1[0] == 0.0
+    assert (np.diff(head1[:14]) < 0).all()  # decreasing up to |Delta| = 13
+    assert head1[14] > head1[13]  # first increase between 13 and 14 (formulas.md section 6)
+    np.testing.assert_allclose(head1, nemo_sandwich(2, 128, np.arange(21))[0], rtol=1e-12, atol=1e-13)
+    # Near Delta = 0 the value is tiny; check it against mpmath to relative accuracy (the cos form cannot).
+    with mpmath.workdps(50):
+        exact1 = sum(mpmath.cos(mpmath.mpf(10000) ** (-mpmath.mpf(2 * k) / 128)) for k in range(1, 65)) - 64
+        exact1 = exact1 / (mpmath.mpf(8) / 2)
+    assert head1[1] == pytest.approx(float(exact1), rel=1e-13)
+
+
+# -- OffsetBias ------------------------------------------------------------------------------------------------------
+
+
+def test_offset_bias_clipping(xp):
+    k_max = 3
+    table = 100.0 * np.arange(2)[:, None] + np.arange(2 * k_max + 1)[None, :]  # entry = 100 h + column
+    fam = rp.OffsetBias(xp.asarray(table))
+    assert fam.max_offset == k_max
+    q_pos, k_pos = rp.positions(10, 10, xp=xp)
+    got = to_np(fam.bias(q_pos, k_pos))
+    for i in range(10):
+        for j in range(10):
+            col = min(max(i - j, -k_max), k_max) + k_max
+            assert got[:, i, j].tolist() == [col, 100.0 + col]
+    assert fam.parameters().keys() == {"table"}
+    assert fam.options() == {}
+
+
+def test_offset_bias_zero_k():
+    fam = rp.OffsetBias(np.array([[2.5], [-1.0]]))
+    got = fam.bias(*rp.positions(3, 4))
+    assert (got[0] == 2.5).all()
+    assert (got[1] == -1.0).all()
+
+
+# -- TensorBias -----------------------------------------------------------------------------------------------------
+
+
+def test_tensor_bias(xp):
+    arr = RNG.standard_normal((3, 4, 5))
+    arr[1, 2, 3] = -np.inf  # -inf is a mask and is allowed
+    fam = rp.TensorBias(xp.asarray(arr))
+    assert fam.shape == (3, 4, 5)
+    for align in ("bottom_right", "top_left"):
+        got = fam.bias(*rp.positions(4, 5, align=align, xp=xp))
+        np.testing.assert_array_equal(to_np(got), arr)
+    np.testing.assert_array_equal(to_np(fam.bias(*rp.positions(4, 5, xp=xp), heads=[2, 1])), arr[[2, 1]])
+    with pytest.raises(ValueError, match=r"q_pos, k_pos: expected lengths \(4, 5\).*got \(5, 5\)"):
+        fam.bias(*rp.positions(5, 5, xp=xp))
+    with pytest.raises(ValueError, match=r"array: expected finite values or -inf.*NaN or \+inf"):
+        rp.TensorBias(xp.asarray(np.full((1, 2, 2), np.inf)))
+
+
+# -- the shared contract --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+def test_bias_namespace_dtype_shape(xp, name, dtype_name):
+    dtype = getattr(xp, dtype_name)
+    fam = make(name, xp, dtype)
+    assert fam.dtype == dtype
+    assert fam.num_heads == H
+    q_pos, k_pos = pos_for(name, xp)
+    out = fam.bias(q_pos, k_pos)
+    assert out.dtype == dtype
+    assert ns_name(out) == xp.__name__
+    assert tuple(out.shape) == (H, q_pos.shape[0], k_pos.shape[0])
+    for p in fam.parameters().values():
+        assert p.dtype == dtype
+        assert ns_name(p) == xp.__name__
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_float32_bias_close_to_float64(xp, name):
+    # The same (float32-representable) parameters computed in float32 and in float64: float32 keeps ~6 digits.
+    f32 = make(name, xp, xp.float64).astype(xp.float32)
+    q_pos, k_pos = pos_for(name, xp)
+    lo = to_np(f32.bias(q_pos, k_pos)).astype(np.float64)
+    hi = to_np(f32.astype(xp.float64).bias(q_pos, k_pos))
+    np.testing.assert_allclose(lo, hi, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_float16_bias_rounded_once(xp, name):
+    if not hasattr(xp, "float16"):
+        pytest.skip(f"{xp.__name__} has no float16 (not part of the array API standard)")
+    # float16 parameters: the bias is the float32 computation on the same (float16-representable) values, rounded
+    # to float16 once. The float32 family below holds exactly those values.
+    f16 = make(name, xp, xp.float16) if name != "Sandwich" else rp.Sandwich(H, 16, dtype=xp.float16, xp=xp)
+    if name == "Sandwich":
+        f32 = rp.Sandwich(H, 16, dtype=xp.float32, xp=xp)
+    else:
+        f32 = f16.astype(xp.float32)
+        for k, v in f16.parameters().items():
+            assert to_np(f32.parameters()[k]).tolist() == to_np(v).astype(np.float32).tolist()
+    q_pos, k_pos = pos_for(name, xp)
+    got = f16.bias(q_pos, k_pos)
+    assert got.dtype == xp.float16
+    assert f16.dtype == xp.float16
+    want = xp.astype(f32.bias(q_pos, k_pos), xp.float16)
+    np.testing.assert_array_equal(to_np(got), to_np(want))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_parameters_options_roundtrip(xp, name):
+    fam = make(name, xp)
+    params = fam.parameters()
+    opts = fam.options()
+    q_pos, k_pos = pos_for(name, xp)
+    # Parameter names are exactly the constructor's argument names (Sandwich has only options).
+    rebuilt = rp.Sandwich(**opts, xp=xp) if name == "Sandwich" else type(fam)(**params, **opts)
+    np.testing.assert_array_equal(to_np(rebuilt.bias(q_pos, k_pos)), to_np(fam.bias(q_pos, k_pos)))
+    for key, value in params.items():
+        original = PARAMS.get(name, {}).get(key)
+        if original is not None:
+            np.testing.assert_array_equal(to_np(value), original)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_astype_roundtrip(xp, name):
+    fam = make(name, xp)
+    q_pos, k_pos = pos_for(name, xp)
+    ref = to_np(fam.bias(q_pos, k_pos))
+    down = fam.astype(xp.float32)
+    assert type(down) is type(fam)
+    assert down.dtype == xp.float32
+    assert down.options() == fam.options()
+    back = down.astype(xp.float64)
+    assert back.dtype == xp.float64
+    if name not in ("T5Bias", "OffsetBias", "TensorBias", "FIRE"):
+        # ALiBi, KERPLE and Sandwich parameters here are exact in float32: the round trip is lossless.
+        np.testing.assert_array_equal(to_np(back.bias(q_pos, k_pos)), ref)
+    for key, value in back.parameters().items():
+        np.testing.assert_array_equal(to_np(value), to_np(fam.parameters()[key]).astype(np.float32))
+    # The default dtype keeps the current one.
+    assert fam.astype().dtype == xp.float64
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_astype_across_namespaces(xp, name):
+    fam = make(name, xp)
+    q_pos, k_pos = pos_for(name, xp)
+    ref = to_np(fam.bias(q_pos, k_pos))
+    for other in (np_compat, array_api_strict):
+        moved = fam.astype(xp=other)
+        assert moved.xp.__name__ == other.__name__
+        assert moved.dtype == other.float64
+        out = moved.bias(*pos_for(name, other))
+        assert ns_name(out) == other.__name__
+        np.testing.assert_array_equal(to_np(out), ref)
+        back = moved.astype(xp=xp)
+        np.testing.assert_array_equal(to_np(back.bias(q_pos, k_pos)), ref)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_immutable(xp, name):
+    fam = make(name, xp)
+    for attr, value in (("num_heads", 99), ("dtype", xp.float32), ("xp", np_compat), ("new_attribute", 1)):
+        with pytest.raises(AttributeError, match=r"immutable"):
+            setattr(fam, attr, value)
+    assert fam.num_heads == H
+
+
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n != "Sandwich"])
+def test_inputs_and_parameters_are_copies(xp, name):
+    params = {k: xp.asarray(v, copy=True) for k, v in PARAMS[name].items()}
+    opts = dict(OPTIONS.get(name, {}))
+    fam = getattr(rp, name)(**params, **opts)
+    q_pos, k_pos = pos_for(name, xp)
+    before = to_np(fam.bias(q_pos, k_pos))
+    # Writing into the arrays the caller passed must not reach the family ...
+    for arr in params.values():
+        arr[...] = 0.5
+    np.testing.assert_array_equal(to_np(fam.bias(q_pos, k_pos)), before)
+    # ... nor writing into what parameters() returns.
+    got = fam.parameters()
+    for arr in got.values():
+        arr[...] = 0.75
+    np.testing.assert_array_equal(to_np(fam.bias(q_pos, k_pos)), before)
+    for key, value in PARAMS[name].items():
+        np.testing.assert_array_equal(to_np(fam.parameters()[key]), value)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_heads_selection(xp, name):
+    fam = make(name, xp)
+    q_pos, k_pos = pos_for(name, xp)
+    full = to_np(fam.bias(q_pos, k_pos))
+    # Gathers and products of exact values are bit-identical; transcendental functions may differ by an ulp
+    # because NumPy's pow/log take different SIMD paths for differently shaped operands (measured: pow(19, 0.5)
+    # gives 4.358898943540673 or ...674 depending on the layout of the exponent array).
+    rtol = 0 if name in ("ALiBi", "T5Bias", "OffsetBias", "TensorBias") else 4 * 2.0**-52
+    for heads in ([2, 0], (3,), [1, 1, 3], range(1, 3)):
+        got = fam.bias(q_pos, k_pos, heads=heads)
+        assert tuple(got.shape) == (len(heads), *full.shape[1:])
+        np.testing.assert_allclose(to_np(got), full[list(heads)], rtol=rtol, atol=0)
+    one = fam.bias(q_pos, k_pos, heads=2)
+    np.testing.assert_allclose(to_np(one), full[2:3], rtol=rtol, atol=0)
+
+
+def test_repr_names_family_and_options():
+    text = repr(rp.T5Bias(np.zeros((2, 8)), bidirectional=False, max_distance=10))
+    assert text.startswith("T5Bias(num_heads=2")
+    assert "max_distance=10" in text

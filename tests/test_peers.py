@@ -1,0 +1,46 @@
+"""The conformance harness on real peers (PyTorch, HF transformers): the verdicts recorded in spec/peers.md.
+
+Needs the ``peers`` extra (``pip install -e ".[test,peers]"``; PyTorch CPU is enough); skipped without it. Each case
+asserts the verdict the harness gives a real library function, and the diagnosis phrase for a convention difference,
+so a change in a peer (or in the harness) that alters a recorded verdict fails here.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.peers
+
+torch = pytest.importorskip("torch", reason="the peers tests need PyTorch (pip install -e '.[peers]')")
+pytest.importorskip("transformers", reason="the peers tests need HF transformers (pip install -e '.[peers]')")
+
+from relpos_ref.conformance import peers  # noqa: E402
+
+CASES = peers.cases()
+SPEC = Path(__file__).resolve().parent.parent / "spec" / "peers.md"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.key for c in CASES])
+def test_peer_verdict(case):
+    report, _ = peers.run_case(case)
+    assert report.passed == case.expect_pass, report.text()
+    if case.expect_text is not None:
+        text = " ".join(d for c in report.failures for d in (*c.diagnosis, *c.details))
+        assert case.expect_text in text, report.text()
+    if not case.expect_pass:
+        # A convention difference must come with an explanation from the harness, not just a failure.
+        assert all(c.diagnosis for c in report.failures if c.status == "failed" and ".values." in c.name), report.text()
+
+
+def test_spec_table_matches_recorded_verdicts():
+    """spec/peers.md lists every case in order with the verdict recorded in peers.py."""
+    if not SPEC.exists():
+        pytest.skip("spec/peers.md not present (source checkout only)")
+    rows = [ln for ln in SPEC.read_text(encoding="utf-8").splitlines() if re.match(r"^\| \d+ \|", ln)]
+    assert len(rows) == len(CASES)
+    for row, case in zip(rows, CASES, strict=True):
+        verdict = "PASS" if case.expect_pass else "FAIL"
+        assert f"**{verdict}" in row, (case.key, row)
