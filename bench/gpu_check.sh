@@ -14,7 +14,10 @@
 #   T_WARM=90    parallel pre-compilation of the kernels into CuPy's cache (python -m relpos_ref.cuda._warm)
 #   T_FUSED=160  pytest -m gpu tests/test_fused_gpu.py
 #   T_BENCH=110  bench/bench_fused.py
-#   T_SUITE=70   the array-API property suite on CuPy (RELPOS_REF_BACKENDS=cupy, tests whose id names cupy)
+#   T_VERIFY=40  relpos-ref verify on numpy + cupy, then the oracle error-bound table on cupy
+#   T_SUITE=110  the array-API unit/property/vector suite on CuPy (RELPOS_REF_BACKENDS=cupy, ids naming cupy;
+#                Hypothesis profile "quick")
+#   T_RPBENCH=60 relpos-ref bench --quick --gpu (NumPy vs CuPy unfused vs CuPy fused)
 #   T_SANITIZER=25  compute-sanitizer memcheck on a few fused cases, only if compute-sanitizer exists and time is left
 set -u
 
@@ -31,9 +34,11 @@ export CUPY_CACHE_DIR="${CUPY_CACHE_DIR:-${TMPDIR:-/tmp}/relpos-ref-cupy-cache}"
 export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-dev}"
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 T_WARM="${T_WARM:-90}"
-T_FUSED="${T_FUSED:-160}"
-T_BENCH="${T_BENCH:-110}"
-T_SUITE="${T_SUITE:-70}"
+T_FUSED="${T_FUSED:-150}"
+T_BENCH="${T_BENCH:-80}"
+T_SUITE="${T_SUITE:-110}"
+T_VERIFY="${T_VERIFY:-40}"
+T_RPBENCH="${T_RPBENCH:-60}"
 T_SANITIZER="${T_SANITIZER:-25}"
 START=$(date +%s)
 FAILED=0
@@ -101,15 +106,19 @@ stage warm "$T_WARM" "$PY" -m relpos_ref.cuda._warm --jobs "$(nproc)" --deadline
 # CPU CI): a one-off hardware run should not be lost to, say, a CuPy environment warning.
 WARN=(-W default::UserWarning -W default::DeprecationWarning -W default::FutureWarning -W default::RuntimeWarning)
 
-stage fused_tests "$T_FUSED" "$PY" -m pytest -m gpu tests/test_fused_gpu.py -p no:cacheprovider -q -rs "${WARN[@]}" \
+stage fused_tests "$T_FUSED" "$PY" -m pytest -m gpu tests/test_fused_gpu.py tests/test_fused_api.py -p no:cacheprovider -q -rs "${WARN[@]}" \
     --junitxml="$OUT/pytest-fused.xml" -o junit_family=xunit2
+
+stage verify "$T_VERIFY" bash -c "'$PY' -m relpos_ref.cli verify --backend numpy --backend cupy && '$PY' -m relpos_ref.bounds --backends cupy"
 
 stage bench "$T_BENCH" "$PY" bench/bench_fused.py --out "$OUT/bench.json" --md "$OUT/bench.md" \
     --budget $(( T_BENCH - 25 ))
 
-stage cupy_suite "$T_SUITE" env RELPOS_REF_BACKENDS=cupy "$PY" -m pytest tests -p no:cacheprovider -q -rs -k cupy "${WARN[@]}" \
+stage cupy_suite "$T_SUITE" env RELPOS_REF_BACKENDS=cupy HYPOTHESIS_PROFILE=quick "$PY" -m pytest tests -p no:cacheprovider -q -rs -k cupy "${WARN[@]}" \
     --ignore=tests/test_fused_gpu.py --ignore=tests/test_cuda_emulated.py --ignore=tests/test_cuda_host.py \
-    --ignore=tests/test_cuda_compile.py --junitxml="$OUT/pytest-cupy-suite.xml" -o junit_family=xunit2
+    --ignore=tests/test_cuda_compile.py --ignore=tests/test_fused_api.py --junitxml="$OUT/pytest-cupy-suite.xml" -o junit_family=xunit2
+
+stage relpos_bench "$T_RPBENCH" "$PY" -m relpos_ref.cli bench --quick --gpu --no-progress --out "$OUT/relpos-bench"
 
 if command -v compute-sanitizer > /dev/null 2>&1 && [ $(( $(date +%s) - START )) -lt $(( 465 - T_SANITIZER )) ]; then
     # CuPy's memory pool suballocates large blocks, which would hide out-of-bounds accesses from memcheck:

@@ -7,6 +7,7 @@ bias placement, masking, fully masked rows, table layout, LSE base) are named pa
 
 from .alibi import ALiBi, alibi_slopes
 from .attention import attention
+from .cuda import fused_biased_softmax
 from .family import BiasFamily
 from .fire import FIRE
 from .kerple import KerpleLog, KerplePower
@@ -33,6 +34,7 @@ __all__ = [
     "alibi_slopes",
     "attention",
     "biased_softmax",
+    "fused_biased_softmax",
     "causal_mask",
     "positions",
     "relative_offsets",

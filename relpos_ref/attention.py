@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from array_api_compat import device as array_device
+from array_api_compat import is_cupy_array
 
 from . import _checks
 from .family import BiasFamily
@@ -14,6 +15,8 @@ from .softmax import FULLY_MASKED, PLACEMENTS, broadcast_to
 from .tensor_bias import TensorBias
 
 __all__ = ["attention"]
+
+BACKENDS = ("reference", "fused")
 
 # Logits per (query block, key block) tile when the caller does not choose: 1 Mi elements, 4 MiB in float32, so
 # a tile and its bias stay near the cache while the per-tile Python overhead stays small.
@@ -35,6 +38,7 @@ def attention(
     return_lse: bool = False,
     block_size: int | None = None,
     kv_block_size: int | None = None,
+    backend: str = "reference",
     xp: Any = None,
 ) -> Any:
     r"""Attention output :math:`O = \mathrm{softmax}(z)\,V` with a relative positional bias.
@@ -75,6 +79,10 @@ def attention(
     kv_block_size : int, optional
         Keys per tile. By default chosen so a tile holds about 1 Mi logits (all of a KV cache of ordinary length
         when Sq = 1).
+    backend : {"reference", "fused"}
+        ``"fused"`` (CuPy inputs only) computes each query block's full rows of scores with one matrix product and
+        their biased softmax with :func:`relpos_ref.cuda.fused_biased_softmax`, the family's bias evaluated inside
+        the kernel; ``block_size`` applies, ``kv_block_size`` does not.
     xp : array namespace, optional
 
     Returns
@@ -154,26 +162,47 @@ def attention(
     q_pos, k_pos = positions(sq, sk, align=align, xp=xp, device=dev)
     kc = xp.astype(k, cdtype) if k.dtype != cdtype else k
     vc = xp.astype(v, cdtype) if v.dtype != cdtype else v
-    outs, lses = _stream(
-        xp,
-        q,
-        kc,
-        vc,
-        family=family,
-        array_bias=array_bias,
-        mask=mask,
-        causal=causal,
-        q_pos=q_pos,
-        k_pos=k_pos,
-        q_start=sk - sq if align == "bottom_right" else 0,
-        scale=scale,
-        placement=placement,
-        fully_masked=fully_masked,
-        cdtype=cdtype,
-        bq=block_size,
-        bk=kv_block_size,
-        dev=dev,
-    )
+    if _checks.option("backend", backend, BACKENDS) == "fused":
+        if not is_cupy_array(q):
+            msg = f"q: expected a CuPy array with backend='fused', got {type(q).__module__}.{type(q).__name__}"
+            raise TypeError(msg)
+        outs, lses = _fused(
+            xp,
+            q,
+            kc,
+            vc,
+            bias=family if family is not None else array_bias,
+            mask=mask,
+            causal=causal,
+            q_pos=q_pos,
+            k_pos=k_pos,
+            scale=scale,
+            placement=placement,
+            fully_masked=fully_masked,
+            cdtype=cdtype,
+            bq=block_size,
+        )
+    else:
+        outs, lses = _stream(
+            xp,
+            q,
+            kc,
+            vc,
+            family=family,
+            array_bias=array_bias,
+            mask=mask,
+            causal=causal,
+            q_pos=q_pos,
+            k_pos=k_pos,
+            q_start=sk - sq if align == "bottom_right" else 0,
+            scale=scale,
+            placement=placement,
+            fully_masked=fully_masked,
+            cdtype=cdtype,
+            bq=block_size,
+            bk=kv_block_size,
+            dev=dev,
+        )
     out = outs[0] if len(outs) == 1 else xp.concat(outs, axis=2)
     if out.dtype != q.dtype:
         out = xp.astype(out, q.dtype)
@@ -279,6 +308,58 @@ def _stream(
         outs.append(xp.where(empty, fill, acc / safe_sum))
         lse = xp.where(empty, lse_fill, xp.where(empty, 0.0, run_max) + xp.log(safe_sum))
         lses.append(lse[..., 0])
+    return outs, lses
+
+
+def _fused(
+    xp: Any,
+    q: Any,
+    kc: Any,
+    vc: Any,
+    *,
+    bias: Any,
+    mask: Any,
+    causal: bool,
+    q_pos: Any,
+    k_pos: Any,
+    scale: float,
+    placement: str,
+    fully_masked: str,
+    cdtype: Any,
+    bq: int,
+) -> tuple[list[Any], list[Any]]:
+    """Per query block: full score rows by one product, then the fused CUDA biased softmax, then P @ V."""
+    from .cuda import fused_biased_softmax
+
+    nb, nh, sq, d = q.shape
+    nkv, sk, dv = kc.shape[1], kc.shape[2], vc.shape[3]
+    group = nh // nkv
+    k_t = xp.matrix_transpose(kc[:, :, None, :, :])
+    v_g = vc[:, :, None, :, :]
+    outs, lses = [], []
+    for qs in range(0, sq, bq):
+        qe = min(sq, qs + bq)
+        rows = qe - qs
+        qb = q[:, :, qs:qe, :]
+        qb = xp.astype(qb, cdtype) if qb.dtype != cdtype else qb
+        scores = xp.reshape(xp.reshape(qb, (nb, nkv, group, rows, d)) @ k_t, (nb, nh, rows, sk))
+        b = bias if bias is None or isinstance(bias, BiasFamily) else _tile(bias, qs, qe, 0, sk, sq, sk)
+        m = None if mask is None else _tile(mask, qs, qe, 0, sk, sq, sk)
+        probs, lse = fused_biased_softmax(
+            scores,
+            b,
+            q_pos=q_pos[qs:qe],
+            k_pos=k_pos,
+            causal=causal,
+            mask=m,
+            scale=scale,
+            placement=placement,
+            fully_masked=fully_masked,
+            return_lse=True,
+        )
+        out = xp.reshape(probs, (nb, nkv, group, rows, sk)) @ v_g
+        outs.append(xp.reshape(out, (nb, nh, rows, dv)))
+        lses.append(lse)
     return outs, lses
 
 

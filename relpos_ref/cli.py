@@ -20,10 +20,18 @@ def _parser() -> argparse.ArgumentParser:
             "on the same rounded inputs, run a quick pass of the properties, print one table, exit 1 on any failure."
         ),
     )
-    v.add_argument("--backend", action="append", choices=["numpy", "array_api_strict", "cupy"],
-                   help="restrict to this backend (repeatable)")
-    v.add_argument("--dtype", action="append", choices=["float64", "float32", "float16"],
-                   help="restrict to this dtype (repeatable)")
+    v.add_argument(
+        "--backend",
+        action="append",
+        choices=["numpy", "array_api_strict", "cupy"],
+        help="restrict to this backend (repeatable)",
+    )
+    v.add_argument(
+        "--dtype",
+        action="append",
+        choices=["float64", "float32", "float16"],
+        help="restrict to this dtype (repeatable)",
+    )
     v.add_argument("--seed", type=int, default=0, help="seed of the random parameters and inputs (default 0)")
     from .conformance.cli import EPILOG, add_arguments
 

@@ -10,6 +10,7 @@ __all__ = ["biased_softmax"]
 
 PLACEMENTS = ("post_scale", "pre_scale")
 FULLY_MASKED = ("zero", "nan")
+BACKENDS = ("reference", "fused")
 
 
 def biased_softmax(
@@ -21,6 +22,7 @@ def biased_softmax(
     placement: str = "post_scale",
     fully_masked: str = "zero",
     return_lse: bool = False,
+    backend: str = "reference",
     xp: Any = None,
 ) -> Any:
     r"""Softmax over the last axis of biased, scaled, masked scores.
@@ -52,6 +54,10 @@ def biased_softmax(
         FlashAttention); ``"nan"`` gives the NaN of a naive softmax and lse = NaN.
     return_lse : bool, default False
         Also return the natural-log log-sum-exp of the final logits, shape ``scores.shape[:-1]``.
+    backend : {"reference", "fused"}
+        ``"fused"`` runs :func:`relpos_ref.cuda.fused_biased_softmax`: one CUDA kernel on CuPy (B, H, Sq, Sk) or
+        (H, Sq, Sk) scores (a ``TypeError`` naming ``scores`` for other inputs); its probabilities have the dtype of
+        ``scores``. To compute a family's bias inside the kernel, call that function with the family directly.
     xp : array namespace, optional
 
     Returns
@@ -66,6 +72,19 @@ def biased_softmax(
     magnitude neither overflow nor lose the dominant key. float16 (and bfloat16) inputs are computed in float32 and
     the probabilities rounded once.
     """
+    _checks.option("backend", backend, BACKENDS)
+    if backend == "fused":
+        from .cuda import fused_biased_softmax
+
+        return fused_biased_softmax(
+            scores,
+            bias,
+            mask=mask,
+            scale=scale,
+            placement=placement,
+            fully_masked=fully_masked,
+            return_lse=return_lse,
+        )
     xp = _checks.namespace(scores, bias, mask, xp=xp, names=("scores", "bias", "mask"))
     _checks.float_array("scores", scores, xp)
     if scores.ndim < 1:

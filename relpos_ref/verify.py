@@ -94,8 +94,12 @@ def _families(rng: np.random.Generator) -> dict[str, BiasFamily]:
         "kerple_log": KerpleLog(rng.uniform(0.05, 2.0, h), rng.uniform(0.05, 1.0, h)),
         # L = 20 < the largest query position, so the normaliser's max(L, i) takes both branches.
         "fire": FIRE(
-            rng.standard_normal((w, 1)), rng.standard_normal(w), rng.standard_normal((h, w)) / 4,
-            rng.standard_normal(h), c=0.1, L=20.0,
+            rng.standard_normal((w, 1)),
+            rng.standard_normal(w),
+            rng.standard_normal((h, w)) / 4,
+            rng.standard_normal(h),
+            c=0.1,
+            L=20.0,
         ),
         "sandwich": Sandwich(h, 64),
         "tensor": TensorBias(rng.standard_normal((h, SQ, SK))),
@@ -135,8 +139,14 @@ def _props_family(fam: BiasFamily, xp: Any, name: str) -> list[tuple[str, bool]]
     if isinstance(fam, T5Bias):
         opts = fam.options()
         delta = xp.arange(0, 4 * opts["max_distance"], dtype=xp.int64)
-        bk = to_numpy(t5_bucket(delta, bidirectional=opts["bidirectional"], num_buckets=fam.num_buckets,
-                                max_distance=opts["max_distance"]))
+        bk = to_numpy(
+            t5_bucket(
+                delta,
+                bidirectional=opts["bidirectional"],
+                num_buckets=fam.num_buckets,
+                max_distance=opts["max_distance"],
+            )
+        )
         props.append(("buckets monotone", bool(np.all(np.diff(bk) >= 0) and bk.max() < fam.num_buckets)))
     return props
 
@@ -201,7 +211,11 @@ def _cases(rng: np.random.Generator) -> list[tuple[str, Callable[[Any, str], tup
             q64, k64, v64 = (to_numpy(a).astype(np.float64) for a in (qx, kx, vx))
             got = attention(qx, kx, vx, bias=low, causal=True, placement=placement, block_size=7)
             want = attention(
-                np_xp.asarray(q64), np_xp.asarray(k64), np_xp.asarray(v64), bias=_as64(low), causal=True,
+                np_xp.asarray(q64),
+                np_xp.asarray(k64),
+                np_xp.asarray(v64),
+                bias=_as64(low),
+                causal=True,
                 placement=placement,
             )
             return got, want
@@ -249,8 +263,16 @@ def run_verify(
                     scale = max(1.0, float(np.nanmax(np.abs(np.where(np.isfinite(w := to_numpy(want)), w, 0)))))
                     row = Row(case, bname, dtype, abs_err, rel_err, TOLERANCES[dtype], [], scale=scale)
                 except Exception as exc:
-                    row = Row(case, bname, dtype, math.inf, math.inf, TOLERANCES[dtype], [],
-                              error=f"{type(exc).__name__}: {exc}")
+                    row = Row(
+                        case,
+                        bname,
+                        dtype,
+                        math.inf,
+                        math.inf,
+                        TOLERANCES[dtype],
+                        [],
+                        error=f"{type(exc).__name__}: {exc}",
+                    )
                 rows.append(row)
         # Properties once per backend, in float64 (float32 where float64 is missing).
         prop_dtype = "float64" if getattr(xp, "float64", None) is not None else "float32"
@@ -269,8 +291,10 @@ def run_verify(
 
 
 def format_table(rows: list[Row]) -> str:
-    head = f"{'case':<30} {'backend':<17} {'dtype':<8} {'max abs err':>11} {'max rel err':>11} {'tolerance':>10} " \
-           f"{'result':<6} properties"
+    head = (
+        f"{'case':<30} {'backend':<17} {'dtype':<8} {'max abs err':>11} {'max rel err':>11} {'tolerance':>10} "
+        f"{'result':<6} properties"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.case.startswith("properties"):
