@@ -185,7 +185,12 @@ def test_kerple_against_mpmath(xp, kind, cls):
 def test_kerple_power_r2_two_is_quadratic(xp):
     fam = rp.KerplePower(xp.asarray([0.5]), xp.asarray([2.0]))
     got = to_np(fam.bias(*rp.positions(1, 50, xp=xp)))[0, 0]
-    np.testing.assert_array_equal(got, -0.5 * np.arange(49, -1, -1.0) ** 2)
+    want = -0.5 * np.arange(49, -1, -1.0) ** 2
+    if ns_name(xp.asarray(0.0)).endswith("cupy"):
+        # CUDA's pow is accurate to 2 ulp, not exact on integer squares (seen on an H200: 30**2 -> 900 + 1 ulp).
+        np.testing.assert_allclose(got, want, rtol=4 * np.finfo(np.float64).eps, atol=0)
+    else:
+        np.testing.assert_array_equal(got, want)
 
 
 # -- FIRE -------------------------------------------------------------------------------------------------------------
@@ -459,7 +464,11 @@ def test_astype_across_namespaces(xp, name):
         assert moved.dtype == other.float64
         out = moved.bias(*pos_for(name, other))
         assert ns_name(out) == other.__name__
-        np.testing.assert_array_equal(to_np(out), ref)
+        if ns_name(xp.asarray(0.0)).endswith("cupy"):
+            # Moving parameters is exact, but CUDA's pow/sin differ from the host libm by an ulp or two.
+            np.testing.assert_allclose(to_np(out), ref, rtol=8 * np.finfo(np.float64).eps, atol=1e-300)
+        else:
+            np.testing.assert_array_equal(to_np(out), ref)
         back = moved.astype(xp=xp)
         np.testing.assert_array_equal(to_np(back.bias(q_pos, k_pos)), ref)
 
