@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
         help="restrict to this dtype (repeatable)",
     )
     v.add_argument("--seed", type=int, default=0, help="seed of the random parameters and inputs (default 0)")
+    v.add_argument(
+        "--thorough", action="store_true", help="run the larger oracle case set (minutes instead of seconds)"
+    )
     from .conformance.cli import EPILOG, add_arguments
 
     c = sub.add_parser(

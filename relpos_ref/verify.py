@@ -317,19 +317,50 @@ def format_table(rows: list[Row]) -> str:
 def main_verify(args: Any) -> int:
     start = time.perf_counter()
     backends = args.backend or None
-    rows, notes = run_verify(backends=backends, dtypes=args.dtype or ("float64", "float32", "float16"), seed=args.seed)
+    dtypes = tuple(args.dtype or ("float64", "float32", "float16"))
+    rows, notes = run_verify(backends=backends, dtypes=dtypes, seed=args.seed)
+    print("Backend agreement: each backend and dtype against NumPy float64 on the same rounded inputs")
     print(format_table(rows))
     for n in notes:
         print(f"note: {n}")
     failed = [r for r in rows if not r.passed]
     n_props = sum(len(r.properties) for r in rows)
     print(
-        f"\n{len(rows) - len(failed)} of {len(rows)} rows passed ({n_props} property checks) in "
-        f"{time.perf_counter() - start:.1f} s; tolerance = normwise, max|x - x64| <= tol * max(1, max|x64|), "
-        f"tol = {TOLERANCES}"
+        f"{len(rows) - len(failed)} of {len(rows)} rows passed ({n_props} property checks); tolerance = normwise, "
+        f"max|x - x64| <= tol * max(1, max|x64|), tol = {TOLERANCES}"
     )
-    if failed:
-        print(f"FAILED: {len(failed)} rows")
+
+    oracle_failed = _print_oracle(backends, dtypes, thorough=args.thorough)
+    print(f"\nverify finished in {time.perf_counter() - start:.1f} s")
+    if failed or oracle_failed:
+        print(f"FAILED: {len(failed)} agreement rows, {oracle_failed} oracle rows")
         return 1
     print("OK")
     return 0
+
+
+def _print_oracle(backends: Iterable[str] | None, dtypes: tuple[str, ...], *, thorough: bool) -> int:
+    """The error of every family, the softmax and attention against the mpmath oracle, next to the documented bound
+    (``spec/tolerances.md``); returns the number of rows over their bound."""
+    from .bounds import format_table as oracle_format
+    from .bounds import oracle_table
+
+    namespaces = [
+        xp for name, xp, _ in available_backends() if xp is not None and (backends is None or name in backends)
+    ]
+    wanted = list(dtypes)
+    try:
+        import ml_dtypes  # noqa: F401  (bfloat16 on NumPy)
+
+        wanted.append("bfloat16")
+    except ImportError:
+        pass
+    print(
+        f"\nAgainst the mpmath oracle (50 digits), {'thorough' if thorough else 'default'} case set: max error vs the "
+        "documented bound (err/bound <= 1 passes)"
+    )
+    rows = oracle_table(namespaces, wanted, thorough=thorough)
+    print(oracle_format(rows))
+    bad = [r for r in rows if not r["passed"]]
+    print(f"{len(rows) - len(bad)} of {len(rows)} oracle rows within their bound")
+    return len(bad)
