@@ -12,8 +12,8 @@
 # Stages have their own time limits (seconds, overridable through the environment) and the script goes on after a
 # failing stage; it exits non-zero if any stage failed. Default total: under 8 minutes.
 #   T_WARM=90    parallel pre-compilation of the kernels into CuPy's cache (python -m relpos_ref.cuda._warm)
-#   T_FUSED=160  pytest -m gpu tests/test_fused_gpu.py
-#   T_BENCH=110  bench/bench_fused.py
+#   T_FUSED=150  pytest -m gpu tests/test_fused_gpu.py
+#   T_BENCH=80   bench/bench_fused.py
 #   T_VERIFY=40  relpos-ref verify on numpy + cupy, then the oracle error-bound table on cupy
 #   T_SUITE=110  the array-API unit/property/vector suite on CuPy (RELPOS_REF_BACKENDS=cupy, ids naming cupy;
 #                Hypothesis profile "quick")

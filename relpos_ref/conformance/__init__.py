@@ -10,7 +10,8 @@ Three ways in:
 3. ``relpos-ref conform MODULE:FUNCTION ...`` on the command line, or
    ``RELPOS_REF_IMPL=MODULE:FUNCTION RELPOS_REF_ARGS="..." pytest --pyargs relpos_ref.conformance``.
 
-The tolerance rule is in :mod:`relpos_ref.conformance.tolerance` and ``spec/tolerances_conformance.md``.
+The tolerance rule is in :mod:`relpos_ref.conformance.tolerance` and in ``spec/tolerances.md``, section
+"Conformance tolerance rule".
 """
 
 from __future__ import annotations

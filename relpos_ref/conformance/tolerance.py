@@ -1,6 +1,7 @@
 r"""The conformance tolerance rule.
 
-Three cases, chosen by what is compared (``spec/tolerances_conformance.md`` states the rule with its sources):
+Three cases, chosen by what is compared (``spec/tolerances.md``, section "Conformance tolerance rule", states the rule
+with its sources):
 
 * **Integer outputs** (T5 bucket indices): exact equality.
 * **Attention outputs and log-sum-exp** (FlashAttention's rule, ``tests/test_flash_attn.py``): the candidate's max
@@ -138,7 +139,7 @@ def rule_text(kind: str = "all") -> str:
         "bias": f"bias: max|cand - ref64| <= t x max(1, max|ref64|), t {bias} (fixed per dtype)",
     }
     text = " | ".join(parts.values()) if kind == "all" else parts[kind]
-    return text + "; float64 reference on the inputs the candidate saw (spec/tolerances_conformance.md)"
+    return text + "; float64 reference on the inputs the candidate saw (spec/tolerances.md, conformance tolerance rule)"
 
 
 def plain_attention(
