@@ -43,8 +43,28 @@ _ITEMSIZE = {"float16": 2, "float32": 4, "float64": 8}
 # One block per row with the row in registers: (threads, values per thread), smallest first. A 1024-thread block
 # may use 64 registers per thread; 32 doubles alone take 64, so float64 stops at 512 threads (128 registers).
 _BLOCK_CONFIGS = {
-    "float": ((256, 8), (256, 16), (512, 16), (1024, 16), (1024, 32)),
+    # (256, 32) rather than (512, 16) for rows of 4097..8192 keys: 80 registers, three blocks per SM instead of two;
+    # on an H200 it raised Sk = 8192 from 82.6% to 89.0% of copy bandwidth. (512, 32) for 16384 keys was slower
+    # than (1024, 16) (56% vs 61%): bench/results/2026-11-27-gpu/block-configs/.
+    "float": ((256, 8), (256, 16), (256, 32), (1024, 16), (1024, 32)),
     "double": ((256, 8), (256, 16), (512, 16), (512, 32)),
+}
+
+
+
+def _configs_from_env(name: str, default: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    """Tuning knob for benchmarks: e.g. RELPOS_REF_CUDA_FLOAT_BLOCKS="256x8,256x16,512x32" replaces the float list."""
+    import os
+
+    text = os.environ.get(name)
+    if not text:
+        return default
+    return tuple(tuple(int(n) for n in item.split("x")) for item in text.split(","))  # type: ignore[misc]
+
+
+_BLOCK_CONFIGS = {
+    "float": _configs_from_env("RELPOS_REF_CUDA_FLOAT_BLOCKS", _BLOCK_CONFIGS["float"]),
+    "double": _BLOCK_CONFIGS["double"],
 }
 # Rows longer than the last block configuration: two passes, tiles of threads * values per thread.
 _STREAM_CONFIG = {"float": (1024, 8), "double": (512, 8)}
