@@ -51,7 +51,6 @@ _BLOCK_CONFIGS = {
 }
 
 
-
 def _configs_from_env(name: str, default: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
     """Tuning knob for benchmarks: e.g. RELPOS_REF_CUDA_FLOAT_BLOCKS="256x8,256x16,512x32" replaces the float list."""
     import os
