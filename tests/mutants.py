@@ -275,6 +275,36 @@ def attention_blocks_restart(q, k, v, *, bias=None, block_size=None, return_lse=
     return (out, lse) if return_lse else out
 
 
+def attention_kv_blocks_restart(q, k, v, *, bias=None, kv_block_size=None, return_lse=False, **kw):
+    """Each key block evaluated as an independent call and merged by log-sum-exp (a correct merge), but the key
+    positions (and the bottom-right offset) restart per block: wrong unless there is one key block."""
+    xp = array_namespace(q, k, v)
+    sk = k.shape[2]
+    kw.pop("block_size", None)
+    if (
+        kv_block_size is None
+        or kv_block_size >= sk
+        or isinstance(bias, rp.TensorBias)
+        or (bias is not None and not isinstance(bias, rp.BiasFamily))
+    ):
+        return rp.attention(q, k, v, bias=bias, return_lse=return_lse, **kw)
+    outs, lses = [], []
+    for start in range(0, sk, kv_block_size):
+        stop = min(sk, start + kv_block_size)
+        o, lse = rp.attention(q, k[:, :, start:stop, :], v[:, :, start:stop, :], bias=bias, return_lse=True, **kw)
+        outs.append(o)
+        lses.append(lse)
+    stacked = xp.stack(lses, axis=0)
+    top = xp.max(stacked, axis=0)
+    safe_top = xp.where(xp.isinf(top), 0.0, top)
+    weights = [xp.exp(lse - safe_top) for lse in lses]
+    total = sum(weights)
+    safe_total = xp.where(total == 0, 1.0, total)
+    out = sum(w[..., None] * o for w, o in zip(weights, outs)) / safe_total[..., None]
+    lse = xp.where(total == 0, -float("inf"), safe_top + xp.log(safe_total))
+    return (out, lse) if return_lse else out
+
+
 # -- ALiBi slope mutant ------------------------------------------------------------------------------------------
 
 
@@ -338,6 +368,10 @@ MUTANTS: dict[str, tuple[Impl, tuple[str, ...]]] = {
         ("placement",),
     ),
     "attention_blocks_restart": (Impl(name="blocks_restart", attention=attention_blocks_restart), ("block_size",)),
+    "attention_kv_blocks_restart": (
+        Impl(name="kv_blocks_restart", attention=attention_kv_blocks_restart),
+        ("block_size",),
+    ),
     "alibi_slopes_closed_form": (Impl(name="closed_form", alibi_slopes=alibi_slopes_closed_form), ("alibi_slopes",)),
 }
 

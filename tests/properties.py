@@ -699,16 +699,22 @@ def check_block_size_invariance(
     align: str,
     placement: str,
     scale: float,
-    block_sizes: tuple[int | None, ...],
+    block_sizes: tuple[int | tuple[int | None, int | None] | None, ...],
 ) -> None:
     """attention gives the same output and lse for every block_size (None = default = all rows here).
+
+    An entry may be a pair (block_size, kv_block_size): query and key tile sizes; the last entry is the reference.
 
     Not bitwise: under causal masking each block drops the keys none of its queries can see, which changes the
     grouping of the sums; bound rounding_bound.
     """
     bias = None if spec is None else spec.build(xp, impl)
     kw = {"bias": bias, "causal": causal, "align": align, "placement": placement, "scale": scale, "return_lse": True}
-    results = [impl.attention(xp.asarray(q), xp.asarray(k), xp.asarray(v), block_size=bs, **kw) for bs in block_sizes]
+    results = []
+    for bs in block_sizes:
+        bq, bk = bs if isinstance(bs, tuple) else (bs, None)
+        tiles = {"block_size": bq} if bk is None else {"block_size": bq, "kv_block_size": bk}
+        results.append(impl.attention(xp.asarray(q), xp.asarray(k), xp.asarray(v), **tiles, **kw))
     bias_np = None
     if bias is not None:
         qp, kp = rp.positions(q.shape[2], k.shape[2], align=align, xp=xp)

@@ -415,9 +415,10 @@ def body_backend_agreement(xp: Any, impl: Impl, data: Any) -> None:
 
 
 def body_block_size(xp: Any, impl: Impl, data: Any) -> None:
-    """attention does not depend on block_size (1, 7, 64, a drawn one, all rows)."""
+    """attention does not depend on the tile sizes: query blocks and key blocks of 1, 7, 64, drawn ones, and all."""
     q, k, v, spec, _ = draw_attention_inputs(data, impl, max_len=12)
     extra = data.draw(st.integers(1, q.shape[2]), label="block_size")
+    extra_kv = data.draw(st.integers(1, k.shape[2]), label="kv_block_size")
     props.check_block_size_invariance(
         impl,
         xp,
@@ -429,7 +430,19 @@ def body_block_size(xp: Any, impl: Impl, data: Any) -> None:
         align=data.draw(st.sampled_from(["bottom_right", "top_left"]), label="align"),
         placement=data.draw(st.sampled_from(["post_scale", "pre_scale"]), label="placement"),
         scale=draw_scale(data),
-        block_sizes=(1, 7, 64, extra, None),
+        block_sizes=(
+            1,
+            7,
+            64,
+            extra,
+            (None, 1),
+            (None, 7),
+            (None, 64),
+            (None, extra_kv),
+            (1, 1),
+            (extra, extra_kv),
+            (None, None),
+        ),
     )
 
 
