@@ -10,6 +10,7 @@ from .attention import attention
 from .cuda import fused_biased_softmax
 from .family import BiasFamily
 from .fire import FIRE
+from .gradients import AttentionGrads, attention_vjp
 from .kerple import KerpleLog, KerplePower
 from .offset import OffsetBias
 from .positions import causal_mask, positions, relative_offsets
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FIRE",
     "ALiBi",
+    "AttentionGrads",
     "BiasFamily",
     "KerpleLog",
     "KerplePower",
@@ -33,6 +35,7 @@ __all__ = [
     "__version__",
     "alibi_slopes",
     "attention",
+    "attention_vjp",
     "biased_softmax",
     "fused_biased_softmax",
     "causal_mask",

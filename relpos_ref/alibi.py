@@ -102,3 +102,10 @@ class ALiBi(BiasFamily):
     def _compute(self, xp: Any, arrays: dict[str, Any], delta: Any, q_pos: Any, dtype: Any) -> Any:
         dist = xp.astype(xp.abs(delta), dtype)
         return -(arrays["slopes"][:, None, None] * dist[None, :, :])
+
+    def _offset_vjp(
+        self, xp: Any, arrays: dict[str, Any], g: Any, deltas: Any, dtype: Any, *, consecutive: bool
+    ) -> dict[str, Any]:
+        # d b / d m_h = -|Delta|
+        dist = xp.astype(xp.abs(deltas), dtype)
+        return {"slopes": -xp.sum(g * dist[None, :], axis=1)}

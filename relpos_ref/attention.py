@@ -3,7 +3,7 @@ r"""Scaled dot-product attention with a relative positional bias, streamed over 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 from array_api_compat import device as array_device
 from array_api_compat import is_cupy_array
@@ -99,6 +99,94 @@ def attention(
     multiplies q once per block (``pre_scale``: and the bias tile), which rounds differently from scaling each logit
     by at most an ulp of the logit.
     """
+    a = _prepare(q, k, v, bias, causal, align, scale, placement, mask, fully_masked, block_size, kv_block_size, xp)
+    xp, family, array_bias, mask = a.xp, a.family, a.array_bias, a.mask
+    _checks.boolean("return_lse", return_lse)
+    sq, sk = q.shape[2], k.shape[2]
+    dev = array_device(q)
+    cdtype = _checks.compute_dtype(xp, q.dtype)
+    q_pos, k_pos = positions(sq, sk, align=align, xp=xp, device=dev)
+    kc = xp.astype(k, cdtype) if k.dtype != cdtype else k
+    vc = xp.astype(v, cdtype) if v.dtype != cdtype else v
+    if _checks.option("backend", backend, BACKENDS) == "fused":
+        if not is_cupy_array(q):
+            msg = f"q: expected a CuPy array with backend='fused', got {type(q).__module__}.{type(q).__name__}"
+            raise TypeError(msg)
+        outs, lses = _fused(
+            xp,
+            q,
+            kc,
+            vc,
+            bias=family if family is not None else array_bias,
+            mask=mask,
+            causal=a.causal,
+            q_pos=q_pos,
+            k_pos=k_pos,
+            scale=a.scale,
+            placement=placement,
+            fully_masked=fully_masked,
+            cdtype=cdtype,
+            bq=a.bq,
+        )
+    else:
+        outs, lses = _stream(
+            xp,
+            q,
+            kc,
+            vc,
+            family=family,
+            array_bias=array_bias,
+            mask=mask,
+            causal=a.causal,
+            q_pos=q_pos,
+            k_pos=k_pos,
+            q_start=sk - sq if align == "bottom_right" else 0,
+            scale=a.scale,
+            placement=placement,
+            fully_masked=fully_masked,
+            cdtype=cdtype,
+            bq=a.bq,
+            bk=a.bk,
+            dev=dev,
+        )
+    out = outs[0] if len(outs) == 1 else xp.concat(outs, axis=2)
+    if out.dtype != q.dtype:
+        out = xp.astype(out, q.dtype)
+    if not return_lse:
+        return out
+    lse = lses[0] if len(lses) == 1 else xp.concat(lses, axis=2)
+    return out, lse
+
+
+class _Args(NamedTuple):
+    """Checked arguments shared by :func:`attention` and :func:`relpos_ref.attention_vjp`."""
+
+    xp: Any
+    family: Any  # a BiasFamily other than TensorBias, or None
+    tensor: Any  # the (H, Sq, Sk) array of a TensorBias, or None
+    array_bias: Any  # a bias array reshaped to 4-D (a TensorBias's included), or None
+    mask: Any  # 4-D or None
+    causal: bool
+    scale: float
+    bq: int
+    bk: int
+
+
+def _prepare(
+    q: Any,
+    k: Any,
+    v: Any,
+    bias: Any,
+    causal: Any,
+    align: Any,
+    scale: Any,
+    placement: Any,
+    mask: Any,
+    fully_masked: Any,
+    block_size: Any,
+    kv_block_size: Any,
+    xp: Any,
+) -> _Args:
     tensor = bias._params["array"] if isinstance(bias, TensorBias) else None
     family = bias if isinstance(bias, BiasFamily) and tensor is None else None
     array_bias = tensor if tensor is not None else (bias if family is None else None)
@@ -142,7 +230,6 @@ def attention(
     _checks.option("align", align, ALIGNMENTS)
     _checks.option("placement", placement, PLACEMENTS)
     _checks.option("fully_masked", fully_masked, FULLY_MASKED)
-    _checks.boolean("return_lse", return_lse)
     scale = 1.0 / math.sqrt(d) if scale is None else _checks.real_scalar("scale", scale, positive=True)
     if block_size is not None:
         block_size = _checks.integer("block_size", block_size, minimum=1)
@@ -157,59 +244,7 @@ def attention(
         msg = "bias: expected finite values or -inf (a mask), got NaN or +inf"
         raise ValueError(msg)
 
-    dev = array_device(q)
-    cdtype = _checks.compute_dtype(xp, q.dtype)
-    q_pos, k_pos = positions(sq, sk, align=align, xp=xp, device=dev)
-    kc = xp.astype(k, cdtype) if k.dtype != cdtype else k
-    vc = xp.astype(v, cdtype) if v.dtype != cdtype else v
-    if _checks.option("backend", backend, BACKENDS) == "fused":
-        if not is_cupy_array(q):
-            msg = f"q: expected a CuPy array with backend='fused', got {type(q).__module__}.{type(q).__name__}"
-            raise TypeError(msg)
-        outs, lses = _fused(
-            xp,
-            q,
-            kc,
-            vc,
-            bias=family if family is not None else array_bias,
-            mask=mask,
-            causal=causal,
-            q_pos=q_pos,
-            k_pos=k_pos,
-            scale=scale,
-            placement=placement,
-            fully_masked=fully_masked,
-            cdtype=cdtype,
-            bq=block_size,
-        )
-    else:
-        outs, lses = _stream(
-            xp,
-            q,
-            kc,
-            vc,
-            family=family,
-            array_bias=array_bias,
-            mask=mask,
-            causal=causal,
-            q_pos=q_pos,
-            k_pos=k_pos,
-            q_start=sk - sq if align == "bottom_right" else 0,
-            scale=scale,
-            placement=placement,
-            fully_masked=fully_masked,
-            cdtype=cdtype,
-            bq=block_size,
-            bk=kv_block_size,
-            dev=dev,
-        )
-    out = outs[0] if len(outs) == 1 else xp.concat(outs, axis=2)
-    if out.dtype != q.dtype:
-        out = xp.astype(out, q.dtype)
-    if not return_lse:
-        return out
-    lse = lses[0] if len(lses) == 1 else xp.concat(lses, axis=2)
-    return out, lse
+    return _Args(xp, family, tensor, array_bias, mask, causal, scale, block_size, kv_block_size)
 
 
 def _block_sizes(nb: int, nh: int, sq: int, sk: int, bq: int | None, bk: int | None) -> tuple[int, int]:
@@ -277,21 +312,26 @@ def _stream(
         for ks in range(0, k_stop, bk):
             ke = min(k_stop, ks + bk)
             cols = ke - ks
-            z = xp.reshape(qb @ xp.matrix_transpose(k_g[:, :, :, ks:ke, :]), (nb, nh, rows, cols))
-            b = None
-            if family is not None:
-                b = family.bias(qp, k_pos[ks:ke])
-            elif array_bias is not None:
-                b = _tile(array_bias, qs, qe, ks, ke, sq, sk)
-            if b is not None:
-                b = xp.astype(b, cdtype) if b.dtype != cdtype else b
-                z = z + (b * scale if placement == "pre_scale" else b)
-            keep = causal_mask(qp, k_pos[ks:ke], xp=xp) if causal and ke - 1 > first_q else None
-            if mask is not None:
-                user = _tile(mask, qs, qe, ks, ke, sq, sk)
-                keep = user if keep is None else (user & keep)
-            if keep is not None:
-                z = xp.where(keep, z, neg_inf)
+            z = _logits(
+                xp,
+                qb,
+                k_g,
+                qs,
+                qe,
+                sq,
+                ks,
+                ke,
+                family,
+                array_bias,
+                mask,
+                causal,
+                qp,
+                k_pos,
+                first_q,
+                scale,
+                placement,
+                cdtype,
+            )
             new_max = xp.maximum(run_max, xp.max(z, axis=-1, keepdims=True))
             # A row with nothing attended so far has max -inf; shifting by 0 keeps exp(-inf) = 0, never -inf - -inf.
             shift = xp.where(new_max == neg_inf, 0.0, new_max)
@@ -309,6 +349,53 @@ def _stream(
         lse = xp.where(empty, lse_fill, xp.where(empty, 0.0, run_max) + xp.log(safe_sum))
         lses.append(lse[..., 0])
     return outs, lses
+
+
+def _logits(
+    xp: Any,
+    qb: Any,
+    k_g: Any,
+    qs: int,
+    qe: int,
+    sq: int,
+    ks: int,
+    ke: int,
+    family: Any,
+    array_bias: Any,
+    mask: Any,
+    causal: bool,
+    qp: Any,
+    k_pos: Any,
+    first_q: int,
+    scale: float,
+    placement: str,
+    cdtype: Any,
+) -> Any:
+    """Final logits of one (query block, key block) tile, (B, H, rows, cols), -inf where masked.
+
+    ``qb`` is the block of queries already multiplied by the scale and grouped, (B, H_kv, group, rows, D). The
+    forward and the backward both build their tiles here, so the probabilities the backward recomputes are the
+    forward's.
+    """
+    nb, nkv, group, rows, _ = qb.shape
+    nh, cols = nkv * group, ke - ks
+    sk = int(k_pos.shape[0])
+    z = xp.reshape(qb @ xp.matrix_transpose(k_g[:, :, :, ks:ke, :]), (nb, nh, rows, cols))
+    b = None
+    if family is not None:
+        b = family.bias(qp, k_pos[ks:ke])
+    elif array_bias is not None:
+        b = _tile(array_bias, qs, qe, ks, ke, sq, sk)
+    if b is not None:
+        b = xp.astype(b, cdtype) if b.dtype != cdtype else b
+        z = z + (b * scale if placement == "pre_scale" else b)
+    keep = causal_mask(qp, k_pos[ks:ke], xp=xp) if causal and ke - 1 > first_q else None
+    if mask is not None:
+        user = _tile(mask, qs, qe, ks, ke, sq, sk)
+        keep = user if keep is None else (user & keep)
+    if keep is not None:
+        z = xp.where(keep, z, -math.inf)
+    return z
 
 
 def _fused(

@@ -141,12 +141,130 @@ class BiasFamily:
         head_keys = set(self._head_params) | set(self._derived)
         return {k: (self.xp.take(v, sel, axis=0) if k in head_keys else v) for k, v in arrays.items()}
 
+    def bias_vjp(self, q_pos: Any, k_pos: Any, d_bias: Any) -> dict[str, Any]:
+        r"""Gradients of the parameters for a cotangent of :meth:`bias`: the vector-Jacobian product.
+
+        .. math:: \bar\theta = \sum_{h,i,j} \bar b_h(i, j)\, \frac{\partial b_h(q_i, k_j)}{\partial \theta}
+
+        Parameters
+        ----------
+        q_pos, k_pos : 1-D integer arrays
+            Absolute positions, as for :meth:`bias`.
+        d_bias : float array (H, len(q_pos), len(k_pos))
+            Cotangent of the bias (the gradient of a loss with respect to it); finite.
+
+        Returns
+        -------
+        dict
+            Keyed by the constructor argument names, each gradient with the shape and dtype of that parameter (see
+            each family and ``spec/gradients.md``); empty for a family without learned parameters.
+
+        Notes
+        -----
+        Families that depend on :math:`\Delta = i - j` alone first sum ``d_bias`` over each diagonal (every entry of
+        one offset) when the positions are consecutive integers, as they are inside attention; the parameter
+        gradient is then a short sum over the distinct offsets. Other positions are handled entry by entry.
+        """
+        xp = _positions_pair(q_pos, k_pos, self.xp)
+        _checks.float_array("d_bias", d_bias, xp, ndim=3)
+        want = (self.num_heads, int(q_pos.shape[0]), int(k_pos.shape[0]))
+        if tuple(d_bias.shape) != want:
+            msg = f"d_bias: expected shape (H, Sq, Sk) = {want} (heads, len(q_pos), len(k_pos)), got {d_bias.shape}"
+            raise ValueError(msg)
+        _checks.finite("d_bias", d_bias, xp)
+        self._check_positions(q_pos, k_pos)
+        return self._grads_out(xp, self._vjp_compute(xp, q_pos, k_pos, d_bias))
+
+    def _vjp_compute(self, xp: Any, q_pos: Any, k_pos: Any, d_bias: Any) -> dict[str, Any]:
+        """Unchecked parameter gradients in the compute dtype (attention accumulates these over its tiles)."""
+        cdtype = _checks.compute_dtype(xp, self.dtype)
+        arrays = {**self._params, **self._derived}
+        arrays = {k: (xp.astype(v, cdtype) if v.dtype != cdtype else v) for k, v in arrays.items()}
+        g = xp.astype(d_bias, cdtype) if d_bias.dtype != cdtype else d_bias
+        return self._vjp(xp, arrays, g, q_pos, k_pos, cdtype)
+
+    def _check_positions(self, q_pos: Any, k_pos: Any) -> None:
+        """Hook for families with a fixed (Sq, Sk) (TensorBias)."""
+
+    def _grads_out(self, xp: Any, grads: dict[str, Any]) -> dict[str, Any]:
+        """Gradients in the parameters' dtype and shape (the stored layout by default)."""
+        return {k: (v if v.dtype == self.dtype else xp.astype(v, self.dtype)) for k, v in grads.items()}
+
+    def _vjp(self, xp: Any, arrays: dict[str, Any], g: Any, q_pos: Any, k_pos: Any, dtype: Any) -> dict[str, Any]:
+        """Parameter gradients for cotangent ``g`` (h, Sq, Sk) in ``dtype``: by offset for Toeplitz families."""
+        sums, deltas, consecutive = offset_sums(xp, g, q_pos, k_pos)
+        return self._offset_vjp(xp, arrays, sums, deltas, dtype, consecutive=consecutive)
+
+    def _offset_vjp(
+        self, xp: Any, arrays: dict[str, Any], g: Any, deltas: Any, dtype: Any, *, consecutive: bool
+    ) -> dict[str, Any]:
+        """Gradients from per-offset cotangent sums ``g`` (h, n) at offsets ``deltas`` (n,).
+
+        ``consecutive``: ``deltas`` are ascending consecutive integers (each offset once); otherwise they are the
+        offsets of individual entries, in any order and with repeats.
+        """
+        raise NotImplementedError
+
     def _compute(self, xp: Any, arrays: dict[str, Any], delta: Any, q_pos: Any, dtype: Any) -> Any:
         raise NotImplementedError
 
     def __repr__(self) -> str:
         opts = "".join(f", {k}={v!r}" for k, v in self._options.items())
         return f"{type(self).__name__}(num_heads={self.num_heads}, dtype={self.dtype}{opts})"
+
+
+def _consecutive_start(pos: Any) -> int | None:
+    """First position when ``pos`` is ``p0, p0 + 1, ...`` (checked on the host), else None."""
+    host = _checks.host_numpy(pos).astype("int64")
+    if host.shape[0] > 1 and not bool((host[1:] - host[:-1] == 1).all()):
+        return None
+    return int(host[0])
+
+
+def offset_sums(xp: Any, g: Any, q_pos: Any, k_pos: Any) -> tuple[Any, Any, bool]:
+    r"""Sum a cotangent over the entries of each relative offset :math:`\Delta = q_i - k_j`.
+
+    Returns ``(sums, deltas, consecutive)``. For consecutive positions (attention's), ``sums`` is (h, Sq + Sk - 1)
+    with ``sums[:, t] = sum over i - j = t - (Sk - 1)`` of ``g[:, i, j]`` and ``deltas`` ascending consecutive; each
+    diagonal is summed over its rows in one reduction. Otherwise the entries are returned flattened, (h, Sq * Sk),
+    with their offsets, and ``consecutive`` is False.
+    """
+    q0, k0 = _consecutive_start(q_pos), _consecutive_start(k_pos)
+    h, rows, cols = (int(n) for n in g.shape)
+    dev = array_device(g)
+    if q0 is None or k0 is None:
+        delta = relative_offsets(q_pos, k_pos, xp=xp)
+        return xp.reshape(g, (h, rows * cols)), xp.reshape(delta, (rows * cols,)), False
+    # Skew: with the columns reversed (j' = Sk-1-j), entry (i, j') moves to column i + j' of a (rows, rows+cols-1)
+    # array when each row is padded with `rows` zeros and the flat buffer is cut to rows * (rows + cols - 1); column
+    # i + j' is the offset i - j + cols - 1, so a sum over rows gives every diagonal at once.
+    flipped = xp.flip(g, axis=2)
+    padded = xp.concat([flipped, xp.zeros((h, rows, rows), dtype=g.dtype, device=dev)], axis=2)
+    width = rows + cols - 1
+    flat = xp.reshape(padded, (h, rows * (rows + cols)))[:, : rows * width]
+    sums = xp.sum(xp.reshape(flat, (h, rows, width)), axis=1)
+    first = q0 - k0 - (cols - 1)
+    deltas = xp.arange(first, first + width, dtype=xp.int64, device=dev)
+    return sums, deltas, True
+
+
+def scatter_columns(xp: Any, g: Any, idx: Any, ncols: int) -> Any:
+    """``out[:, c] = sum of g[:, t] over t with idx[t] == c``: (h, n) and (n,) -> (h, ncols), a scatter-add.
+
+    The standard has no scatter-add: a one-hot matrix product when it is small, else one masked sum per column.
+    """
+    h, n = int(g.shape[0]), int(g.shape[1])
+    dev = array_device(g)
+    cols = xp.arange(ncols, dtype=idx.dtype, device=dev)
+    if n * ncols <= 1 << 22:
+        return g @ xp.astype(idx[:, None] == cols[None, :], g.dtype)
+    present = set(_checks.host_numpy(idx).astype("int64").tolist())
+    zero = xp.zeros((h,), dtype=g.dtype, device=dev)
+    out = [
+        xp.sum(xp.where((idx == c)[None, :], g, xp.zeros_like(g)), axis=1) if c in present else zero
+        for c in range(ncols)
+    ]
+    return xp.stack(out, axis=1)
 
 
 def _head_indices(heads: Any, num_heads: int) -> list[int]:

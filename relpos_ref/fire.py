@@ -134,3 +134,48 @@ class FIRE(BiasFamily):
             hidden = xp.maximum(w1[w] * x + b1[w], 0)
             out = out + w2[:, w, None, None] * hidden[None, :, :]
         return out
+
+    def _vjp(self, xp: Any, arrays: dict[str, Any], g: Any, q_pos: Any, k_pos: Any, dtype: Any) -> dict[str, Any]:
+        r"""Backward of the MLP and of the interpolant x = N / Den, N = log1p(c |D|), Den = log1p(c max(L, i)) + eps.
+
+        relu'(0) = 0 (as PyTorch and JAX). At a tie L == i, d max(L, i) / dL = 1/2 (as ``torch.maximum``, and the
+        average of the one-sided slopes that a central difference measures).
+        """
+        from .positions import relative_offsets
+
+        c, L = arrays["c"], arrays["L"]  # noqa: N806
+        dist = xp.astype(xp.abs(relative_offsets(q_pos, k_pos, xp=xp)), dtype)
+        qf = xp.astype(q_pos, dtype)
+        top = xp.maximum(qf, L)
+        den = xp.log1p(c * top) + self._options["eps"]
+        x = xp.log1p(c * dist) / den[:, None]
+        w1, b1, w2 = arrays["w1"][:, 0], arrays["b1"], arrays["w2"]
+        g_b2 = xp.sum(g, axis=(1, 2))
+        g_w1, g_b1, g_w2 = [], [], []
+        g_x = xp.zeros(x.shape, dtype=dtype, device=array_device(x))
+        # One hidden unit at a time, as in the forward: memory stays at one (H, Sq, Sk) array.
+        for w in range(w1.shape[0]):
+            pre = w1[w] * x + b1[w]
+            hidden = xp.maximum(pre, 0)
+            g_w2.append(xp.sum(g * hidden[None, :, :], axis=(1, 2)))
+            g_hidden = xp.sum(g * w2[:, w, None, None], axis=0)
+            g_pre = xp.where(pre > 0, g_hidden, xp.zeros_like(g_hidden))
+            g_b1.append(xp.sum(g_pre))
+            g_w1.append(xp.sum(g_pre * x))
+            g_x = g_x + g_pre * w1[w]
+        # dx/dc = |D| / ((1 + c|D|) Den) - x max(L, i) / ((1 + c max(L, i)) Den)
+        # dx/dL = -x c / ((1 + c max(L, i)) Den) * d max(L, i)/dL
+        g_x_x = xp.sum(g_x * x, axis=1)  # per query row
+        g_c = xp.sum(xp.sum(g_x * (dist / (1.0 + c * dist)), axis=1) / den) - xp.sum(
+            g_x_x * top / ((1.0 + c * top) * den)
+        )
+        slope = xp.where(qf < L, xp.ones_like(qf), xp.where(qf == L, xp.full_like(qf, 0.5), xp.zeros_like(qf)))
+        g_l = -xp.sum(g_x_x * c * slope / ((1.0 + c * top) * den))
+        return {
+            "w1": xp.stack(g_w1)[:, None],
+            "b1": xp.stack(g_b1),
+            "w2": xp.stack(g_w2, axis=1),
+            "b2": g_b2,
+            "c": g_c,
+            "L": g_l,
+        }

@@ -63,6 +63,17 @@ class KerplePower(_Kerple):
         dist = xp.astype(xp.abs(delta), dtype)
         return -(arrays["r1"][:, None, None] * xp.pow(dist[None, :, :], arrays["r2"][:, None, None]))
 
+    def _offset_vjp(
+        self, xp: Any, arrays: dict[str, Any], g: Any, deltas: Any, dtype: Any, *, consecutive: bool
+    ) -> dict[str, Any]:
+        # d/dr1 = -|D|^r2, d/dr2 = -r1 |D|^r2 log|D|; at D = 0 both vanish (0^r2 = 0 for r2 > 0, and
+        # |D|^r2 log|D| -> 0), which the log of 1 substituted there gives without 0 * -inf.
+        dist = xp.astype(xp.abs(deltas), dtype)[None, :]
+        r1, r2 = arrays["r1"][:, None], arrays["r2"][:, None]
+        power = xp.pow(dist, r2)
+        log_dist = xp.log(xp.where(dist == 0, xp.ones_like(dist), dist))
+        return {"r1": -xp.sum(g * power, axis=1), "r2": -xp.sum(g * (r1 * power * log_dist), axis=1)}
+
 
 class KerpleLog(_Kerple):
     r"""KERPLE logarithmic kernel.
@@ -82,3 +93,14 @@ class KerpleLog(_Kerple):
     def _compute(self, xp: Any, arrays: dict[str, Any], delta: Any, q_pos: Any, dtype: Any) -> Any:
         dist = xp.astype(xp.abs(delta), dtype)
         return -(arrays["r1"][:, None, None] * xp.log1p(arrays["r2"][:, None, None] * dist[None, :, :]))
+
+    def _offset_vjp(
+        self, xp: Any, arrays: dict[str, Any], g: Any, deltas: Any, dtype: Any, *, consecutive: bool
+    ) -> dict[str, Any]:
+        # d/dr1 = -log(1 + r2 |D|), d/dr2 = -r1 |D| / (1 + r2 |D|)
+        dist = xp.astype(xp.abs(deltas), dtype)[None, :]
+        r1, r2 = arrays["r1"][:, None], arrays["r2"][:, None]
+        return {
+            "r1": -xp.sum(g * xp.log1p(r2 * dist), axis=1),
+            "r2": -xp.sum(g * (r1 * dist / (1.0 + r2 * dist)), axis=1),
+        }

@@ -13,7 +13,7 @@ from typing import Any
 from array_api_compat import device as array_device
 
 from . import _checks
-from .family import BiasFamily
+from .family import BiasFamily, scatter_columns
 
 __all__ = ["OffsetBias"]
 
@@ -56,3 +56,31 @@ class OffsetBias(BiasFamily):
         idx = xp.clip(delta, min=-k, max=k) + k
         picked = xp.take(table, xp.reshape(idx, (-1,)), axis=1)
         return xp.reshape(picked, (table.shape[0], *delta.shape))
+
+    def _offset_vjp(
+        self, xp: Any, arrays: dict[str, Any], g: Any, deltas: Any, dtype: Any, *, consecutive: bool
+    ) -> dict[str, Any]:
+        k = self.max_offset
+        if not consecutive:
+            return {"table": scatter_columns(xp, g, xp.clip(deltas, min=-k, max=k) + k, 2 * k + 1)}
+        # Ascending consecutive offsets d0..d1: the columns strictly inside (-K, K) take one sum each, the two end
+        # columns the sums of every offset clipped onto them; columns of offsets not present are zero.
+        h, n = int(g.shape[0]), int(g.shape[1])
+        d0 = int(_checks.host_numpy(deltas[:1])[0])
+        d1 = d0 + n - 1
+        dev = array_device(g)
+
+        def zeros(m: int) -> Any:
+            return xp.zeros((h, m), dtype=g.dtype, device=dev)
+
+        def total(lo: int, hi: int) -> Any:  # sum of offsets lo..hi present, as an (h, 1) column
+            lo, hi = max(lo, d0), min(hi, d1)
+            return xp.sum(g[:, lo - d0 : hi - d0 + 1], axis=1, keepdims=True) if lo <= hi else zeros(1)
+
+        if k == 0:
+            return {"table": total(d0, d1)}
+        lo, hi = max(-k + 1, d0), min(k - 1, d1)
+        inner = [zeros(2 * k - 1)]
+        if lo <= hi:
+            inner = [zeros(lo - (-k + 1)), g[:, lo - d0 : hi - d0 + 1], zeros(k - 1 - hi)]
+        return {"table": xp.concat([total(d0, -k), *inner, total(k, d1)], axis=1)}

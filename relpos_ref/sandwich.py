@@ -90,3 +90,11 @@ class Sandwich(BiasFamily):
             s = xp.sin(half_dist * omega[k])
             total = total + s * s
         return (-2.0 * total)[None, :, :] / arrays["divisor"][:, None, None]
+
+    def _offset_vjp(
+        self, xp: Any, arrays: dict[str, Any], g: Any, deltas: Any, dtype: Any, *, consecutive: bool
+    ) -> dict[str, Any]:
+        return {}  # no learned parameters
+
+    def _vjp(self, xp: Any, arrays: dict[str, Any], g: Any, q_pos: Any, k_pos: Any, dtype: Any) -> dict[str, Any]:
+        return {}

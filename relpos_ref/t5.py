@@ -16,7 +16,7 @@ from typing import Any
 from array_api_compat import device as array_device
 
 from . import _checks
-from .family import BiasFamily
+from .family import BiasFamily, scatter_columns
 
 __all__ = ["T5Bias", "t5_bucket", "t5_bucket_thresholds"]
 
@@ -239,6 +239,8 @@ class T5Bias(BiasFamily):
             device=array_device(table),
             options={"bidirectional": bidirectional, "max_distance": max_distance},
         )
+        # The table is stored (H, B); the layout it was given in is kept only to return gradients in that layout.
+        object.__setattr__(self, "_layout", layout)
 
     @property
     def num_buckets(self) -> int:
@@ -252,3 +254,23 @@ class T5Bias(BiasFamily):
         b = _bucket(xp, delta, opts["bidirectional"], self.num_buckets, opts["max_distance"], half)
         picked = xp.take(table, xp.reshape(b, (-1,)), axis=1)
         return xp.reshape(picked, (table.shape[0], *delta.shape))
+
+    def _offset_vjp(
+        self, xp: Any, arrays: dict[str, Any], g: Any, deltas: Any, dtype: Any, *, consecutive: bool
+    ) -> dict[str, Any]:
+        opts = self._options
+        half = self.num_buckets // 2 if opts["bidirectional"] else self.num_buckets
+        b = _bucket(xp, deltas, opts["bidirectional"], self.num_buckets, opts["max_distance"], half)
+        return {"table": scatter_columns(xp, g, b, self.num_buckets)}
+
+    def _grads_out(self, xp: Any, grads: dict[str, Any]) -> dict[str, Any]:
+        grads = super()._grads_out(xp, grads)
+        if self._layout == "buckets_heads":
+            grads["table"] = xp.permute_dims(grads["table"], (1, 0))
+        return grads
+
+    @classmethod
+    def _rebuild(cls, obj: BiasFamily, *, dtype: Any, xp: Any, device: Any) -> BiasFamily:
+        new = super()._rebuild(obj, dtype=dtype, xp=xp, device=device)
+        object.__setattr__(new, "_layout", obj._layout)
+        return new

@@ -60,3 +60,17 @@ class TensorBias(BiasFamily):
             return xp.asarray(arr, copy=True)
         idx = xp.asarray(_head_indices(heads, self.num_heads), dtype=xp.int64, device=self.device)
         return xp.take(arr, idx, axis=0)
+
+    def _check_positions(self, q_pos: Any, k_pos: Any) -> None:
+        _, sq, sk = self.shape
+        if (q_pos.shape[0], k_pos.shape[0]) != (sq, sk):
+            msg = (
+                f"q_pos, k_pos: expected lengths ({sq}, {sk}) matching the tensor's (Sq, Sk), "
+                f"got ({q_pos.shape[0]}, {k_pos.shape[0]})"
+            )
+            raise ValueError(msg)
+
+    def _vjp(self, xp: Any, arrays: dict[str, Any], g: Any, q_pos: Any, k_pos: Any, dtype: Any) -> dict[str, Any]:
+        # The bias is the tensor itself: its gradient is the cotangent (entries at -inf included; inside attention
+        # they are masked, so their cotangent is 0 there).
+        return {"array": xp.asarray(g, copy=True)}
