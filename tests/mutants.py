@@ -305,6 +305,170 @@ def attention_kv_blocks_restart(q, k, v, *, bias=None, kv_block_size=None, retur
     return (out, lse) if return_lse else out
 
 
+# -- backward mutants --------------------------------------------------------------------------------------------
+
+
+def naive_attention_vjp(q, k, v, d_out, *, bias=None, causal=False, align="bottom_right", scale=None,
+                        placement="post_scale", mask=None, fully_masked="zero", d_lse=None, block_size=None,
+                        kv_block_size=None, xp=None, bug=None):  # fmt: skip
+    """Materialised (B, H, Sq, Sk) backward written from the formulas; ``bug`` injects one defect (None: correct).
+
+    Family parameter gradients go through the family's ``bias_vjp`` on the whole bias cotangent.
+    """
+    del block_size, kv_block_size
+    xp = array_namespace(q, k, v) if xp is None else xp
+    nb, nh, sq, d = q.shape
+    nkv, sk = k.shape[1], k.shape[2]
+    group = nh // nkv
+    idx = xp.asarray([h // group for h in range(nh)], dtype=xp.int64)
+    kk, vv = xp.take(k, idx, axis=1), xp.take(v, idx, axis=1)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    q_pos, k_pos = rp.positions(sq, sk, align=align, xp=xp)
+    family = bias if isinstance(bias, rp.BiasFamily) and not isinstance(bias, rp.TensorBias) else None
+    if isinstance(bias, rp.TensorBias):
+        b = bias.parameters()["array"][None, ...]
+    elif family is not None:
+        b = family.bias(q_pos, k_pos)[None, ...]
+    else:
+        b = bias
+    allowed = mask
+    if causal and bug != "backward_no_causal":
+        cm = rp.causal_mask(q_pos, k_pos, xp=xp)
+        allowed = cm if allowed is None else (allowed & cm)
+    probs, lse = rp.biased_softmax(q @ xp.matrix_transpose(kk), b, mask=allowed, scale=scale, placement=placement,
+                                   return_lse=True)  # fmt: skip
+    if bug == "backward_no_causal" and causal:
+        full = rp.biased_softmax(q @ xp.matrix_transpose(kk), b, scale=scale, placement=placement)
+        probs = full  # probabilities recomputed without the mask
+    out = probs @ vv
+    dp = d_out @ xp.matrix_transpose(vv)
+    delta = xp.sum(d_out * out, axis=-1, keepdims=True)
+    if d_lse is not None:
+        delta = delta - xp.where(lse == -math.inf, 0.0, d_lse)[..., None]
+    dz = probs * dp if bug == "no_delta" else probs * (dp - delta)
+    dq = (dz @ kk) * (1.0 if bug == "dq_unscaled" else scale)
+    dk_h = (xp.matrix_transpose(dz) @ q) * scale
+    dv_h = xp.matrix_transpose(probs) @ d_out
+    if bug == "dk_first_of_group":
+        dk = xp.take(dk_h, xp.asarray([g * group for g in range(nkv)], dtype=xp.int64), axis=1) * group
+    else:
+        dk = xp.sum(xp.reshape(dk_h, (nb, nkv, group, sk, d)), axis=2)
+    dv = xp.sum(xp.reshape(dv_h, (nb, nkv, group, sk, dv_h.shape[-1])), axis=2)
+    db = dz * scale if placement == "pre_scale" and bug != "prescale_bias_grad_unscaled" else dz
+    dbias = None
+    if isinstance(bias, rp.TensorBias):
+        dbias = {"array": xp.sum(db, axis=0)}
+    elif family is not None:
+        dbias = family.bias_vjp(q_pos, k_pos, xp.sum(db, axis=0))
+    elif bias is not None:
+        axes = tuple(ax for ax in range(4) if (bias.ndim - 4 + ax < 0 or bias.shape[bias.ndim - 4 + ax] == 1))
+        dbias = xp.reshape(xp.sum(db, axis=axes, keepdims=True) if axes else db, bias.shape)
+    if fully_masked == "nan":
+        empty = (lse == -math.inf)[..., None]
+        dq = xp.where(empty, math.nan, dq)
+    return rp.AttentionGrads(dq, dk, dv, dbias)
+
+
+def _naive_vjp(bug):
+    def attention_vjp(*args, **kw):
+        return naive_attention_vjp(*args, bug=bug, **kw)
+
+    attention_vjp.__name__ = f"naive_attention_vjp_{bug}"
+    return attention_vjp
+
+
+def attention_vjp_blocks_restart(q, k, v, d_out, *, block_size=None, **kw):
+    """Each query block's gradients from an independent call: positions restart per block (wrong unless one block)."""
+    xp = array_namespace(q, k, v)
+    sq = q.shape[2]
+    bq = sq if block_size is None else block_size
+    if bq >= sq:
+        return rp.attention_vjp(q, k, v, d_out, **kw)
+    bias = kw.pop("bias", None)
+    d_lse = kw.pop("d_lse", None)
+    parts = []
+    for s in range(0, sq, bq):
+        e = min(sq, s + bq)
+        b = bias
+        if isinstance(bias, rp.TensorBias):
+            b = rp.TensorBias(bias.parameters()["array"][:, s:e, :])
+        elif bias is not None and not isinstance(bias, rp.BiasFamily):
+            b = bias[..., s:e, :] if bias.shape[-2] == sq else bias
+        dl = None if d_lse is None else d_lse[:, :, s:e]
+        parts.append(rp.attention_vjp(q[:, :, s:e], k, v, d_out[:, :, s:e], bias=b, d_lse=dl, **kw))
+    dq = xp.concat([p.dq for p in parts], axis=2)
+    dk = sum(p.dk for p in parts[1:]) + parts[0].dk
+    dv = sum(p.dv for p in parts[1:]) + parts[0].dv
+    dbias = parts[0].dbias
+    if isinstance(dbias, dict):
+        if isinstance(bias, rp.TensorBias):
+            dbias = {"array": xp.concat([p.dbias["array"] for p in parts], axis=1)}
+        else:
+            dbias = {n: sum(p.dbias[n] for p in parts[1:]) + parts[0].dbias[n] for n in dbias}
+    elif dbias is not None:
+        dbias = xp.concat([p.dbias for p in parts], axis=-2) if bias.shape[-2] == sq else sum(p.dbias for p in parts)
+    return rp.AttentionGrads(dq, dk, dv, dbias)
+
+
+class ALiBiSlopeGradSign(rp.ALiBi):
+    """d slope = +sum |Delta| g: the minus sign of b = -m |Delta| lost in the backward."""
+
+    def _offset_vjp(self, xp, arrays, g, deltas, dtype, *, consecutive):
+        return {"slopes": -super()._offset_vjp(xp, arrays, g, deltas, dtype, consecutive=consecutive)["slopes"]}
+
+
+class KerplePowerGradNoLog(rp.KerplePower):
+    """d r2 = -r1 |Delta|^r2: the log |Delta| factor of the exponent's derivative dropped."""
+
+    def _offset_vjp(self, xp, arrays, g, deltas, dtype, *, consecutive):
+        out = super()._offset_vjp(xp, arrays, g, deltas, dtype, consecutive=consecutive)
+        dist = xp.astype(xp.abs(deltas), dtype)[None, :]
+        out["r2"] = -xp.sum(g * (arrays["r1"][:, None] * xp.pow(dist, arrays["r2"][:, None])), axis=1)
+        return out
+
+
+class KerplePowerGradNaNAtZero(rp.KerplePower):
+    """d r2 from |Delta|^r2 log|Delta| evaluated as is: 0 * -inf = NaN at Delta = 0."""
+
+    def _offset_vjp(self, xp, arrays, g, deltas, dtype, *, consecutive):
+        out = super()._offset_vjp(xp, arrays, g, deltas, dtype, consecutive=consecutive)
+        dist = xp.astype(xp.abs(deltas), dtype)[None, :]
+        r1, r2 = arrays["r1"][:, None], arrays["r2"][:, None]
+        with np.errstate(all="ignore"):
+            out["r2"] = -xp.sum(g * (r1 * xp.pow(dist, r2) * xp.log(dist)), axis=1)
+        return out
+
+
+class T5GradBucketShift(rp.T5Bias):
+    """Table gradient scattered one bucket up (capped at the last): an off-by-one in the backward's bucket index."""
+
+    def _offset_vjp(self, xp, arrays, g, deltas, dtype, *, consecutive):
+        out = super()._offset_vjp(xp, arrays, g, deltas, dtype, consecutive=consecutive)
+        t = out["table"]
+        return {"table": xp.concat([xp.zeros_like(t[:, :1]), t[:, :-2], t[:, -2:-1] + t[:, -1:]], axis=1)}
+
+
+class OffsetGradNoClipSums(rp.OffsetBias):
+    """End columns get only the offsets exactly +-K, not every offset clipped onto them."""
+
+    def _offset_vjp(self, xp, arrays, g, deltas, dtype, *, consecutive):
+        k = self.max_offset
+        idx = deltas + k
+        inside = (idx >= 0) & (idx <= 2 * k)
+        g = xp.where(inside[None, :], g, xp.zeros_like(g))
+        return {"table": rp.family.scatter_columns(xp, g, xp.clip(idx, min=0, max=2 * k), 2 * k + 1)}
+
+
+class FIREGradTieFull(rp.FIRE):
+    """d max(L, i) / dL = 1 at a tie L == i (the one-sided slope from above) instead of 1/2."""
+
+    def _vjp(self, xp, arrays, g, q_pos, k_pos, dtype):
+        out = super()._vjp(xp, arrays, g, q_pos, k_pos, dtype)
+        # L nudged up by a relative 1e-12 turns every tie into L > i and changes nothing else measurably.
+        nudged = super()._vjp(xp, {**arrays, "L": arrays["L"] * (1.0 + 1e-12)}, g, q_pos, k_pos, dtype)
+        return {**out, "L": nudged["L"]}
+
+
 # -- ALiBi slope mutant ------------------------------------------------------------------------------------------
 
 
@@ -373,10 +537,37 @@ MUTANTS: dict[str, tuple[Impl, tuple[str, ...]]] = {
         ("block_size",),
     ),
     "alibi_slopes_closed_form": (Impl(name="closed_form", alibi_slopes=alibi_slopes_closed_form), ("alibi_slopes",)),
+    # backward (bodies of tests/test_gradient_properties.py)
+    "vjp_no_delta": (Impl(name="no_delta", attention_vjp=_naive_vjp("no_delta")), ("grad_fd", "grad_row_sums")),
+    "vjp_dq_unscaled": (Impl(name="dq_unscaled", attention_vjp=_naive_vjp("dq_unscaled")), ("grad_fd",)),
+    "vjp_dk_first_of_group": (
+        Impl(name="dk_first_of_group", attention_vjp=_naive_vjp("dk_first_of_group")),
+        ("grad_fd", "grad_gqa"),
+    ),
+    "vjp_prescale_bias_grad_unscaled": (
+        Impl(name="prescale_bias_grad_unscaled", attention_vjp=_naive_vjp("prescale_bias_grad_unscaled")),
+        ("grad_placement", "grad_row_sums"),
+    ),
+    "vjp_backward_no_causal": (
+        Impl(name="backward_no_causal", attention_vjp=_naive_vjp("backward_no_causal")),
+        ("grad_causal",),
+    ),
+    "vjp_blocks_restart": (
+        Impl(name="vjp_blocks_restart", attention_vjp=attention_vjp_blocks_restart),
+        ("grad_block_size",),
+    ),
+    "alibi_slope_grad_sign": (_fam("alibi", ALiBiSlopeGradSign), ("grad_fd", "bias_vjp_fd", "grad_tables")),
+    "kerple_power_grad_no_log": (_fam("kerple_power", KerplePowerGradNoLog), ("grad_fd", "bias_vjp_fd")),
+    "kerple_power_grad_nan_at_zero": (_fam("kerple_power", KerplePowerGradNaNAtZero), ("grad_fd", "bias_vjp_fd")),
+    "t5_grad_bucket_shift": (_fam("t5", T5GradBucketShift), ("grad_tables", "bias_vjp_fd")),
+    "offset_grad_no_clip_sums": (_fam("offset", OffsetGradNoClipSums), ("grad_tables", "bias_vjp_fd")),
+    "fire_grad_tie_full": (_fam("fire", FIREGradTieFull), ("bias_vjp_fd",)),
 }
 
 # The correct naive attention: must pass every attention property (a control for the attention mutants).
 NAIVE_CONTROL = Impl(name="naive_attention", attention=_naive(None))
+NAIVE_VJP_CONTROL = Impl(name="naive_attention_vjp", attention_vjp=_naive_vjp(None))
+NAIVE_VJP_CONTROL_BODIES = ("grad_fd", "grad_row_sums", "grad_gqa", "grad_placement", "grad_causal")
 NAIVE_CONTROL_BODIES = (
     "causal",
     "attention_shift",

@@ -92,6 +92,7 @@ class Impl:
 
     name: str = "relpos_ref"
     attention: Callable[..., Any] = rp.attention
+    attention_vjp: Callable[..., Any] = rp.attention_vjp
     biased_softmax: Callable[..., Any] = rp.biased_softmax
     t5_bucket: Callable[..., Any] = rp.t5_bucket
     alibi_slopes: Callable[..., Any] = rp.alibi_slopes

@@ -15,7 +15,8 @@ import array_api_compat.numpy as np_xp
 import array_api_strict
 import pytest
 from hypothesis import Phase, settings
-from mutants import MUTANTS, NAIVE_CONTROL, NAIVE_CONTROL_BODIES
+from mutants import MUTANTS, NAIVE_CONTROL, NAIVE_CONTROL_BODIES, NAIVE_VJP_CONTROL, NAIVE_VJP_CONTROL_BODIES
+from test_gradient_properties import GRAD_BODIES
 from test_properties import BODIES, run, run_alibi_slopes
 
 pytestmark = pytest.mark.meta
@@ -47,9 +48,14 @@ def test_property_rejects_mutant(mutant, body):
     # Property 9 compares a backend with NumPy: the mutant misbehaves off NumPy, so it runs on array_api_strict.
     xp = _strict() if body == "backend_agreement" else np_xp
     with pytest.raises(AssertionError):
-        run(BODIES[body], xp, impl, config=_config())
+        run({**BODIES, **GRAD_BODIES}[body], xp, impl, config=_config())
 
 
 @pytest.mark.parametrize("body", NAIVE_CONTROL_BODIES)
 def test_naive_attention_control_passes(body):
     run(BODIES[body], np_xp, NAIVE_CONTROL, config=_config())
+
+
+@pytest.mark.parametrize("body", NAIVE_VJP_CONTROL_BODIES)
+def test_naive_attention_vjp_control_passes(body):
+    run(GRAD_BODIES[body], np_xp, NAIVE_VJP_CONTROL, config=_config())
