@@ -51,6 +51,13 @@ def att(**kw):
     return rp.attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
 
 
+def vjp(**kw):
+    q, k, v = qkv()
+    args = {"q": q, "k": k, "v": v, "d_out": np.ones((*q.shape[:3], v.shape[3]))}
+    args.update(kw)
+    return rp.attention_vjp(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("d_out"), **args)
+
+
 def softmax(**kw):
     args = {"scores": arr(2, 3)}
     args.update(kw)
@@ -670,6 +677,45 @@ CASES = [
 ]
 
 
+CASES += [
+    (
+        "attention_vjp d_out shape",
+        lambda: vjp(d_out=arr(1, 2, 3, 5)),
+        ValueError,
+        r"^d_out: expected the output's shape \(B, H, Sq, Dv\) = \(1, 2, 3, 4\), got \(1, 2, 3, 5\)$",
+    ),
+    (
+        "attention_vjp d_out dtype",
+        lambda: vjp(d_out=np.ones((1, 2, 3, 4), np.float32)),
+        TypeError,
+        r"^d_out: expected the dtype of q \(float64\), got float32$",
+    ),
+    ("attention_vjp d_out NaN", lambda: vjp(d_out=arr(1, 2, 3, 4, fill=math.nan)), ValueError, r"^d_out: expected"),
+    ("attention_vjp d_out int", lambda: vjp(d_out=np.ones((1, 2, 3, 4), int)), TypeError, r"^d_out: expected"),
+    (
+        "attention_vjp d_lse shape",
+        lambda: vjp(d_lse=arr(1, 2, 4)),
+        ValueError,
+        r"^d_lse: expected the lse's shape \(B, H, Sq\) = \(1, 2, 3\), got \(1, 2, 4\)$",
+    ),
+    ("attention_vjp d_lse inf", lambda: vjp(d_lse=arr(1, 2, 3, fill=math.inf)), ValueError, r"^d_lse: expected"),
+    ("attention_vjp q NaN", lambda: vjp(q=arr(1, 2, 3, 4, fill=math.nan)), ValueError, r"^q: expected"),
+    ("attention_vjp placement", lambda: vjp(placement="pre"), ValueError, r"^placement: expected one of"),
+    (
+        "bias_vjp d_bias shape",
+        lambda: rp.ALiBi.from_num_heads(2).bias_vjp(POS[0], POS[1], arr(2, 3, 4)),
+        ValueError,
+        r"^d_bias: expected shape \(H, Sq, Sk\) = \(2, 3, 3\)",
+    ),
+    (
+        "bias_vjp tensor positions",
+        lambda: rp.TensorBias(arr(2, 3, 5)).bias_vjp(POS[0], rp.positions(3, 5)[1][:4], arr(2, 3, 4)),
+        ValueError,
+        r"^q_pos, k_pos: expected lengths \(3, 5\)",
+    ),
+]
+
+
 @pytest.mark.parametrize(("call", "exc", "pattern"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_rejected_with_message(call, exc, pattern):
     with pytest.raises(exc) as info:
@@ -855,6 +901,30 @@ TARGETS = {
             "block_size": 2,
             "xp": None,
         },
+    ),
+    "attention_vjp": (
+        rp.attention_vjp,
+        {
+            "q": qkv()[0],
+            "k": qkv()[1],
+            "v": qkv()[2],
+            "d_out": np.ones((1, 2, 3, 4)),
+            "bias": rp.ALiBi.from_num_heads(2),
+            "causal": True,
+            "align": "bottom_right",
+            "scale": None,
+            "placement": "post_scale",
+            "mask": np.ones((3, 5), bool),
+            "fully_masked": "zero",
+            "d_lse": np.zeros((1, 2, 3)),
+            "block_size": 2,
+            "kv_block_size": 2,
+            "xp": None,
+        },
+    ),
+    "family.bias_vjp": (
+        lambda q_pos, k_pos, d_bias: _fam().bias_vjp(q_pos, k_pos, d_bias),
+        {"q_pos": np.arange(3), "k_pos": np.arange(5), "d_bias": arr(2, 3, 5)},
     ),
 }
 
