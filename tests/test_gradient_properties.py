@@ -116,13 +116,21 @@ def body_bias_vjp_fd(xp: Any, impl: Impl, data: Any) -> None:
         return
     spec = draw_family(data, kinds)
     rng = draw_rng(data)
-    if data.draw(st.booleans(), label="consecutive"):
+    consecutive = data.draw(st.booleans(), label="consecutive")
+    if consecutive:
         q0, k0 = data.draw(st.integers(0, 30), label="q0"), data.draw(st.integers(0, 30), label="k0")
         q_pos = np.arange(q0, q0 + data.draw(st.integers(1, 6), label="Sq"))
         k_pos = np.arange(k0, k0 + data.draw(st.integers(1, 6), label="Sk"))
     else:
         q_pos = np.asarray(data.draw(st.lists(st.integers(0, 40), min_size=1, max_size=5), label="q_pos"))
         k_pos = np.asarray(data.draw(st.lists(st.integers(0, 40), min_size=1, max_size=5), label="k_pos"))
+    big_l = float(spec.arrays["L"]) if spec.kind == "fire" else 0.5
+    if big_l.is_integer() and data.draw(st.booleans(), label="tie_at_L"):
+        # FIRE's max(L, i) has a kink at i = L: put a query there (its derivative in L is 1/2 by convention).
+        off = min(int(big_l), q_pos.size - 1)
+        q_pos = (
+            np.arange(int(big_l) - off, int(big_l) - off + q_pos.size) if consecutive else np.append(q_pos, int(big_l))
+        )
     g = rng.uniform(-1, 1, size=(spec.num_heads, q_pos.size, k_pos.size))
     fam = spec.build(xp, impl)
     grads = {n: to_numpy(a) for n, a in fam.bias_vjp(xp.asarray(q_pos), xp.asarray(k_pos), xp.asarray(g)).items()}
