@@ -20,6 +20,7 @@ EXPECTED_FILES = {
     "alibi.json",
     "attention.json",
     "fire.json",
+    "gradients.json",
     "kerple_log.json",
     "kerple_power.json",
     "offset.json",
@@ -77,6 +78,9 @@ def test_expected_strings_have_enough_digits(name):
         if isinstance(x, list):
             for t in x:
                 walk(t)
+        elif isinstance(x, dict):  # a family's parameter gradients, by name
+            for t in x.values():
+                walk(t)
         elif isinstance(x, str) and x not in ("inf", "-inf", "nan", "0.0"):
             mant = x.lower().split("e")[0].lstrip("-").replace(".", "").lstrip("0")
             if len(mant) < 17:
@@ -105,6 +109,7 @@ FAST_SUBSET = [
     ("softmax.json", "softmax-mask-fully-masked-nan"),
     ("softmax.json", "softmax-causal-Sq5-Sk3-bottom_right"),
     ("attention.json", "attention-mqa-Sq5-Sk3-bottom_right-fully-masked-zero"),
+    ("gradients.json", "grad-alibi-H2-Sq4-Sk6-causal-post_scale"),
 ]
 
 
@@ -117,8 +122,8 @@ def test_case_regenerates_identically(name, case_id):
 
 
 def test_all_files_regenerate_identically():
-    """The whole generator (about 10 s): cases identical to the committed files; header identical except the
-    mpmath version string, which records the generating environment."""
+    """The whole generator (about 20 s, half of it the gradients): cases identical to the committed files; header
+    identical except the mpmath version string, which records the generating environment."""
     gen = _generator()
     for name in FILES:
         fresh = json.loads(gen.dumps(gen.build_file(name)))
@@ -174,6 +179,46 @@ def test_required_coverage():
     assert any(_shape(c["q"])[1] != _shape(c["k"])[1] for c in att)
     assert {c["align"] for c in att} == {"bottom_right", "top_left"}
     assert any(_shape(c["k"])[2] == 8192 for c in att)
+
+
+def test_gradient_coverage():
+    """Issue 7's list for the gradient vectors, checked on the committed data."""
+    grads = DOCS["gradients.json"]["cases"]
+    fams = [c["family"] for c in grads if c["family"] is not None]
+    names = {f["name"] for f in fams}
+    assert names == {"alibi", "kerple_power", "kerple_log", "t5", "offset", "fire", "sandwich", "tensor"}
+    assert {f["options"]["layout"] for f in fams if f["name"] == "t5"} == {"heads_buckets", "buckets_heads"}
+    assert any(c["family"] is None and c["bias"] is None for c in grads), "a case without bias"
+    assert any(c["bias"] is not None for c in grads), "a bias array"
+    assert {c["placement"] for c in grads} == {"post_scale", "pre_scale"}
+    assert {c["align"] for c in grads if c["causal"]} == {"bottom_right", "top_left"}
+    sizes = [(_shape(c["q"])[2], _shape(c["k"])[2]) for c in grads]
+    assert any(sq < sk for sq, sk in sizes)
+    assert any(sq > sk for sq, sk in sizes)
+    assert any(_shape(c["q"])[1] == 4 and _shape(c["k"])[1] == 2 for c in grads), "grouped-query heads"
+    assert any(
+        c["causal"]
+        and c["align"] == "bottom_right"
+        and _shape(c["q"])[2] > _shape(c["k"])[2]
+        and c["fully_masked"] == "zero"
+        for c in grads
+    ), "fully masked rows in zero mode"
+    assert any(c["d_lse"] is not None for c in grads)
+    assert any(c["mask"] is not None for c in grads)
+    for c in grads:
+        assert {"float64", "float32"} <= set(c["dtypes"]), c["id"]
+    ties = above = False
+    for c in grads:
+        if c["family"] is not None and c["family"]["name"] == "fire":
+            sq, sk = _shape(c["q"])[2], _shape(c["k"])[2]
+            start = sk - sq if c["align"] == "bottom_right" else 0
+            big_l = float(c["family"]["parameters"]["L"])
+            ties |= any(start + i == big_l for i in range(sq))
+            above |= any(start + i > big_l for i in range(sq))
+    assert ties, "a FIRE row with i == L"
+    assert above, "a FIRE row with i > L"
+    arrays = [f["parameters"]["array"] for f in fams if f["name"] == "tensor"]
+    assert any("-inf" in list(_flatten(a)) for a in arrays), "a -inf entry in a tensor bias"
 
 
 def _shape(x):
@@ -277,10 +322,15 @@ def _family(case, family, xp, dtype):
         return rp.FIRE(p["w1"], p["b1"], p["w2"], p["b2"], c=p["c"], L=p["L"], eps=float(o["eps"]))
     if family == "sandwich":
         return rp.Sandwich(o["num_heads"], o["head_dim"], dtype=bounds.xp_dtype(xp, dtype), xp=xp)
+    if family == "tensor":
+        return rp.TensorBias(p["array"])
     raise AssertionError(family)
 
 
-CASES = [(name, case) for name in FILES for case in DOCS[name]["cases"] if case["kind"] != "slopes"]
+CASES = [
+    (name, case) for name in FILES for case in DOCS[name]["cases"] if case["kind"] not in ("slopes", "attention_vjp")
+]
+GRAD_CASES = [c for c in DOCS["gradients.json"]["cases"] if c["kind"] == "attention_vjp"]
 
 
 @pytest.mark.parametrize(("name", "case"), CASES, ids=[c["id"] for _, c in CASES])
@@ -373,6 +423,51 @@ def _run_attention(case, xp, dtype, what):
     tol = case["tolerance"][dtype]
     _check(out, case["expected"]["out"], tol["out"], what + " out")
     _check(lse, case["expected"]["lse"], tol["lse"], what + " lse")
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=[c["id"] for c in GRAD_CASES])
+def test_attention_vjp_matches_vectors(xp, case):
+    """rp.attention_vjp against the central-difference oracle's gradients, within the running-error bound."""
+    dts = _dtypes(case, xp)
+    assert dts, "no dtype of this case is available on this backend"
+    for dtype in dts:
+        what = f"{case['id']} [{dtype}]"
+        grads = _run_attention_vjp(case, xp, dtype)
+        tol, exp = case["tolerance"][dtype], case["expected"]
+        for name in ("dq", "dk", "dv"):
+            _check(getattr(grads, name), exp[name], tol[name], f"{what} {name}")
+        if exp["dbias"] is None:
+            assert grads.dbias is None, f"{what}: dbias should be None without a bias"
+        elif isinstance(exp["dbias"], dict):
+            assert sorted(grads.dbias) == sorted(exp["dbias"]), f"{what}: parameter names {sorted(grads.dbias)}"
+            for name, want in exp["dbias"].items():
+                _check(grads.dbias[name], want, tol["dbias"][name], f"{what} d{name}")
+        else:
+            _check(grads.dbias, exp["dbias"], tol["dbias"], f"{what} dbias")
+
+
+def _run_attention_vjp(case, xp, dtype):
+    q, k, v, d_out = (_put(xp, _array(case[n]), dtype) for n in ("q", "k", "v", "d_out"))
+    d_lse = None if case["d_lse"] is None else _put(xp, _array(case["d_lse"]), dtype)
+    if case["family"] is not None:
+        bias = _family(case["family"], case["family"]["name"], xp, dtype)
+    else:
+        bias = None if case["bias"] is None else _put(xp, _array(case["bias"]), dtype)
+    mask = None if case["mask"] is None else xp.asarray(np.asarray(case["mask"], dtype=bool))
+    return rp.attention_vjp(
+        q,
+        k,
+        v,
+        d_out,
+        bias=bias,
+        causal=case["causal"],
+        align=case["align"],
+        scale=None if case["scale"] is None else float(case["scale"]),
+        placement=case["placement"],
+        mask=mask,
+        fully_masked=case["fully_masked"],
+        d_lse=d_lse,
+    )
 
 
 def test_alibi_slopes_match_vectors(xp):

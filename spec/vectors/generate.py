@@ -7,7 +7,9 @@ Usage (from the repository root)::
 
 Expected values come only from ``relpos_ref/oracle.py`` (scalar mpmath loops, no array code). Tolerances come from the
 documented bounds in ``relpos_ref/bounds.py`` (the "portable" error model: any summation order, library functions
-within the larger of the NumPy and CUDA ulp limits), fitted per case as ``atol + rtol * |expected|``. Inputs are
+within the larger of the NumPy and CUDA ulp limits), fitted per case as ``atol + rtol * |expected|``. Gradients
+(``gradients.json``) come from ``oracle.attention_vjp`` (central differences of the oracle's attention) with the
+running-error bound of ``spec/tolerances.md`` ("Gradients"), evaluated below. Inputs are
 deterministic (closed-form or a fixed integer recurrence); no random number generator of any library is used, so the
 output does not depend on library versions other than mpmath's arithmetic.
 
@@ -974,6 +976,590 @@ def attention_cases():
     return cases
 
 
+# -- gradients -----------------------------------------------------------------------------------------------------
+#
+# Expected gradients: oracle.attention_vjp (central differences of the oracle's attention, no derivative formula).
+# Tolerances: the running-error bound of spec/tolerances.md ("Gradients"), evaluated below on the exact inputs. It
+# follows the backward's arithmetic one operation at a time and never looks at any computed gradient.
+
+GRAD_DTYPES = ("float64", "float32")
+
+
+class Run:
+    """One quantity of the computation in the running-error model: exact value ``v``, magnitude ``a`` (the same
+    formula on absolute values, ``|v| <= a``) and error bound ``e`` of the computed value; float64 arrays."""
+
+    def __init__(self, v, a=None, e=None):
+        self.v = np.asarray(v, dtype=np.float64)
+        self.a = np.abs(self.v) if a is None else np.asarray(a, dtype=np.float64)
+        self.e = np.zeros_like(self.v) if e is None else np.asarray(e, dtype=np.float64)
+
+    def __getitem__(self, idx):
+        return Run(self.v[idx], self.a[idx], self.e[idx])
+
+    def where(self, cond):
+        """Entries outside ``cond`` are exact zeros (masked entries, inactive relu units)."""
+        return Run(np.where(cond, self.v, 0.0), np.where(cond, self.a, 0.0), np.where(cond, self.e, 0.0))
+
+    def map(self, f):
+        return Run(f(self.v), f(self.a), f(self.e))
+
+
+def r_mul(x, y, u):
+    """A rounded product: first-order error ``e_x a_y + a_x e_y + u a_x a_y``."""
+    a = x.a * y.a
+    return Run(x.v * y.v, a, x.e * y.a + x.a * y.e + u * a)
+
+
+def r_add(x, y, u, sign=1.0):
+    """A rounded sum or difference: ``e_x + e_y + u (a_x + a_y)``."""
+    a = x.a + y.a
+    return Run(x.v + sign * y.v, a, x.e + y.e + u * a)
+
+
+def r_div(x, y, u):
+    """A rounded quotient by a quantity bounded away from 0: ``e_x/|y| + a_x e_y/y^2 + u a_x/|y|``."""
+    ay = np.abs(y.v)
+    a = x.a / ay
+    return Run(x.v / y.v, a, x.e / ay + x.a * y.e / ay**2 + u * a)
+
+
+def r_fn(x, value, slope, rel):
+    """A library function: its result within ``rel`` (ulps of the function) and the argument's error times ``|f'|``."""
+    v = np.asarray(value, dtype=np.float64)
+    return Run(v, np.abs(v), np.abs(slope) * x.e + rel * np.abs(v))
+
+
+def r_total(x, axes, u, keepdims=False):
+    """A sum of n terms in any order (any tree of additions): ``sum e + gamma_n sum a``."""
+    axes = tuple(ax % x.v.ndim for ax in ((axes,) if isinstance(axes, int) else axes))
+    n = int(np.prod([x.v.shape[ax] for ax in axes])) if axes else 1
+    sa = x.a.sum(axis=axes, keepdims=keepdims)
+    return Run(
+        x.v.sum(axis=axes, keepdims=keepdims), sa, x.e.sum(axis=axes, keepdims=keepdims) + bounds.gamma(n, u) * sa
+    )
+
+
+def _scale_err(tau, default, cd):
+    """Relative error of the library's scale against the exact one: 1/sqrt(D) by default is two binary64 roundings
+    (sqrt, division); a Python float is exact in float64 and rounded once to float32 unless representable."""
+    u = bounds.unit_roundoff(cd)
+    if default and not bounds.representable(tau, "float64"):
+        err = 2 * bounds.unit_roundoff("float64")
+        return err + (u if cd == "float32" else 0.0)
+    return 0.0 if bounds.representable(tau, cd) else u
+
+
+def family_bias_error(name, params, options, q_pos, k_pos, exact, dtype):
+    """Error bound of the family's bias as the library computes it in the compute dtype (spec/tolerances.md)."""
+    val = values(exact)
+    dist = distances(q_pos, k_pos)
+    cd = bounds.compute_dtype(dtype)
+    if name == "alibi":
+        return bounds.alibi_bound(val, dist[None], cd)
+    if name == "kerple_power":
+        return bounds.kerple_power_bound(val, dist[None], np.asarray(params["r2"])[:, None, None], cd)
+    if name == "kerple_log":
+        return bounds.kerple_log_bound(val, dist[None], cd)
+    if name == "fire":
+        eps = float(options.get("eps", 0.0))
+        x = values(oracle.fire_inputs(q_pos, k_pos, c=params["c"], L=params["L"], eps=eps, dps=DPS))
+        w1, b1, w2 = (np.asarray(params[n], dtype=np.float64) for n in ("w1", "b1", "w2"))
+        return bounds.fire_bound(val, x, w1.ravel(), b1, w2, cd, eps=eps)
+    if name == "sandwich":
+        return bounds.sandwich_bound(val, dist, options["head_dim"], options["num_heads"], None, cd)
+    return np.zeros(val.shape)  # T5, offset, tensor: table look-ups, exact
+
+
+def attention_grad_bound(q, k, v, d_out, d_lse, bias4, bias_err4, keep, tau, tau_rel, placement, dtype):
+    """Elementwise bounds of dq, dk, dv and of the bias cotangent (B, H, Sq, Sk) of the library's backward.
+
+    The forward logits, probabilities, lse and output follow ``bounds.softmax_bound``/``attention_bound``; the
+    backward is FlashAttention-2's: P recomputed as exp(z - lse), delta = rowsum(dO * O) - d_lse, dP = dO v^T,
+    dz = P (dP - delta), dq = tau dz K, dk = tau dz^T q, dv = P^T dO, bias cotangent dz (post_scale) or tau dz.
+    """
+    cd = bounds.compute_dtype(dtype)
+    u = bounds.unit_roundoff(cd)
+    e_exp, e_log = bounds.libm_rel("exp", cd), bounds.libm_rel("log", cd)
+    tiny = bounds.smallest_normal(cd)
+    nb, nh = q.shape[:2]
+    nkv = k.shape[1]
+    group = nh // nkv
+    big_t = Run(tau, tau, tau_rel * tau)
+    qq, kk, vv = Run(q), Run(np.repeat(k, group, axis=1)), Run(np.repeat(v, group, axis=1))
+    do = Run(d_out)
+    # Logits: (q * tau) . k over D, then + b (post_scale) or + b * tau (pre_scale); the bias carries its own error.
+    s = r_total(r_mul(r_mul(qq, big_t, u)[..., :, None, :], kk[..., None, :, :], u), -1, u)
+    z = s
+    if bias4 is not None:
+        b = Run(np.where(keep, bias4, 0.0), None, np.where(keep, bias_err4, 0.0))
+        z = r_add(s, r_mul(b, big_t, u) if placement == "pre_scale" else b, u)
+    zeta = np.where(keep, z.e, 0.0)
+    # Exact forward values.
+    zm = np.where(keep, z.v, -np.inf)
+    top = zm.max(axis=-1, keepdims=True)
+    live = np.isfinite(top)
+    top = np.where(live, top, 0.0)
+    w = np.where(keep, z.v - top, 0.0)
+    ex = np.where(keep, np.exp(w), 0.0)
+    tot = np.where(live, ex.sum(axis=-1, keepdims=True), 1.0)
+    p = ex / tot
+    lse = top + np.log(tot)
+    n = keep.sum(axis=-1, keepdims=True)
+    g_n = bounds.gamma(n, u)
+    rho = np.where(keep, u * np.abs(w) + e_exp, 0.0)
+    avg = (p * (zeta + rho)).sum(axis=-1, keepdims=True)
+    e_lse = np.where(live, avg + g_n + e_log * np.abs(np.log(tot)) + u * np.abs(lse), 0.0)
+    # Forward output (for delta), as bounds.attention_bound.
+    e_pf = np.where(keep, p * (zeta + rho + avg + g_n + u) + tiny, 0.0)
+    pv_abs = p @ vv.a
+    out = Run(p @ vv.v, pv_abs, e_pf @ vv.a + g_n * pv_abs)
+    # Probabilities recomputed from the lse: exp(z - lse) with z's error, lse's error and the subtraction's rounding.
+    e_p = np.where(keep, p * (zeta + e_lse + u * np.abs(z.v - lse) + e_exp) + tiny, 0.0)
+    pp = Run(p, p, e_p)
+    delta = r_total(r_mul(do, out, u), -1, u, keepdims=True)
+    if d_lse is not None:
+        delta = r_add(delta, Run(np.where(live[..., 0], d_lse, 0.0)[..., None]), u, sign=-1.0)
+    dp = r_total(r_mul(do[..., :, None, :], vv[..., None, :, :], u), -1, u)
+    dz = r_mul(pp, r_add(dp, delta.map(lambda x: np.broadcast_to(x, dp.v.shape)), u, sign=-1.0), u).where(keep)
+
+    def per_kv(x):  # (B, H, ...) -> (B, Hkv, group, ...)
+        return x.map(lambda t: t.reshape(nb, nkv, group, *t.shape[2:]))
+
+    dv = r_total(per_kv(r_mul(pp[..., :, :, None], do[..., :, None, :], u)), (2, 3), u)
+    dk = r_mul(r_total(per_kv(r_mul(dz[..., :, :, None], qq[..., :, None, :], u)), (2, 3), u), big_t, u)
+    dq = r_mul(r_total(r_mul(dz[..., :, :, None], kk[..., None, :, :], u), -2, u), big_t, u)
+    db = r_mul(dz, big_t, u) if placement == "pre_scale" else dz
+    return {"dq": dq, "dk": dk, "dv": dv, "dbias": db}
+
+
+def family_grad_bound(name, params, options, q_pos, k_pos, g, dtype):
+    """Bounds of a family's parameter gradients from its cotangent ``g`` (H, Sq, Sk) (a Run summed over the batch),
+    following the operations of each family's backward."""
+    cd = bounds.compute_dtype(dtype)
+    u = bounds.unit_roundoff(cd)
+    dist = Run(distances(q_pos, k_pos)[None])  # exact integers
+    if name == "alibi":
+        return {"slopes": r_total(r_mul(g, dist, u), (1, 2), u)}
+    if name in ("kerple_power", "kerple_log"):
+        r1 = Run(np.asarray(params["r1"], dtype=np.float64)[:, None, None])
+        r2 = Run(np.asarray(params["r2"], dtype=np.float64)[:, None, None])
+        if name == "kerple_power":
+            pw = dist.v**r2.v
+            power = Run(pw, pw, bounds.libm_rel("pow", cd) * pw)
+            lg = np.log(np.where(dist.v == 0, 1.0, dist.v))
+            log_d = Run(lg, np.abs(lg), bounds.libm_rel("log", cd) * np.abs(lg))
+            return {
+                "r1": r_total(r_mul(g, power, u), (1, 2), u),
+                "r2": r_total(r_mul(g, r_mul(r_mul(r1, power, u), log_d, u), u), (1, 2), u),
+            }
+        t = r_mul(r2, dist, u)
+        l1p = r_fn(t, np.log1p(t.v), 1.0 / (1.0 + t.v), bounds.libm_rel("log1p", cd))
+        ratio = r_div(r_mul(r1, dist, u), r_add(Run(1.0), t, u), u)
+        return {"r1": r_total(r_mul(g, l1p, u), (1, 2), u), "r2": r_total(r_mul(g, ratio, u), (1, 2), u)}
+    if name in ("t5", "offset"):
+        delta = np.subtract.outer(np.asarray(q_pos), np.asarray(k_pos))
+        if name == "t5":
+            nbk = len(params["table"][0] if options["layout"] == "heads_buckets" else params["table"])
+            idx = np.vectorize(
+                lambda x: oracle.t5_bucket(
+                    int(x),
+                    bidirectional=options["bidirectional"],
+                    num_buckets=nbk,
+                    max_distance=options["max_distance"],
+                )
+            )(delta)
+        else:
+            kk = (len(params["table"][0]) - 1) // 2
+            nbk = 2 * kk + 1
+            idx = np.clip(delta, -kk, kk) + kk
+        # A scatter-add: each bucket's entries summed (a one-hot product adds exact zeros; n counts every entry).
+        cols = [r_total(g.where((idx == c)[None]), (1, 2), u) for c in range(nbk)]
+        tab = Run(*(np.stack([getattr(c, f) for c in cols], axis=1) for f in ("v", "a", "e")))
+        if name == "t5" and options["layout"] == "buckets_heads":
+            tab = tab.map(lambda x: x.T)
+        return {"table": tab}
+    if name == "sandwich":
+        return {}
+    if name == "tensor":
+        return {"array": g}
+    return _fire_grad_bound(params, options, q_pos, k_pos, g, cd)
+
+
+def _fire_grad_bound(params, options, q_pos, k_pos, g, cd):
+    """FIRE's backward (relpos_ref's order): x = log1p(c|D|) / (log1p(c max(L, i)) + eps), the MLP's backward unit by
+    unit, then dc and dL through x. Raises if a relu pre-activation is within its own error bound of 0 (the branch
+    the library takes would not be certain)."""
+    u = bounds.unit_roundoff(cd)
+    el = bounds.libm_rel("log1p", cd)
+    c = Run(float(params["c"]))
+    big_l = float(params["L"])
+    eps = float(options.get("eps", 0.0))
+    dist = Run(distances(q_pos, k_pos))
+    qf = np.asarray(q_pos, dtype=np.float64)
+    top = Run(np.maximum(qf, big_l))  # max is exact
+    ct = r_mul(c, top, u)
+    den = r_fn(ct, np.log1p(ct.v), 1.0 / (1.0 + ct.v), el)
+    if eps:
+        den = r_add(den, Run(eps), u)
+    cd_ = r_mul(c, dist, u)
+    num = r_fn(cd_, np.log1p(cd_.v), 1.0 / (1.0 + cd_.v), el)
+    x = r_div(num, den.map(lambda t: t[:, None]), u)  # (Sq, Sk)
+    w1 = np.asarray(params["w1"], dtype=np.float64).ravel()
+    b1 = np.asarray(params["b1"], dtype=np.float64)
+    w2 = np.asarray(params["w2"], dtype=np.float64)
+    grads = {"b2": r_total(g, (1, 2), u)}
+    g_w1, g_b1, g_w2 = [], [], []
+    g_x = Run(np.zeros(x.v.shape))
+    for w in range(w1.shape[0]):
+        pre = r_add(r_mul(Run(w1[w]), x, u), Run(b1[w]), u)
+        if np.any(np.abs(pre.v) <= pre.e * bounds.SLACK):
+            msg = f"FIRE unit {w}: a relu pre-activation is within its {cd} error bound of 0 (branch uncertain)"
+            raise ValueError(msg)
+        on = pre.v > 0
+        hidden = pre.where(on)
+        g_w2.append(r_total(r_mul(g, hidden[None], u), (1, 2), u))
+        g_hidden = r_total(r_mul(g, Run(w2[:, w, None, None]), u), 0, u)
+        g_pre = g_hidden.where(on)
+        g_b1.append(r_total(g_pre, (0, 1), u))
+        g_w1.append(r_total(r_mul(g_pre, x, u), (0, 1), u))
+        g_x = r_add(g_x, r_mul(g_pre, Run(w1[w]), u), u)
+
+    def stack(items, axis):
+        return Run(*(np.stack([getattr(t, f) for t in items], axis=axis) for f in ("v", "a", "e")))
+
+    grads["w1"] = stack(g_w1, 0).map(lambda t: t[:, None])
+    grads["b1"] = stack(g_b1, 0)
+    grads["w2"] = stack(g_w2, 1)
+    # dc = sum_i [sum_j g_x |D| / (1 + c|D|)] / den_i - sum_i (sum_j g_x x) top_i / ((1 + c top_i) den_i)
+    # dL = -sum_i (sum_j g_x x) c slope_i / ((1 + c top_i) den_i), slope 1 below the tie, 1/2 at it, 0 above
+    g_xx = r_total(r_mul(g_x, x, u), 1, u)
+    f1 = r_div(dist, r_add(Run(1.0), cd_, u), u)
+    part1 = r_total(r_div(r_total(r_mul(g_x, f1, u), 1, u), den, u), 0, u)
+    one_ct = r_add(Run(1.0), ct, u)
+    part2 = r_total(r_div(r_mul(g_xx, top, u), r_mul(one_ct, den, u), u), 0, u)
+    grads["c"] = r_add(part1, part2, u, sign=-1.0)
+    slope = Run(np.where(qf < big_l, 1.0, np.where(qf == big_l, 0.5, 0.0)))
+    grads["L"] = r_total(r_div(r_mul(r_mul(g_xx, c, u), slope, u), r_mul(one_ct, den, u), u), 0, u)
+    return grads
+
+
+def _finish_bound(r, cd):
+    """First-order bound times bounds.SLACK, plus the smallest subnormal (as bounds._finish for float64/float32)."""
+    return bounds.SLACK * r.e + bounds.smallest_subnormal(cd)
+
+
+def _grad_inputs(cid, shape, salt, den, mod=64):
+    """Closed-form input for one case: the README's affine_mod with coefficients from the case id (crc32)."""
+    seed = zlib.crc32(f"{cid}/{salt}".encode())
+    a = [(seed >> (5 * t)) % 23 + 1 for t in range(len(shape))]
+    return generated(shape, a, (seed >> 27) % mod, mod, mod // 2, den)
+
+
+def _gradient_case(
+    cid,
+    description,
+    *,
+    dims,
+    causal=False,
+    align="bottom_right",
+    scale=None,
+    placement="post_scale",
+    family=None,
+    params=None,
+    options=None,
+    bias=None,
+    mask=None,
+    fully_masked="zero",
+    with_d_lse=False,
+):
+    nb, nh, nkv, sq, sk, d, dv = dims
+    qs, q = _grad_inputs(cid, (nb, nh, sq, d), "q", 16)
+    ks, k = _grad_inputs(cid, (nb, nkv, sk, d), "k", 16)
+    vs, v = _grad_inputs(cid, (nb, nkv, sk, dv), "v", 32)
+    dos, d_out = _grad_inputs(cid, (nb, nh, sq, dv), "d_out", 32)
+    dls, d_lse = _grad_inputs(cid, (nb, nh, sq), "d_lse", 32) if with_d_lse else (None, None)
+    bias_spec, bias_arr = (None, None) if bias is None else bias
+    mask_arr = None if mask is None else np.asarray(mask, dtype=bool)
+    options = dict(options or {})
+    got = oracle.attention_vjp(
+        q.tolist(),
+        k.tolist(),
+        v.tolist(),
+        d_out.tolist(),
+        family=family,
+        params=params,
+        options=options,
+        bias=None if bias_arr is None else bias_arr.tolist(),
+        causal=causal,
+        align=align,
+        scale=scale,
+        placement=placement,
+        mask=None if mask_arr is None else mask_arr.tolist(),
+        fully_masked=fully_masked,
+        d_lse=None if d_lse is None else d_lse.tolist(),
+        dps=DPS,
+    )
+    # Exact bias (B, H, Sq, Sk) and its error in each dtype, for the bound.
+    q_pos, k_pos = oracle.positions(sq, sk, align=align)
+    shape4 = (nb, nh, sq, sk)
+    fam_exact = None
+    if family in ("tensor",):
+        bias4 = np.broadcast_to(np.asarray(params["array"], dtype=np.float64), shape4)
+    elif family is not None:
+        fam_exact = oracle.family_bias(family, params, q_pos, k_pos, options=options, dps=DPS)
+        bias4 = np.broadcast_to(values(fam_exact), shape4)
+    elif bias_arr is not None:
+        bias4 = np.broadcast_to(bias_arr.reshape((1,) * (4 - bias_arr.ndim) + bias_arr.shape), shape4)
+    else:
+        bias4 = None
+    keep = np.ones(shape4, dtype=bool)
+    if causal:
+        keep &= np.asarray(oracle.causal_mask(q_pos, k_pos), dtype=bool)
+    if mask_arr is not None:
+        keep &= np.broadcast_to(mask_arr.reshape((1,) * (4 - mask_arr.ndim) + mask_arr.shape), shape4)
+    if bias4 is not None:
+        keep &= bias4 != -np.inf
+    tau = 1 / math.sqrt(d) if scale is None else scale
+    finite_inputs = [*q.ravel(), *k.ravel(), *v.ravel(), *d_out.ravel(), *([] if d_lse is None else d_lse.ravel())]
+    if bias_arr is not None:
+        finite_inputs += [x for x in bias_arr.ravel().tolist() if math.isfinite(x)]
+    if params:
+        finite_inputs += [x for x in _flatten(list(params.values())) if math.isfinite(x)]
+    dts = dtypes_for(finite_inputs, GRAD_DTYPES)
+    if scale is not None:
+        dts = [t for t in dts if bounds.representable(float(scale), t)] or dts
+
+    expected = {"dq": got["dq"], "dk": got["dk"], "dv": got["dv"]}
+    if family is not None:
+        expected["dbias"] = got["params"]
+    elif bias_arr is not None:
+        expected["dbias"] = got["dbias"]
+    else:
+        expected["dbias"] = None
+
+    tolerance = {}
+    for dt in dts:
+        cd = bounds.compute_dtype(dt)
+        if fam_exact is not None:
+            berr = np.broadcast_to(family_bias_error(family, params, options, q_pos, k_pos, fam_exact, dt), shape4)
+        else:
+            berr = np.zeros(shape4)
+        r = attention_grad_bound(
+            q,
+            k,
+            v,
+            d_out,
+            d_lse,
+            bias4,
+            berr,
+            keep,
+            tau,
+            _scale_err(tau, scale is None, cd),
+            placement,
+            dt,
+        )
+        tol = {n: fit_tolerance(_finish_bound(r[n], cd), values(expected[n])) for n in ("dq", "dk", "dv")}
+        db = r["dbias"]
+        u = bounds.unit_roundoff(cd)
+        if family is not None:
+            g = r_total(db, 0, u)
+            pb = family_grad_bound(family, params, options, q_pos, k_pos, g, dt)
+            tol["dbias"] = {n: fit_tolerance(_finish_bound(pb[n], cd), values(expected["dbias"][n])) for n in pb}
+        elif bias_arr is not None:
+            dims4 = (1,) * (4 - bias_arr.ndim) + bias_arr.shape
+            axes = tuple(ax for ax in range(4) if dims4[ax] == 1 and shape4[ax] != 1)
+            red = r_total(db, axes, u, keepdims=True) if axes else db
+            tol["dbias"] = fit_tolerance(_finish_bound(red, cd).reshape(bias_arr.shape), values(expected["dbias"]))
+        else:
+            tol["dbias"] = None
+        tolerance[dt] = tol
+
+    def exact_out(x):
+        return None if x is None else nested(_decimal, x)
+
+    return {
+        "id": cid,
+        "kind": "attention_vjp",
+        "description": description,
+        "q": qs,
+        "k": ks,
+        "v": vs,
+        "d_out": dos,
+        "d_lse": dls,
+        "family": None
+        if family is None
+        else {
+            "name": family,
+            "parameters": {n: nested(s, p) for n, p in params.items()},
+            "options": {n: (s(o) if n == "eps" else o) for n, o in options.items()},
+        },
+        "bias": None if bias_arr is None else (bias_spec if bias_spec is not None else nested(s, bias_arr.tolist())),
+        "mask": None if mask_arr is None else mask_arr.astype(int).tolist(),
+        "causal": causal,
+        "align": align,
+        "scale": None if scale is None else s(scale),
+        "placement": placement,
+        "fully_masked": fully_masked,
+        "dtypes": dts,
+        "expected": {
+            n: (
+                {m: exact_out(t) for m, t in expected[n].items()}
+                if isinstance(expected[n], dict)
+                else exact_out(expected[n])
+            )
+            for n in ("dq", "dk", "dv", "dbias")
+        },
+        "tolerance": tolerance,
+    }
+
+
+def _decimal(x) -> str:
+    """An oracle mpf as DIGITS significant digits, exactly.
+
+    ``oracle.to_decimal_string`` converts its argument with ``oracle._num``, which passes an mpf of the oracle's
+    private context through ``float()`` (it is not an instance of ``mpmath.mpf``), keeping only 17 digits; the exact
+    Fraction of the mpf goes through unchanged.
+    """
+    if x != x or abs(x) == math.inf:
+        return oracle.to_decimal_string(float(x), DIGITS, dps=DPS)
+    num, den = mpmath.libmp.to_rational(x._mpf_)
+    return oracle.to_decimal_string(Fraction(num, den), DIGITS, dps=DPS)
+
+
+FIRE_W = {
+    "w1": [[1.5], [-2.25], [0.75]],
+    "b1": [-0.375, 1.0625, 0.0625],
+    "w2": [[0.5, -1.0, 2.0], [-0.25, 0.75, 1.25]],
+    "b2": [0.125, -0.5],
+}
+
+
+def gradient_cases():
+    h2 = (1, 2, 1, 4, 6, 4, 4)  # B, H, Hkv, Sq, Sk, D, Dv
+    sq6 = (1, 2, 2, 6, 6, 4, 3)
+    specs = [
+        (
+            "grad-none-H2-Sq4-Sk4",
+            "no bias, not causal, two query heads on one kv head, default scale 1/sqrt(4)",
+            {"dims": (1, 2, 1, 4, 4, 4, 4)},
+        ),
+        (
+            "grad-none-D3-Sq3-Sk5-causal-top_left",
+            "no bias, Sq < Sk, causal top_left, D = 3 (default scale 1/sqrt(3), not representable)",
+            {"dims": (1, 2, 2, 3, 5, 3, 2), "causal": True, "align": "top_left"},
+        ),
+    ]
+    for placement in ("post_scale", "pre_scale"):
+        specs.append(
+            (
+                f"grad-alibi-H2-Sq4-Sk6-causal-{placement}",
+                f"ALiBi slopes 0.5, 0.25; causal bottom_right, Sq < Sk, {placement}",
+                {"dims": h2, "causal": True, "placement": placement, "family": "alibi",
+                 "params": {"slopes": [0.5, 0.25]}},
+            )
+        )  # fmt: skip
+    specs += [
+        (
+            "grad-alibi-B2-H4-Hkv2-Sq5-Sk5-causal",
+            "grouped-query heads (4 query heads on 2 kv heads), batch 2, official 4-head ALiBi slopes, causal",
+            {"dims": (2, 4, 2, 5, 5, 4, 4), "causal": True, "family": "alibi",
+             "params": {"slopes": [0.25, 0.0625, 0.015625, 0.00390625]}},
+        ),
+        (
+            "grad-kerple_power-Sq5-Sk5-causal",
+            "KERPLE power r1 = (0.75, 1.5), r2 = (2, 0.5); causal square: Delta = 0 on the diagonal (d/dr2 is 0 there)",
+            {"dims": (1, 2, 1, 5, 5, 4, 4), "causal": True, "family": "kerple_power",
+             "params": {"r1": [0.75, 1.5], "r2": [2.0, 0.5]}},
+        ),
+        (
+            "grad-kerple_log-Sq3-Sk6-causal-top_left",
+            "KERPLE log r1 = (0.5, 2), r2 = (1, 0.125); Sq < Sk, causal top_left",
+            {"dims": (1, 2, 2, 3, 6, 4, 4), "causal": True, "align": "top_left", "family": "kerple_log",
+             "params": {"r1": [0.5, 2.0], "r2": [1.0, 0.125]}},
+        ),
+        (
+            "grad-t5-bidirectional-heads_buckets-Sq5-Sk6",
+            "T5 table (H, B) = (2, 8), bidirectional, max_distance 5, not causal (keys on both sides), scale 1",
+            {"dims": (1, 2, 1, 5, 6, 4, 4), "scale": 1.0, "family": "t5",
+             "params": {"table": [[(3 * j - 11 * h) % 17 / 8 - 1 for j in range(8)] for h in range(2)]},
+             "options": {"bidirectional": True, "max_distance": 5, "layout": "heads_buckets"}},
+        ),
+        (
+            "grad-t5-causal-buckets_heads-Sq6-Sk6",
+            "T5 table (B, H) = (8, 2), unidirectional, max_distance 6, causal, scale 1",
+            {"dims": sq6, "causal": True, "scale": 1.0, "family": "t5",
+             "params": {"table": [[(5 * j + 7 * h) % 13 / 8 - 0.75 for h in range(2)] for j in range(8)]},
+             "options": {"bidirectional": False, "max_distance": 6, "layout": "buckets_heads"}},
+        ),
+        (
+            "grad-offset-K2-Sq5-Sk6-pre_scale",
+            "per-offset table (H, 2K+1), K = 2, clipped on both sides; not causal, pre_scale",
+            {"dims": (1, 2, 1, 5, 6, 4, 4), "placement": "pre_scale", "family": "offset",
+             "params": {"table": [[(7 * j + 3 * h) % 11 / 4 - 1.25 for j in range(5)] for h in range(2)]}},
+        ),
+        (
+            "grad-fire-L3-tie-Sq6-Sk6-causal",
+            "FIRE width 3, c = 0.25, L = 3: query positions 0..5 give rows with i < L, i == L (dL counted 1/2) and "
+            "i > L; causal",
+            {"dims": sq6, "causal": True, "family": "fire", "params": {**FIRE_W, "c": 0.25, "L": 3.0},
+             "options": {"eps": 0.0}},
+        ),
+        (
+            "grad-fire-L8-eps-Sq4-Sk6-pre_scale",
+            "FIRE width 3, c = 0.125, L = 8 (every i < L), eps = 2**-10; causal, pre_scale",
+            {"dims": h2, "causal": True, "placement": "pre_scale", "family": "fire",
+             "params": {**FIRE_W, "c": 0.125, "L": 8.0}, "options": {"eps": 2.0**-10}},
+        ),
+        (
+            "grad-sandwich-d8-Sq4-Sk6-causal",
+            "Sandwich (no parameters), head_dim 8, 2 heads; causal",
+            {"dims": h2, "causal": True, "family": "sandwich", "params": {},
+             "options": {"num_heads": 2, "head_dim": 8}},
+        ),
+        (
+            "grad-tensor-minus-inf-Sq4-Sk5-pre_scale",
+            "TensorBias (H, Sq, Sk) with one -inf entry (a mask: zero gradient there); not causal, pre_scale",
+            {"dims": (1, 2, 1, 4, 5, 4, 4), "placement": "pre_scale", "family": "tensor",
+             "params": {"array": [[[-np.inf if (h, i, j) == (1, 2, 3) else ((5 * i + 3 * j + 7 * h) % 13) / 8 - 1
+                                    for j in range(5)] for i in range(4)] for h in range(2)]}},
+        ),
+        (
+            "grad-array-bias-B2-H4-Hkv2-Sq3-Sk5-causal",
+            "bias array (H, Sq, Sk) broadcast over batch 2 (its gradient sums the batch); 4 query heads on 2 kv "
+            "heads; causal bottom_right",
+            {"dims": (2, 4, 2, 3, 5, 4, 4), "causal": True, "bias": _grad_inputs("array-bias-B2", (4, 3, 5), "b", 8)},
+        ),
+        (
+            "grad-alibi-Sq6-Sk3-causal-fully-masked-zero-d_lse",
+            "Sq > Sk causal bottom_right: queries 0..2 see no key (fully_masked='zero': zero gradients, their d_lse "
+            "ignored); d_lse on every row",
+            {"dims": (1, 2, 1, 6, 3, 4, 4), "causal": True, "family": "alibi", "params": {"slopes": [0.5, 0.25]},
+             "with_d_lse": True},
+        ),
+        (
+            "grad-d_lse-B2-full-bias-Sq4-Sk5",
+            "d_lse (lse cotangent) with a full (B, H, Sq, Sk) bias array, not causal",
+            {"dims": (2, 2, 1, 4, 5, 4, 4), "with_d_lse": True,
+             "bias": _grad_inputs("d_lse-B2-full-bias", (2, 2, 4, 5), "b", 8)},
+        ),
+        (
+            "grad-mask-Sq5-Sk4-bias-Sq-Sk",
+            "boolean mask (Sq, Sk) with one fully masked row (fully_masked='zero') and a bias (Sq, Sk) broadcast "
+            "over batch and heads",
+            {"dims": (1, 2, 1, 5, 4, 4, 4),
+             "mask": [[1, 0, 1, 1], [0, 0, 0, 0], [1, 1, 0, 1], [0, 1, 1, 1], [1, 1, 1, 0]],
+             "bias": _grad_inputs("mask-bias", (5, 4), "b", 8)},
+        ),
+        (
+            "grad-none-Sq5-Sk3-causal-fully-masked-nan",
+            "Sq > Sk causal bottom_right with fully_masked='nan': NaN dq rows, NaN dk and dv of the kv head",
+            {"dims": (1, 2, 1, 5, 3, 4, 4), "causal": True, "fully_masked": "nan"},
+        ),
+    ]  # fmt: skip
+    return [(cid, lambda cid=cid, desc=desc, kw=kw: _gradient_case(cid, desc, **kw)) for cid, desc, kw in specs]
+
+
 FILES: dict[str, tuple[str, Callable[[], list]]] = {
     "t5.json": ("t5", t5_cases),
     "offset.json": ("offset", offset_cases),
@@ -984,6 +1570,7 @@ FILES: dict[str, tuple[str, Callable[[], list]]] = {
     "sandwich.json": ("sandwich", sandwich_cases),
     "softmax.json": ("softmax", softmax_cases),
     "attention.json": ("attention", attention_cases),
+    "gradients.json": ("gradients", gradient_cases),
 }
 
 
