@@ -101,7 +101,7 @@ def attention_vjp(
     parameter gradients accumulate tile by tile. Masked entries have zero gradient. A query with nothing to attend
     contributes nothing under ``fully_masked="zero"``; under ``"nan"`` its NaN spreads as through autograd of a naive
     softmax: its dq row and bias-gradient row, dk and dv of its (batch, key/value head), and every parameter gradient
-    of a family are NaN.
+    of a family are NaN (for a TensorBias or a bias array, only its row).
     """
     a = _prepare(q, k, v, bias, causal, align, scale, placement, mask, fully_masked, block_size, kv_block_size, xp)
     xp = a.xp

@@ -184,3 +184,29 @@ def test_backward_is_streamed():
         tracemalloc.stop()
     full = 4096 * 4096 * 8
     assert peak < full / 8, f"peak {peak / 2**20:.1f} MiB against {full / 2**20:.0f} MiB for one full logits array"
+
+
+@pytest.mark.parametrize("family", ["tensor", "alibi", None])
+def test_nan_mode_matches_the_oracle(family):
+    # Sq = 4 > Sk = 2, causal, bottom-right: queries 0 and 1 see nothing. The NaN pattern and the finite values agree
+    # with central differences of the oracle (which writes NaN where autograd through a naive softmax puts it).
+    from relpos_ref import oracle
+
+    q, k, v, d_out = _inputs(nb=1, nh=2, nkv=1, sq=4, sk=2, d=2, dv=2, seed=10)
+    rng = np.random.default_rng(11)
+    params, bias = None, None
+    if family == "tensor":
+        params = {"array": rng.standard_normal((2, 4, 2))}
+        bias = rp.TensorBias(params["array"])
+    elif family == "alibi":
+        params = {"slopes": np.array([0.5, 0.25])}
+        bias = rp.ALiBi(params["slopes"])
+    got = rp.attention_vjp(q, k, v, d_out, bias=bias, causal=True, fully_masked="nan")
+    want = oracle.attention_vjp(q, k, v, d_out, family=family, params=params, causal=True, fully_masked="nan", dps=30)
+    pairs = [(got.dq, want["dq"]), (got.dk, want["dk"]), (got.dv, want["dv"])]
+    if family is not None:
+        pairs += [(got.dbias[n], want["params"][n]) for n in params]
+    for a, w in pairs:
+        w = np.array([float(x) for x in np.asarray(w, dtype=object).reshape(-1)]).reshape(np.shape(a))
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(w))
+        np.testing.assert_allclose(a[~np.isnan(a)], w[~np.isnan(w)], rtol=1e-12, atol=1e-14)
