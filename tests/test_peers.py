@@ -1,5 +1,8 @@
 """The conformance harness on real peers (PyTorch, HF transformers): the verdicts recorded in spec/peers.md.
 
+Forward cases run ``check_bias``/``check_buckets``/``check_attention`` on the peers' functions; backward cases
+(``bwd_*``) run ``check_attention_backward`` on PyTorch autograd through them.
+
 Needs the ``peers`` extra (``pip install -e ".[test,peers]"``; PyTorch CPU is enough); skipped without it. Each case
 asserts the verdict the harness gives a real library function, and the diagnosis phrase for a convention difference,
 so a change in a peer (or in the harness) that alters a recorded verdict fails here.
@@ -28,11 +31,22 @@ def test_peer_verdict(case):
     report, _ = peers.run_case(case)
     assert report.passed == case.expect_pass, report.text()
     if case.expect_text is not None:
-        text = " ".join(d for c in report.failures for d in (*c.diagnosis, *c.details))
+        # A candidate that raises is described by its exception (the summary of an "error" check).
+        text = " ".join(
+            d
+            for c in report.failures
+            for d in (*c.diagnosis, *c.details, *([c.summary] if c.status == "error" else []))
+        )
         assert case.expect_text in text, report.text()
     if not case.expect_pass:
         # A convention difference must come with an explanation from the harness, not just a failure.
-        assert all(c.diagnosis for c in report.failures if c.status == "failed" and ".values." in c.name), report.text()
+        value_checks = [c for c in report.failures if c.status == "failed" and _is_value_check(c.name)]
+        assert all(c.diagnosis for c in value_checks), report.text()
+
+
+def _is_value_check(name):
+    """bias.values.<case> and the backward harness's backward.<gradient>.<case>."""
+    return ".values." in name or (name.startswith("backward.") and name.count(".") == 2)
 
 
 def test_spec_table_matches_recorded_verdicts():

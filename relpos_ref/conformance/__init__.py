@@ -1,12 +1,12 @@
-"""Conformance harness: test any bias, bucket or attention implementation against relpos_ref.
+"""Conformance harness: test any bias, bucket, attention or attention-gradient implementation against relpos_ref.
 
 Three ways in:
 
-1. Python: :func:`check_bias`, :func:`check_buckets`, :func:`check_attention` return a :class:`Report` (``passed``,
-   one :class:`CheckResult` per check with errors, first mismatch, diagnosis and a reproduction snippet,
-   ``to_json()``, a text table via ``str(report)``).
+1. Python: :func:`check_bias`, :func:`check_buckets`, :func:`check_attention`, :func:`check_attention_backward`
+   return a :class:`Report` (``passed``, one :class:`CheckResult` per check with errors, first mismatch, diagnosis
+   and a reproduction snippet, ``to_json()``, a text table via ``str(report)``).
 2. pytest: :func:`parametrize_with_checks` over :func:`bias_checks` / :func:`attention_checks` /
-   :func:`bucket_checks`, with known divergences marked.
+   :func:`attention_backward_checks` / :func:`bucket_checks`, with known divergences marked.
 3. ``relpos-ref conform MODULE:FUNCTION ...`` on the command line, or
    ``RELPOS_REF_IMPL=MODULE:FUNCTION RELPOS_REF_ARGS="..." pytest --pyargs relpos_ref.conformance``.
 
@@ -23,6 +23,7 @@ import numpy as np
 from ._arrays import to_host
 from ._core import Check, run_checks
 from .attention import AttentionShape, attention_checks, attention_inputs, check_attention, hand_over
+from .backward import attention_backward_checks, backward_inputs, check_attention_backward
 from .bias import bias_checks, check_bias
 from .buckets import bucket_checks, check_buckets
 from .plugin import load_target, parametrize_with_checks
@@ -39,11 +40,14 @@ __all__ = [
     "ConformanceError",
     "Report",
     "as_numpy",
+    "attention_backward_checks",
     "attention_checks",
     "attention_inputs",
+    "backward_inputs",
     "bias_checks",
     "bucket_checks",
     "check_attention",
+    "check_attention_backward",
     "check_bias",
     "check_buckets",
     "hand_over",

@@ -18,6 +18,7 @@ from .. import alibi, fire, kerple, offset, sandwich, t5
 from ..family import BiasFamily
 from ._core import Check, _match_expected, run_checks
 from .attention import attention_checks
+from .backward import attention_backward_checks
 from .bias import bias_checks
 from .buckets import bucket_checks
 from .plugin import load_target
@@ -31,6 +32,7 @@ examples:
   relpos-ref conform mypkg.bias:alibi --family alibi --heads 12 --causal --equivalence row_shift
   relpos-ref conform mypkg.bias:t5 --family t5 --params t5_table.npz --layout buckets_heads --no-bidirectional
   relpos-ref conform mypkg.attn:forward --kind attention --family alibi --heads 8 --causal --dtype float16 --xp torch
+  relpos-ref conform mypkg.attn:backward --kind backward --family alibi --heads 8 --causal --xp torch
   relpos-ref conform mypkg.t5:bucket --kind buckets --bidirectional
   relpos-ref conform mypkg.bias:fire --reference mypkg.bias:REFERENCE_FIRE --json report.json
 
@@ -43,11 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "target",
         metavar="MODULE:FUNCTION",
         help="the candidate: candidate(q_pos, k_pos) for --kind bias, candidate(delta) for buckets, "
-        "candidate(q, k, v) for attention",
+        "candidate(q, k, v) for attention, candidate(q, k, v, d_out) -> (dq, dk, dv) or a mapping with dq, dk, dv "
+        "and parameter gradients for backward",
     )
     p.add_argument(
         "--kind",
-        choices=("bias", "attention", "buckets"),
+        choices=("bias", "attention", "backward", "buckets"),
         default="bias",
         help="what the candidate computes (default: bias)",
     )
@@ -56,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--family",
         choices=FAMILIES,
         default=None,
-        help="bias family of the reference (bias: required unless --reference; attention: default none)",
+        help="bias family of the reference (bias: required unless --reference; attention, backward: default none)",
     )
     g.add_argument("--heads", type=int, help="number of heads H (alibi, sandwich)")
     g.add_argument(
@@ -89,7 +92,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=("float64", "float32", "float16", "bfloat16"),
         default=None,
-        help="bias: dtype whose tolerance applies (default: the output's); attention: input dtype (default float32)",
+        help="bias: dtype whose tolerance applies (default: the output's); attention, backward: input dtype "
+        "(default float32)",
     )
     c.add_argument("--rtol", type=float, help="override the tolerance rule: |c - r| <= atol + rtol |r|")
     c.add_argument("--atol", type=float, help="override the tolerance rule: |c - r| <= atol + rtol |r|")
@@ -205,6 +209,25 @@ def build_checks(args: argparse.Namespace, candidate: Any = None) -> list[Check]
             dtype=args.dtype,
             rtol=args.rtol,
             atol=args.atol,
+            target=target,
+        )
+    if args.kind == "backward":
+        if args.with_lse:
+            raise ValueError("--with-lse: applies to --kind attention, not backward")
+        return attention_backward_checks(
+            candidate,
+            bias=ref,
+            causal=args.causal,
+            align=args.align,
+            placement=args.placement,
+            scale=args.scale,
+            dtype=args.dtype or "float32",
+            xp=args.xp,
+            device=args.device,
+            fully_masked=args.fully_masked,
+            rtol=args.rtol,
+            atol=args.atol,
+            seed=args.seed,
             target=target,
         )
     return attention_checks(

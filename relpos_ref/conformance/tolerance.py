@@ -13,6 +13,12 @@ with its sources):
   where :math:`p` is :func:`plain_attention` (every elementwise result rounded to the dtype, matrix products
   accumulated in float32, float64 for float64 inputs). The floor :math:`f` keeps float64 and float32, whose plain error
   can be a few ulps, from demanding less than the spread between correct summation orders.
+* **Attention gradients** (dq, dk, dv and the bias family's parameter gradients, each array on its own): the same
+  rule, with :math:`\max|p - r_{64}|` the larger error of the two plain materialised backwards of
+  :func:`plain_attention_vjp` in the candidate's dtype (autograd's, and FlashAttention-2's recompute of the
+  probabilities from the log-sum-exp). The second matters in float32 with large logits, where the lse's rounding
+  (an ulp of the largest logit) moves every recomputed probability: a correct FlashAttention-style float32 backward
+  measured up to 2.8x less accurate there than autograd's, and would fail a bound built from autograd alone.
 * **Bias tensors** (no baseline applies: a bias is a short formula of the positions and the parameters, with no
   shape-dependent accumulation): a fixed normwise tolerance per dtype,
   :math:`\max|c - r_{64}| \le t_{\mathrm{dtype}} \max(1, \max|r_{64}|)`.
@@ -39,6 +45,7 @@ __all__ = [
     "attention_tolerance",
     "bias_tolerance",
     "plain_attention",
+    "plain_attention_vjp",
     "rule_text",
 ]
 
@@ -127,7 +134,11 @@ def attention_tolerance(
 
 
 def rule_text(kind: str = "all") -> str:
-    """The rule in one line, printed in every report header; ``kind`` in {"bias", "attention", "buckets", "all"}."""
+    """The rule in one line, printed in every report header.
+
+    ``kind`` in {"bias", "attention", "backward", "buckets", "all"}; "all" states the three cases of the forward
+    harness (the backward one is the attention rule with another baseline).
+    """
     bias = ", ".join(f"{k} {v:.1e}" for k, v in BIAS_TOLERANCES.items())
     floors = ", ".join(f"{k} {v:.0e}" for k, v in ATTENTION_FLOORS.items())
     parts = {
@@ -138,7 +149,14 @@ def rule_text(kind: str = "all") -> str:
         ),
         "bias": f"bias: max|cand - ref64| <= t x max(1, max|ref64|), t {bias} (fixed per dtype)",
     }
-    text = " | ".join(parts.values()) if kind == "all" else parts[kind]
+    if kind == "backward":
+        text = (
+            f"attention gradients (dq, dk, dv, parameter gradients): max|cand - ref64| <= {ATTENTION_K:g} x "
+            f"max|plain same-dtype materialised backward - ref64| (the larger of autograd's and FlashAttention-2's "
+            f"lse recompute) + floor x max(1, max|ref64|), floor {floors}, per array (FlashAttention's rule)"
+        )
+    else:
+        text = " | ".join(parts.values()) if kind == "all" else parts[kind]
     return text + "; float64 reference on the inputs the candidate saw (spec/tolerances.md, conformance tolerance rule)"
 
 
@@ -198,3 +216,123 @@ def plain_attention(
     if dtype in ("float64", "float32"):
         lse = round_to(lse, dtype)
     return out.astype(np.float64), lse
+
+
+def plain_attention_vjp(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    d_out: np.ndarray,
+    bias: np.ndarray | None,
+    keep: np.ndarray | None,
+    *,
+    scale: float,
+    placement: str,
+    dtype: str,
+    method: str = "autograd",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    r"""Naive attention backward in ``dtype``: the baseline of the gradient tolerance rule.
+
+    The forward of :func:`plain_attention`, kept materialised, then the chain rule: :math:`\bar V = P^\top \bar O`,
+    :math:`\bar P = \bar O V^\top`, :math:`\bar z = P \odot (\bar P - \delta)`, :math:`\bar Q = \tau \bar z K`,
+    :math:`\bar K = \tau \bar z^\top Q` per query head, then summed over the query heads of each key/value head
+    (the gradient of ``repeat_interleave``). Two ways to get :math:`P` and :math:`\delta`, both common:
+
+    * ``method="autograd"``: what autograd of the plain forward does: the forward's probabilities and
+      :math:`\delta_i = \sum_j P_{ij} \bar P_{ij}`.
+    * ``method="recompute"``: FlashAttention-2's backward, materialised: :math:`P = \exp(z - \mathrm{lse})` from the
+      rounded log-sum-exp and :math:`\delta_i = \bar O_i \cdot O_i` from the rounded output. Its probabilities carry
+      the rounding of the lse, about one ulp of the largest logit, so it is the less accurate of the two when logits
+      are large.
+
+    Every elementwise result and every sum is rounded to ``dtype``; matrix products accumulate in float32 (float64
+    for float64). Inputs are float64 arrays of values representable in ``dtype``; ``bias`` (B|1, H, Sq, Sk) is
+    rounded to ``dtype`` first.
+
+    Returns
+    -------
+    dq (B, H, Sq, D), dk (B, H_kv, Sk, D), dv (B, H_kv, Sk, Dv) and the cotangent of the bias summed over the batch,
+    (H, Sq, Sk) (None without a bias), as float64 arrays of the rounded values. Queries that see no key get zero
+    gradients.
+    """
+    if method not in ("autograd", "recompute"):
+        msg = f"method: expected 'autograd' or 'recompute', got {method!r}"
+        raise ValueError(msg)
+    parts = _plain_backward(
+        q, k, v, d_out, bias, keep, scale=scale, placement=placement, dtype=dtype, recompute=method == "recompute"
+    )
+    return parts["dq"], parts["dk"], parts["dv"], parts["dbias"]
+
+
+def _plain_backward(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    d_out: np.ndarray,
+    bias: np.ndarray | None,
+    keep: np.ndarray | None,
+    *,
+    scale: float,
+    placement: str,
+    dtype: str,
+    recompute: bool = False,
+) -> dict[str, Any]:
+    """:func:`plain_attention_vjp` with its intermediate ``dz`` (per query head), for the harness's hypotheses."""
+    acc = np.float64 if dtype == "float64" else np.float32
+    nd = numpy_dtype(dtype)
+
+    def rnd(x: np.ndarray) -> np.ndarray:
+        return np.asarray(x).astype(nd).astype(acc)
+
+    def tr(x: np.ndarray) -> np.ndarray:
+        return np.swapaxes(x, -1, -2)
+
+    nb, nh = q.shape[:2]
+    nkv = k.shape[1]
+    group = nh // nkv
+    qq = q.astype(acc)
+    kk = np.repeat(k, group, axis=1).astype(acc)
+    vv = np.repeat(v, group, axis=1).astype(acc)
+    do = d_out.astype(acc)
+    s = rnd(qq @ tr(kk))
+    sc = acc(scale) if dtype != "float64" else scale
+    if bias is not None:
+        b = rnd(bias)
+        z = rnd(rnd(s * sc) + b) if placement == "post_scale" else rnd(rnd(s + b) * sc)
+    else:
+        z = rnd(s * sc)
+    if keep is not None:
+        z = np.where(keep, z, -np.inf)
+    m = np.max(z, axis=-1, keepdims=True)
+    empty = m == -np.inf
+    m = np.where(empty, 0.0, m).astype(acc)
+    e = rnd(np.exp(rnd(z - m)))
+    total = np.where(empty, 1.0, rnd(np.sum(e, axis=-1, keepdims=True, dtype=acc))).astype(acc)
+    p = rnd(e / total)
+    dp = rnd(do @ tr(vv))
+    if recompute:
+        out = rnd(p @ vv)
+        lse = rnd(m + rnd(np.log(total)))  # empty rows: lse 0 and every z -inf, so P = 0
+        p = rnd(np.exp(rnd(z - lse)))
+        row = rnd(np.sum(rnd(do * out), axis=-1, keepdims=True, dtype=acc))
+    else:
+        row = rnd(np.sum(rnd(p * dp), axis=-1, keepdims=True, dtype=acc))
+    dv_h = rnd(tr(p) @ do)
+    dz = rnd(p * rnd(dp - row))
+    ds = rnd(dz * sc)
+    db = dz if placement == "post_scale" else ds
+    dq = rnd(ds @ kk)
+    dk_h = rnd(tr(ds) @ qq)
+
+    def fold(x: np.ndarray) -> np.ndarray:
+        if group == 1:
+            return x
+        return rnd(np.sum(np.reshape(x, (nb, nkv, group, *x.shape[2:])), axis=2, dtype=acc))
+
+    return {
+        "dq": dq.astype(np.float64),
+        "dk": fold(dk_h).astype(np.float64),
+        "dv": fold(dv_h).astype(np.float64),
+        "dbias": None if bias is None else rnd(np.sum(db, axis=0, dtype=acc)).astype(np.float64),
+        "dz": dz.astype(np.float64),
+    }
