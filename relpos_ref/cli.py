@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser(
         "conform",
-        help="check an implementation (bias, T5 buckets or attention) against the reference",
+        help="check an implementation (bias, T5 buckets, attention or its backward) against the reference",
         description=(
             "Run the conformance harness on MODULE:FUNCTION: compare it with the float64 reference under the named "
             "conventions, run the property checks, print a table with the first mismatch, a diagnosis and a "
