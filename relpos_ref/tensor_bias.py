@@ -48,13 +48,7 @@ class TensorBias(BiasFamily):
 
     def bias(self, q_pos: Any, k_pos: Any, *, heads: Any = None) -> Any:
         xp = _positions_pair(q_pos, k_pos, self.xp)
-        _, sq, sk = self.shape
-        if (q_pos.shape[0], k_pos.shape[0]) != (sq, sk):
-            msg = (
-                f"q_pos, k_pos: expected lengths ({sq}, {sk}) matching the tensor's (Sq, Sk), "
-                f"got ({q_pos.shape[0]}, {k_pos.shape[0]})"
-            )
-            raise ValueError(msg)
+        self._check_positions(q_pos, k_pos)
         arr = self._params["array"]
         if heads is None:
             return xp.asarray(arr, copy=True)

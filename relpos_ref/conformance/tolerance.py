@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -182,36 +182,11 @@ def plain_attention(
     -------
     out (B, H, Sq, Dv), lse (B, H, Sq) as float64 arrays of the rounded values.
     """
-    acc = np.float64 if dtype == "float64" else np.float32
-    nd = numpy_dtype(dtype)
-
-    def rnd(x: np.ndarray) -> np.ndarray:
-        return np.asarray(x).astype(nd).astype(acc)
-
-    nh = q.shape[1]
-    nkv = k.shape[1]
-    group = nh // nkv
-    kk = np.repeat(k, group, axis=1).astype(acc)
-    vv = np.repeat(v, group, axis=1).astype(acc)
-    s = rnd(np.matmul(q.astype(acc), np.swapaxes(kk, -1, -2)))
-    sc = acc(scale) if dtype != "float64" else scale
-    if bias is not None:
-        b = rnd(bias)
-        s = rnd(rnd(s * sc) + b) if placement == "post_scale" else rnd(rnd(s + b) * sc)
-    else:
-        s = rnd(s * sc)
-    if keep is not None:
-        s = np.where(keep, s, -np.inf)
-    m = np.max(s, axis=-1, keepdims=True)
-    empty = m == -np.inf
-    m = np.where(empty, 0.0, m).astype(acc)
-    e = rnd(np.exp(rnd(s - m)))
-    total = rnd(np.sum(e, axis=-1, keepdims=True, dtype=acc))
-    safe = np.where(empty, 1.0, total).astype(acc)
-    p = rnd(e / safe)
-    out = rnd(np.matmul(p, vv))
+    f = _plain_forward(q, k, v, bias, keep, scale=scale, placement=placement, dtype=dtype)
+    rnd, empty = f.rnd, f.empty
+    out = rnd(np.matmul(f.p, f.vv))
     out = np.where(empty, 0.0, out)
-    lse = (m + np.log(safe))[..., 0].astype(np.float64)
+    lse = (f.m + np.log(f.total))[..., 0].astype(np.float64)
     lse = np.where(empty[..., 0], -np.inf, lse)
     if dtype in ("float64", "float32"):
         lse = round_to(lse, dtype)
@@ -278,11 +253,8 @@ def _plain_backward(
     recompute: bool = False,
 ) -> dict[str, Any]:
     """:func:`plain_attention_vjp` with its intermediate ``dz`` (per query head), for the harness's hypotheses."""
-    acc = np.float64 if dtype == "float64" else np.float32
-    nd = numpy_dtype(dtype)
-
-    def rnd(x: np.ndarray) -> np.ndarray:
-        return np.asarray(x).astype(nd).astype(acc)
+    f = _plain_forward(q, k, v, bias, keep, scale=scale, placement=placement, dtype=dtype)
+    acc, rnd, qq, kk, vv, sc, z, m, total, p = f.acc, f.rnd, f.qq, f.kk, f.vv, f.sc, f.z, f.m, f.total, f.p
 
     def tr(x: np.ndarray) -> np.ndarray:
         return np.swapaxes(x, -1, -2)
@@ -290,25 +262,7 @@ def _plain_backward(
     nb, nh = q.shape[:2]
     nkv = k.shape[1]
     group = nh // nkv
-    qq = q.astype(acc)
-    kk = np.repeat(k, group, axis=1).astype(acc)
-    vv = np.repeat(v, group, axis=1).astype(acc)
     do = d_out.astype(acc)
-    s = rnd(qq @ tr(kk))
-    sc = acc(scale) if dtype != "float64" else scale
-    if bias is not None:
-        b = rnd(bias)
-        z = rnd(rnd(s * sc) + b) if placement == "post_scale" else rnd(rnd(s + b) * sc)
-    else:
-        z = rnd(s * sc)
-    if keep is not None:
-        z = np.where(keep, z, -np.inf)
-    m = np.max(z, axis=-1, keepdims=True)
-    empty = m == -np.inf
-    m = np.where(empty, 0.0, m).astype(acc)
-    e = rnd(np.exp(rnd(z - m)))
-    total = np.where(empty, 1.0, rnd(np.sum(e, axis=-1, keepdims=True, dtype=acc))).astype(acc)
-    p = rnd(e / total)
     dp = rnd(do @ tr(vv))
     if recompute:
         out = rnd(p @ vv)
@@ -336,3 +290,56 @@ def _plain_backward(
         "dbias": None if bias is None else rnd(np.sum(db, axis=0, dtype=acc)).astype(np.float64),
         "dz": dz.astype(np.float64),
     }
+
+
+class _Plain(NamedTuple):
+    acc: Any
+    rnd: Any
+    qq: np.ndarray
+    kk: np.ndarray
+    vv: np.ndarray
+    sc: Any
+    z: np.ndarray
+    m: np.ndarray
+    empty: np.ndarray
+    total: np.ndarray
+    p: np.ndarray
+
+
+def _plain_forward(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    bias: np.ndarray | None,
+    keep: np.ndarray | None,
+    *,
+    scale: float,
+    placement: str,
+    dtype: str,
+) -> _Plain:
+    """The materialised forward shared by the plain baselines: logits, row maximum, sum (1 on empty rows), P."""
+    acc = np.float64 if dtype == "float64" else np.float32
+    nd = numpy_dtype(dtype)
+
+    def rnd(x: np.ndarray) -> np.ndarray:
+        return np.asarray(x).astype(nd).astype(acc)
+
+    group = q.shape[1] // k.shape[1]
+    qq = q.astype(acc)
+    kk = np.repeat(k, group, axis=1).astype(acc)
+    vv = np.repeat(v, group, axis=1).astype(acc)
+    s = rnd(np.matmul(qq, np.swapaxes(kk, -1, -2)))
+    sc = acc(scale) if dtype != "float64" else scale
+    if bias is not None:
+        b = rnd(bias)
+        z = rnd(rnd(s * sc) + b) if placement == "post_scale" else rnd(rnd(s + b) * sc)
+    else:
+        z = rnd(s * sc)
+    if keep is not None:
+        z = np.where(keep, z, -np.inf)
+    m = np.max(z, axis=-1, keepdims=True)
+    empty = m == -np.inf
+    m = np.where(empty, 0.0, m).astype(acc)
+    e = rnd(np.exp(rnd(z - m)))
+    total = np.where(empty, 1.0, rnd(np.sum(e, axis=-1, keepdims=True, dtype=acc))).astype(acc)
+    return _Plain(acc, rnd, qq, kk, vv, sc, z, m, empty, total, rnd(e / total))
