@@ -225,9 +225,9 @@ def offset_sums(xp: Any, g: Any, q_pos: Any, k_pos: Any) -> tuple[Any, Any, bool
     r"""Sum a cotangent over the entries of each relative offset :math:`\Delta = q_i - k_j`.
 
     Returns ``(sums, deltas, consecutive)``. For consecutive positions (attention's), ``sums`` is (h, Sq + Sk - 1)
-    with ``sums[:, t] = sum over i - j = t - (Sk - 1)`` of ``g[:, i, j]`` and ``deltas`` ascending consecutive; each
-    diagonal is summed over its rows in one reduction. Otherwise the entries are returned flattened, (h, Sq * Sk),
-    with their offsets, and ``consecutive`` is False.
+    with ``sums[:, t]`` the sum of ``g[:, i, j]`` over the entries of offset ``deltas[t]``, ``deltas`` ascending
+    consecutive; each diagonal is summed over its rows in one reduction. Otherwise the entries are returned
+    flattened, (h, Sq * Sk), with their offsets, and ``consecutive`` is False.
     """
     q0, k0 = _consecutive_start(q_pos), _consecutive_start(k_pos)
     h, rows, cols = (int(n) for n in g.shape)

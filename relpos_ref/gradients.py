@@ -17,7 +17,6 @@ from array_api_compat import device as array_device
 from . import _checks
 from .attention import _logits, _prepare, _stream
 from .positions import positions
-from .softmax import FULLY_MASKED, PLACEMENTS
 
 __all__ = ["AttentionGrads", "attention_vjp"]
 
@@ -121,8 +120,6 @@ def attention_vjp(
             msg = f"d_lse: expected the lse's shape (B, H, Sq) = {(nb, nh, sq)}, got {tuple(d_lse.shape)}"
             raise ValueError(msg)
         _checks.finite("d_lse", d_lse, xp)
-    _checks.option("placement", placement, PLACEMENTS)
-    _checks.option("fully_masked", fully_masked, FULLY_MASKED)
 
     dev = array_device(q)
     cdtype = _checks.compute_dtype(xp, q.dtype)

@@ -364,8 +364,15 @@ def naive_attention_vjp(q, k, v, d_out, *, bias=None, causal=False, align="botto
         axes = tuple(ax for ax in range(4) if (bias.ndim - 4 + ax < 0 or bias.shape[bias.ndim - 4 + ax] == 1))
         dbias = xp.reshape(xp.sum(db, axis=axes, keepdims=True) if axes else db, bias.shape)
     if fully_masked == "nan":
-        empty = (lse == -math.inf)[..., None]
-        dq = xp.where(empty, math.nan, dq)
+        # autograd of softmax(z + mask) spreads an empty row's NaN to dk, dv of its kv head and to every family
+        # parameter; the bug keeps it in dq
+        empty = lse == -math.inf
+        dq = xp.where(empty[..., None], math.nan, dq)
+        if bug != "nan_dq_only":
+            per_kv = xp.any(xp.reshape(empty, (nb, nkv, group * sq)), axis=-1)[:, :, None, None]
+            dk, dv = xp.where(per_kv, math.nan, dk), xp.where(per_kv, math.nan, dv)
+            if family is not None:
+                dbias = {n: xp.full_like(a, math.nan) for n, a in dbias.items()}
     return rp.AttentionGrads(dq, dk, dv, dbias)
 
 
@@ -552,6 +559,7 @@ MUTANTS: dict[str, tuple[Impl, tuple[str, ...]]] = {
         Impl(name="backward_no_causal", attention_vjp=_naive_vjp("backward_no_causal")),
         ("grad_causal",),
     ),
+    "vjp_nan_dq_only": (Impl(name="nan_dq_only", attention_vjp=_naive_vjp("nan_dq_only")), ("grad_fully_masked",)),
     "vjp_blocks_restart": (
         Impl(name="vjp_blocks_restart", attention_vjp=attention_vjp_blocks_restart),
         ("grad_block_size",),
@@ -567,7 +575,14 @@ MUTANTS: dict[str, tuple[Impl, tuple[str, ...]]] = {
 # The correct naive attention: must pass every attention property (a control for the attention mutants).
 NAIVE_CONTROL = Impl(name="naive_attention", attention=_naive(None))
 NAIVE_VJP_CONTROL = Impl(name="naive_attention_vjp", attention_vjp=_naive_vjp(None))
-NAIVE_VJP_CONTROL_BODIES = ("grad_fd", "grad_row_sums", "grad_gqa", "grad_placement", "grad_causal")
+NAIVE_VJP_CONTROL_BODIES = (
+    "grad_fd",
+    "grad_row_sums",
+    "grad_gqa",
+    "grad_placement",
+    "grad_causal",
+    "grad_fully_masked",
+)
 NAIVE_CONTROL_BODIES = (
     "causal",
     "attention_shift",
