@@ -14,7 +14,10 @@ the bias bounds of relpos_ref.cuda.bounds:
 * rows with nothing to attend: probabilities exactly 0 and lse -inf (``fully_masked="nan"``: NaN and NaN).
 
 The factor 2 leaves room for second-order terms; a wrong bias, index, mask or reduction gives errors orders of
-magnitude larger.
+magnitude larger. The cluster kernel (a row split over up to 8 blocks) rescales each block's partial sum and
+probabilities by :math:`e^{m_r - m}`: one more ``expf``, a product, a sum of at most 8 terms and one more rounding
+per probability, well inside the 24 spare units of :math:`c`. A NaN or infinite probability (or lse) where the
+reference is finite counts as an infinite error.
 """
 
 from __future__ import annotations
@@ -274,9 +277,12 @@ def check(built: Built, probs: np.ndarray, lse: np.ndarray | None) -> dict[str, 
         allowed = allowed + 2.0**-11 * pr + 2.0**-25
     with np.errstate(invalid="ignore"):  # NaN rows are checked above and masked out by `live`
         err = np.abs(p - pr)
-    ratio_p = float(np.max(np.where(live[..., None], err / allowed, 0.0))) if live.any() else 0.0
+    # A NaN (or inf) where the reference is finite is an error of infinite size, not a NaN ratio that compares False.
+    err = np.where(np.isfinite(p), err, np.inf)
+    ratios = np.where(live[..., None], err / allowed, 0.0)
+    ratio_p = float(np.max(ratios)) if live.any() else 0.0
     if ratio_p > 1:
-        idx = np.unravel_index(int(np.argmax(np.where(live[..., None], err / allowed, 0.0))), err.shape)
+        idx = np.unravel_index(int(np.argmax(ratios)), err.shape)
         raise AssertionError(
             f"{case.id}: probability error {err[idx]:.3e} > allowed {allowed[idx]:.3e} at {idx}: "
             f"got {p[idx]!r}, reference {pr[idx]!r} (ratio {ratio_p:.3g})"
@@ -297,6 +303,7 @@ def check(built: Built, probs: np.ndarray, lse: np.ndarray | None) -> dict[str, 
         allowed_l = 2 * (built.logit_err + (c + 4) * u + 2 * u * np.abs(np.where(live, lr, 0.0))) + 1e-300
         with np.errstate(invalid="ignore"):  # -inf - -inf on empty rows, masked out by `live`
             err_l = np.abs(np.where(live, lk - lr, 0.0))
+        err_l = np.where(live & ~np.isfinite(lk), np.inf, err_l)  # NaN/inf lse of a live row: infinitely wrong
         ratio_l = float(np.max(err_l / allowed_l))
         assert ratio_l <= 1, f"{case.id}: lse error {err_l.max():.3e} beyond the model (ratio {ratio_l:.3g})"
     return {"probs": ratio_p, "lse": ratio_l}

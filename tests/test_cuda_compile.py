@@ -22,9 +22,12 @@ import numpy as np
 import pytest
 
 from relpos_ref.cuda._source import (
+    CLUSTER_POLICIES,
     FAMILY_STRUCTS,
     STORAGE_TYPES,
+    ClusterPolicy,
     all_kernel_names,
+    cluster_policy,
     kernel_source,
     plan_launch,
 )
@@ -107,6 +110,107 @@ def test_register_spills_bounded_sm90():
     for name, u in usage.items():
         assert u["registers"] <= 255
         assert u["spill_stores"] <= 160, f"{name} spills: {u}"
+
+
+def cluster_names(vector_ok: bool = True) -> list[str]:
+    """The default cluster kernels, every family x dtype x configuration (vector accesses, or scalar)."""
+    names = set()
+    for dtype in STORAGE_TYPES:
+        policy = CLUSTER_POLICIES["double" if dtype == "float64" else "float"]
+        for c, nt, vpt in policy.configs:
+            plan = plan_launch(c * nt * vpt, dtype, vector_ok=vector_ok, clusters=policy)
+            assert plan.kind == "cluster"
+            names |= {plan.kernel_name(fam, dtype) for fam in FAMILY_STRUCTS}
+    return sorted(names)
+
+
+@needs_nvrtc
+@pytest.mark.cuda_compile
+def test_nvrtc_compiles_cluster_kernels_sm90():
+    """The cluster kernels compile for sm_90 with their cluster size fixed in the PTX (.reqnctapercluster, so a plain
+    launch gets clusters), the split cluster barrier and distributed-shared-memory address mapping."""
+    from relpos_ref.cuda._nvrtc import nvrtc_compile
+
+    names = cluster_names() + cluster_names(vector_ok=False)[:6]
+    res = nvrtc_compile(names, "compute_90")
+    ptx = res.output.decode()
+    assert "warning" not in res.log.lower(), res.log
+    entries = re.split(r"\.entry ", ptx)[1:]
+    by_name = {e.split("(", 1)[0].strip(): e for e in entries}
+    for name in names:
+        body = by_name[res.lowered[name]]
+        size = int(re.search(r"softmax_cluster<[^,]+, [^,]+, (\d+),", name).group(1))
+        assert re.search(rf"\.reqnctapercluster {size}, 1, 1", body), f"{name}: no cluster size {size} in the PTX"
+        assert "barrier.cluster.arrive" in body, name
+        assert "barrier.cluster.wait" in body, name
+        assert "mapa" in body, name
+
+
+@needs_nvrtc
+@pytest.mark.cuda_compile
+def test_cluster_kernels_are_absent_before_sm90():
+    """Clusters are an sm_90 feature: the kernel template is compiled out for older targets (the loader only asks
+    for it on devices of compute capability 9.0 and later), while the other kernels still compile there."""
+    from relpos_ref.cuda._nvrtc import nvrtc_compile
+
+    with pytest.raises(RuntimeError, match="softmax_cluster"):
+        nvrtc_compile(cluster_names()[:1], "compute_80")
+
+
+@needs_nvrtc
+@pytest.mark.cuda_compile
+def test_cluster_kernel_registers_sm90():
+    """ptxas for sm_90: float32/float16 pieces of 16 values in at most 64 registers (four or more 256-thread blocks
+    per SM), of 32 values in at most 128; float64 (not a bandwidth target) within the 255-register limit; at most
+    160 bytes of spill stores everywhere (see the block-kernel test)."""
+    from relpos_ref.cuda._nvrtc import resource_usage
+
+    names = [n for n in cluster_names() if any(f in n for f in ("FamNone", "FamAlibi", "FamT5", "FamFire"))]
+    usage = resource_usage(names, "sm_90")
+    assert set(usage) == set(names)
+    for name, u in usage.items():
+        vpt = int(re.search(r", (\d+), \d+>$", name).group(1))
+        limit = 255 if ", double," in name else {16: 64, 32: 128}[vpt]
+        assert u["registers"] <= limit, f"{name}: {u}"
+        assert u["spill_stores"] <= 160, f"{name} spills: {u}"
+
+
+def test_plan_launch_with_clusters():
+    """With a cluster policy, rows longer than its from_sk go to the smallest cluster configuration that holds them;
+    shorter rows, and rows beyond every configuration, keep the kernels they had without it."""
+    for dtype in STORAGE_TYPES:
+        policy = CLUSTER_POLICIES["double" if dtype == "float64" else "float"]
+        largest = max(c * nt * v for c, nt, v in policy.configs)
+        for sk in [1, 100, 1024, 4096, 8191, 8192, 8193, 12000, 16384, 16385, 32767, 32768, 32769, 65535, 65536, 65537]:
+            p = plan_launch(sk, dtype, clusters=policy)
+            if policy.from_sk < sk <= largest:
+                assert p.kind == "cluster"
+                capacity = p.cluster * p.threads_per_row * p.vpt
+                assert sk <= capacity
+                smaller = [c * nt * v for c, nt, v in policy.configs if c * nt * v < capacity]
+                assert all(sk > cap for cap in smaller), "the smallest configuration that fits"
+                assert p.grid(10) == 10 * p.cluster
+                assert p.block == p.threads_per_row
+                assert sk % p.vec == 0
+                assert p.vpt % p.vec == 0
+            else:
+                assert p == plan_launch(sk, dtype), sk
+    assert plan_launch(16384, "float32").kind == "block"  # no policy, no clusters
+    small = ClusterPolicy(0, ((2, 32, 4),))
+    assert plan_launch(200, "float32", clusters=small).kind == "cluster"
+    assert plan_launch(300, "float32", clusters=small).kind == "warp"  # fits no configuration
+
+
+def test_cluster_policy_from_environment():
+    assert cluster_policy("float32", {}) is None
+    assert cluster_policy("float32", {"RELPOS_REF_CUDA_CLUSTERS": "0"}) is None
+    assert cluster_policy("float16", {"RELPOS_REF_CUDA_CLUSTERS": "1"}) == CLUSTER_POLICIES["float"]
+    assert cluster_policy("float64", {"RELPOS_REF_CUDA_CLUSTERS": "1"}) == CLUSTER_POLICIES["double"]
+    tuned = cluster_policy("float32", {"RELPOS_REF_CUDA_CLUSTERS": "4096:2x256x16, 4x256x16"})
+    assert tuned == ClusterPolicy(4096, ((2, 256, 16), (4, 256, 16)))
+    for bad in ("yes", "4096", "4096:2x256", "4096:1x256x16", "4096:16x256x16", "4096:2x100x16", "4096:2x256x12"):
+        with pytest.raises(ValueError, match=r"RELPOS_REF_CUDA_CLUSTERS: expected 0, 1 or FROM:CxNTxVPT.*got"):
+            cluster_policy("float32", {"RELPOS_REF_CUDA_CLUSTERS": bad})
 
 
 def test_source_is_include_free():

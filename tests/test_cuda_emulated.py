@@ -3,13 +3,19 @@
 ``biased_softmax.cu`` is compiled for the host with shims: every CUDA thread of a block is an OS thread,
 ``__syncthreads`` is a barrier of the block's threads, ``__shfl_xor_sync`` exchanges values through a per-warp
 buffer between two barriers of the warp's 32 threads, ``__shared__`` is ``static`` (blocks run one after another).
+Cluster kernels run the C blocks of a cluster at the same time (C x NT OS threads), each block with its own
+barriers and its own copy of the shared struct; the cluster barrier is split-phase (arrive, then wait for the
+phase to complete) and a distributed-shared-memory pointer is the same member in another block's copy.
 A barrier that is not reached by all the threads it expects within a few seconds (a divergent ``__syncthreads`` or a
 shuffle with a lane missing) is reported as a fault, and so is a shuffle mask other than 0xffffffff. The arguments
 are prepared by the same code as the CuPy launch (``relpos_ref.cuda._prepare``) with NumPy arrays, and the outputs
 are checked against the float64 reference with the error model of ``fused_cases.py``.
 
 What this does not check: device code generation, the CUDA libm (glibc's is used here), memory coalescing, and
-timing. The GPU tests (test_fused_gpu.py) run the same cases on a device.
+timing; for clusters, the hardware's memory ordering across the cluster barrier (the emulated barrier orders
+everything) and reads of a block's shared memory after that block exited (the emulated copies outlive it; a
+missing final wait is caught as an unpaired arrive). The GPU tests (test_fused_gpu.py) run the same cases on a
+device.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from fused_cases import Case, build, check, family_sweep, special_cases
 
 import relpos_ref as rp
 from relpos_ref.cuda import _Backend, _prepare
+from relpos_ref.cuda._source import CLUSTER_POLICIES, ClusterPolicy
 
 CUDA_DIR = Path(rp.__file__).parent / "cuda"
 
@@ -47,10 +54,12 @@ SHIM = r"""
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define __cluster_dims__(...)
 
 struct emu_dim { unsigned x, y, z; };
 thread_local emu_dim threadIdx, blockIdx;
 emu_dim blockDim, gridDim;
+static int g_cluster = 1;  // blocks per cluster of the current launch
 
 static std::atomic<int> g_fault{0};  // 1: a barrier timed out (divergence), 2: partial shuffle mask
 static int g_timeout_ms = 10000;
@@ -73,11 +82,18 @@ struct EmuBarrier {
         }
     }
 };
-static EmuBarrier g_block;
-static EmuBarrier g_warp[32];
-static unsigned long long g_xchg[32][32];
+// Per block of a cluster (index: rank in the cluster; 0 for kernels without clusters).
+constexpr int EMU_MAX_CLUSTER = 8;
+struct EmuBlock {
+    EmuBarrier block;
+    EmuBarrier warp[32];
+    unsigned long long xchg[32][32];
+};
+static EmuBlock g_blocks[EMU_MAX_CLUSTER];
+thread_local EmuBlock* t_blk = nullptr;
+thread_local int t_rank = 0;
 
-inline void __syncthreads() { g_block.wait(); }
+inline void __syncthreads() { t_blk->block.wait(); }
 
 template <typename V>
 V __shfl_xor_sync(unsigned mask, V v, int o) {
@@ -85,14 +101,65 @@ V __shfl_xor_sync(unsigned mask, V v, int o) {
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     unsigned long long bits = 0;
     memcpy(&bits, &v, sizeof(V));
-    g_xchg[w][lane] = bits;
-    g_warp[w].wait();
-    const unsigned long long other = g_xchg[w][lane ^ o];
-    g_warp[w].wait();
+    t_blk->xchg[w][lane] = bits;
+    t_blk->warp[w].wait();
+    const unsigned long long other = t_blk->xchg[w][lane ^ o];
+    t_blk->warp[w].wait();
     V r;
     memcpy(&r, &other, sizeof(V));
     return r;
 }
+
+// Split-phase cluster barrier: arrive() counts this thread into the current phase, wait() blocks until the phase
+// this thread arrived in has completed (every thread of the cluster arrived).
+struct EmuClusterBarrier {
+    std::mutex m;
+    std::condition_variable cv;
+    int n = 0, count = 0;
+    long gen = 0;
+    void init(int n_) { n = n_; count = 0; gen = 0; }
+    long arrive() {
+        std::lock_guard<std::mutex> lk(m);
+        const long g = gen;
+        if (++count == n) { count = 0; ++gen; cv.notify_all(); }
+        return g;
+    }
+    void wait(long g) {
+        if (g_fault) return;
+        std::unique_lock<std::mutex> lk(m);
+        const auto done = [&] { return gen != g || g_fault.load() != 0; };
+        if (!cv.wait_for(lk, std::chrono::milliseconds(g_timeout_ms), done)) {
+            g_fault = 1;
+            cv.notify_all();
+        }
+    }
+};
+static EmuClusterBarrier g_cbar;
+thread_local long t_phase = -1;  // phase of this thread's pending arrive, -1 if none
+thread_local char* t_shared = nullptr;  // this block's copy of the cluster kernel's shared struct
+thread_local long t_shared_size = 0;
+
+inline unsigned cluster_rank() { return (unsigned)t_rank; }
+inline void cluster_arrive() {
+    if (t_phase != -1) g_fault = 4;  // two arrives without a wait in between
+    t_phase = g_cbar.arrive();
+}
+inline void cluster_wait() {
+    if (t_phase == -1) { g_fault = 4; return; }  // a wait without an arrive
+    g_cbar.wait(t_phase);
+    t_phase = -1;
+}
+template <typename S>
+const S* cluster_peer(const S* local, unsigned rank) {
+    if (rank >= (unsigned)g_cluster) { g_fault = 5; return local; }
+    return reinterpret_cast<const S*>(reinterpret_cast<const char*>(local) + ((long)rank - t_rank) * t_shared_size);
+}
+// One copy of the shared struct per block of the cluster, in a static array (clusters run one after another).
+#define RP_CLUSTER_SHARED(type, name)                                        \
+    static type name##_emu[EMU_MAX_CLUSTER];                                \
+    type& name = name##_emu[t_rank];                                         \
+    t_shared = reinterpret_cast<char*>(&name);                               \
+    t_shared_size = (long)sizeof(type)
 inline float __int_as_float(unsigned i) { float f; memcpy(&f, &i, 4); return f; }
 inline double __longlong_as_double(unsigned long long i) { double d; memcpy(&d, &i, 8); return d; }
 inline float rp_emu_h2f(unsigned short h) { _Float16 f; memcpy(&f, &h, 2); return (float)f; }
@@ -106,22 +173,35 @@ using KFn = void (*)(const T*, T*, typename rp::Traits<T>::acc*, const typename 
                      long long, int, int, int, int, int, int, int, typename rp::Traits<T>::acc,
                      typename rp::Traits<T>::acc);
 
+// Clusters (of `cluster` consecutive blocks) run one after another; the blocks of one cluster run concurrently.
+// A thread that leaves the kernel with an arrive not yet waited for is a fault (4), as is a grid that is not a
+// multiple of the cluster size (6).
 template <typename F>
-static int run_grid(int grid, int block, F body) {
+static int run_grid(int grid, int block, F body, int cluster = 1) {
     blockDim = {(unsigned)block, 1, 1};
     gridDim = {(unsigned)grid, 1, 1};
     g_fault = 0;
-    for (int b = 0; b < grid; ++b) {
-        g_block.init(block);
-        for (int w = 0; w < 32; ++w) g_warp[w].init(32);
+    g_cluster = cluster;
+    if (cluster < 1 || cluster > EMU_MAX_CLUSTER || grid % cluster) return 6;
+    for (int b0 = 0; b0 < grid; b0 += cluster) {
+        for (int r = 0; r < cluster; ++r) {
+            g_blocks[r].block.init(block);
+            for (int w = 0; w < 32; ++w) g_blocks[r].warp[w].init(32);
+        }
+        g_cbar.init(cluster * block);
         std::vector<std::thread> th;
-        th.reserve(block);
-        for (int t = 0; t < block; ++t)
-            th.emplace_back([=] {
-                threadIdx = {(unsigned)t, 0, 0};
-                blockIdx = {(unsigned)b, 0, 0};
-                body();
-            });
+        th.reserve(cluster * block);
+        for (int r = 0; r < cluster; ++r)
+            for (int t = 0; t < block; ++t)
+                th.emplace_back([=] {
+                    threadIdx = {(unsigned)t, 0, 0};
+                    blockIdx = {(unsigned)(b0 + r), 0, 0};
+                    t_blk = &g_blocks[r];
+                    t_rank = r;
+                    t_phase = -1;
+                    body();
+                    if (t_phase != -1) g_fault = 4;
+                });
         for (auto& x : th) x.join();
         if (g_fault) return g_fault;
     }
@@ -129,14 +209,14 @@ static int run_grid(int grid, int block, F body) {
 }
 
 template <typename T>
-static int launch(KFn<T> k, int grid, int block, void** a) {
+static int launch(KFn<T> k, int grid, int block, int cluster, void** a) {
     typedef typename rp::Traits<T>::acc A;
     return run_grid(grid, block, [=] {
         k(*(const T**)a[0], *(T**)a[1], *(A**)a[2], *(const A**)a[3], *(const int**)a[4], *(const long long**)a[5],
           *(const int**)a[6], *(const int**)a[7], *(const unsigned char**)a[8], *(long long*)a[9],
           *(long long*)a[10], *(long long*)a[11], *(long long*)a[12], *(int*)a[13], *(int*)a[14], *(int*)a[15],
           *(int*)a[16], *(int*)a[17], *(int*)a[18], *(int*)a[19], *(A*)a[20], *(A*)a[21]);
-    });
+    }, cluster);
 }
 
 // Self-test of the emulator: half of a warp skips a shuffle (a bug the real kernels must not have).
@@ -196,19 +276,63 @@ _DOUBLE_FAMILIES.append("tensor_family")
 DOUBLES = [Case(fam, (1, 2, 3, 45), "float64", causal=True, seed=40 + k) for k, fam in enumerate(_DOUBLE_FAMILIES)]
 CASES = SWEEP + SPECIALS + LONG + DOUBLES
 
+# Cluster kernels (thread-block clusters, sm_90+ on a GPU). A small policy makes rows of a few hundred keys span 2,
+# 4 and 8 blocks: pieces that lie past the end of the row, pieces with nothing attended (causal, top-left rows),
+# vector and scalar accesses, every family and dtype, the special cases. The default policy runs at the lengths it
+# serves (4 x 256 x 16, 8 x 256 x 16, 8 x 256 x 32; float64 8 x 256 x 16).
+SMALL_CLUSTERS = ClusterPolicy(0, ((2, 32, 4), (4, 64, 4), (8, 32, 8)))
+# Random sorted positions, causal: the three rows attend 182, 332 and 932 keys, i.e. 1, 2 and 4 of the 4 pieces.
+MUTANT_CASE = Case("alibi", (1, 2, 3, 999), "float32", causal=True, positions="random", specials="spike", seed=31)
+CLUSTER_CASES = [
+    (c, SMALL_CLUSTERS)
+    for c in family_sweep([(1, 2, 3, 200), (1, 2, 2, 999), (1, 1, 2, 2000)], ["float32", "float16", "float64"])
+    + [c.with_(shape=(1, 2, 3, 300)) if c.shape == (2, 3, 5, 300) else c for c in special_cases(sk_small=300)]
+]
+CLUSTER_CASES.append((MUTANT_CASE, SMALL_CLUSTERS))
+CLUSTER_CASES += [
+    (c, CLUSTER_POLICIES["double" if c.dtype == "float64" else "float"])
+    for c in (
+        Case("alibi", (1, 1, 2, 16384), "float32", causal=True, align="top_left", seed=21),
+        Case("fire", (1, 1, 1, 16387), "float32", causal=True, seed=22),  # scalar accesses
+        Case("t5_causal", (1, 1, 1, 32768), "float16", causal=True, seed=23),
+        Case("alibi", (1, 1, 1, 65536), "float32", specials="spike", seed=24),
+        Case("none", (1, 1, 2, 20000), "float64", causal=True, align="top_left", seed=25),
+    )
+]
+
+
+def _cluster_id(case: Case, policy: ClusterPolicy) -> str:
+    return f"{'small' if policy is SMALL_CLUSTERS else 'default'}-{case.id}"
+
+
+# Deliberately broken cluster kernels (text edits of biased_softmax.cu), each with a case that must expose it.
+CLUSTER_MUTANTS = {
+    "no_rescale": ("m_exp(mb - m) / s;", "(A)1 / s;"),
+    "same_piece": ("const int base = (int)rank * (NT * VPT);", "const int base = 0;"),
+    "own_pair_only": ("cluster_peer(sh.part, (unsigned)lane)", "cluster_peer(sh.part, rank)"),
+    "no_zero_fill": ("for (int e = 0; e < VPT; ++e) v[e] = (A)0;", ";"),
+    "lse_of_piece": (
+        "write_lse(lse, row, flags, empty, m, s);\n    cluster_wait();",
+        "write_lse(lse, row, flags, empty, mb, sb);\n    cluster_wait();",
+    ),
+    "no_exit_wait": ("cluster_wait();  // no block exits", "// no block exits"),
+}
+
+
+def numpy_backend(profile, clusters: ClusterPolicy | None = None) -> _Backend:
+    """The launch preparation on NumPy arrays; ``clusters`` is the policy it plans long rows with."""
+    return _Backend(np, npx, lambda a: isinstance(a, np.ndarray), lambda a: a.ctypes.data, lambda: "emulated",
+                    profile, lambda dtype: clusters)  # fmt: skip
+
 
 class Emulator:
     def __init__(self, lib: ctypes.CDLL, names: list[str]) -> None:
         self.lib = lib
         self.index = {n: k for k, n in enumerate(names)}
-        self.backend = _Backend(
-            np,
-            npx,
-            lambda a: isinstance(a, np.ndarray),
-            lambda a: a.ctypes.data,
-            lambda: "emulated",
-            self.profile,
-        )
+        self.backend = numpy_backend(self.profile)
+
+    def backend_with(self, clusters: ClusterPolicy | None) -> _Backend:
+        return numpy_backend(self.profile, clusters)
 
     def profile(self, half_d: int, count: int) -> np.ndarray:
         out = np.empty(count, dtype=np.float64)
@@ -232,8 +356,14 @@ class Emulator:
             else:  # pragma: no cover
                 raise TypeError(type(a))
         argv = (ctypes.c_void_p * len(keep))(*[ctypes.cast(ctypes.pointer(o), ctypes.c_void_p) for o in keep])
-        rc = self.lib.emu_launch(self.index[launch.name], launch.grid, launch.block, argv)
-        faults = {1: "a barrier or shuffle was not reached by every thread (divergence)", 2: "partial shuffle mask"}
+        rc = self.lib.emu_launch(self.index[launch.name], launch.grid, launch.block, launch.cluster, argv)
+        faults = {
+            1: "a barrier or shuffle was not reached by every thread (divergence)",
+            2: "partial shuffle mask",
+            4: "cluster barrier arrive and wait do not pair up",
+            5: "distributed shared memory rank outside the cluster",
+            6: "grid not a multiple of the cluster size",
+        }
         assert rc == 0, f"{launch.name}: {faults.get(rc, rc)}"
 
 
@@ -265,21 +395,26 @@ def built_cases():
 
 
 @pytest.fixture(scope="module")
-def emulator(built_cases, tmp_path_factory):
-    """Compile the kernels the cases need (names from the real launch preparation) into one host library."""
-    probe = _Backend(np, npx, lambda a: isinstance(a, np.ndarray), lambda a: a.ctypes.data, lambda: "probe",
-                     lambda half_d, count: np.zeros(count))  # fmt: skip
-    names = sorted({prepare(b, probe).name for b in built_cases.values()})
-    tmp = tmp_path_factory.mktemp("cuda_emulated")
-    cases = "\n".join(f"        case {k}: return launch(&{n}, grid, block, args);" for k, n in enumerate(names))
+def built_cluster_cases():
+    return {_cluster_id(c, p): build(c) for c, p in CLUSTER_CASES}
+
+
+def _probe(clusters: ClusterPolicy | None = None) -> _Backend:
+    return numpy_backend(lambda half_d, count: np.zeros(count), clusters)
+
+
+def compile_emulation(names: list[str], directory: Path, cuda_dir: Path = CUDA_DIR) -> Emulator:
+    """Build the kernels ``names`` (name expressions) of the source in ``cuda_dir`` into one host library."""
+    line = "        case {}: return launch(&{}, grid, block, cluster, args);"
+    cases = "\n".join(line.format(k, n) for k, n in enumerate(names))
     src = SHIM + (
-        '\nextern "C" int emu_launch(int idx, int grid, int block, void** args) {\n'
+        '\nextern "C" int emu_launch(int idx, int grid, int block, int cluster, void** args) {\n'
         f"    switch (idx) {{\n{cases}\n    }}\n    return -1;\n}}\n"
     )
-    (tmp / "emulated.cpp").write_text(src)
-    so = tmp / "libemulated.so"
+    (directory / "emulated.cpp").write_text(src)
+    so = directory / "libemulated.so"
     proc = subprocess.run(
-        [*CXX, "-I", str(CUDA_DIR), str(tmp / "emulated.cpp"), "-o", str(so)],
+        [*CXX, "-I", str(cuda_dir), str(directory / "emulated.cpp"), "-o", str(so)],
         capture_output=True,
         text=True,
         timeout=900,
@@ -287,11 +422,19 @@ def emulator(built_cases, tmp_path_factory):
     if proc.returncode:
         pytest.fail(f"building the kernel emulation failed:\n{proc.stderr[-6000:]}")
     lib = ctypes.CDLL(str(so))
-    lib.emu_launch.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)]
+    lib.emu_launch.argtypes = [ctypes.c_int] * 4 + [ctypes.POINTER(ctypes.c_void_p)]
     lib.emu_launch.restype = ctypes.c_int
     lib.emu_sandwich_profile.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.emu_sandwich_profile.restype = ctypes.c_int
     return Emulator(lib, names)
+
+
+@pytest.fixture(scope="module")
+def emulator(built_cases, built_cluster_cases, tmp_path_factory):
+    """Compile the kernels the cases need (names from the real launch preparation) into one host library."""
+    names = {prepare(b, _probe()).name for b in built_cases.values()}
+    names |= {prepare(built_cluster_cases[_cluster_id(c, p)], _probe(p)).name for c, p in CLUSTER_CASES}
+    return compile_emulation(sorted(names), tmp_path_factory.mktemp("cuda_emulated"))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -320,3 +463,47 @@ def test_emulated_check_catches_a_wrong_launch(emulator):
     emulator.run(built, launch)
     with pytest.raises(AssertionError):
         check(built, launch.probs, launch.lse.reshape(launch.lse_shape))
+
+
+@pytest.mark.parametrize(("case", "policy"), CLUSTER_CASES, ids=[_cluster_id(c, p) for c, p in CLUSTER_CASES])
+def test_emulated_cluster_kernel_matches_reference(case, policy, built_cluster_cases, emulator):
+    built = built_cluster_cases[_cluster_id(case, policy)]
+    launch = prepare(built, emulator.backend_with(policy))
+    assert launch.name.startswith("rp::softmax_cluster<"), launch.name
+    assert launch.cluster > 1
+    assert launch.grid % launch.cluster == 0
+    emulator.run(built, launch)
+    check(built, launch.probs, launch.lse.reshape(launch.lse_shape) if case.return_lse else None)
+
+
+@pytest.fixture(scope="module")
+def mutant_emulators(tmp_path_factory):
+    """One host library per mutant of the cluster kernel, holding the kernel MUTANT_CASE needs."""
+    built = build(MUTANT_CASE)
+    name = prepare(built, _probe(SMALL_CLUSTERS)).name
+    source = (CUDA_DIR / "biased_softmax.cu").read_text()
+    out = {}
+    for mutant, (old, new) in CLUSTER_MUTANTS.items():
+        assert source.count(old) == 1, f"mutant {mutant}: {old!r} must occur once in biased_softmax.cu"
+        d = tmp_path_factory.mktemp(f"mutant_{mutant}")
+        (d / "biased_softmax.cu").write_text(source.replace(old, new))
+        shutil.copy(CUDA_DIR / "bias.cuh", d / "bias.cuh")
+        out[mutant] = compile_emulation([name], d, cuda_dir=d)
+    return built, out
+
+
+def test_cluster_mutants_are_detected(mutant_emulators):
+    """Each broken cluster kernel fails the comparison (or faults in the emulator) on MUTANT_CASE, which the real
+    kernel passes (it is one of CLUSTER_CASES)."""
+    built, emus = mutant_emulators
+    survivors = []
+    for mutant, emu in emus.items():
+        launch = prepare(built, emu.backend_with(SMALL_CLUSTERS))
+        assert launch.cluster == 4
+        try:
+            emu.run(built, launch)
+            check(built, launch.probs, launch.lse.reshape(launch.lse_shape))
+        except AssertionError:
+            continue
+        survivors.append(mutant)
+    assert not survivors, f"cluster mutants not detected: {survivors}"

@@ -189,6 +189,98 @@ def test_fused_errors():
         fused_biased_softmax(scores, q_pos=np.full(3, 2**30), k_pos=np.arange(4))
 
 
+# ---- thread-block cluster kernels (compute capability 9.0+, RELPOS_REF_CUDA_CLUSTERS) --------------------------------
+# A small policy ("0:2x32x4,4x64x4,8x32x8") spreads rows of a few hundred keys over 2, 4 and 8 blocks: pieces past
+# the row end, pieces with nothing attended, every family, dtype and special case. The default policy ("1") runs at
+# the lengths it serves. The same cases run on the CPU emulation (test_cuda_emulated.py); here the hardware's cluster
+# barrier, distributed shared memory and scheduling are under test.
+SMALL_CLUSTERS = "0:2x32x4,4x64x4,8x32x8"
+# Every kernel instantiation is an NVRTC compilation of about a second that the warm stage of gpu_check.sh does not
+# cover for this policy, so the small-policy cases are limited to some 40 kernels: every family once, two families
+# in every dtype and piece shape, and the special cases (mostly ALiBi float32).
+CLUSTER_CASES = [
+    (c, SMALL_CLUSTERS)
+    for c in family_sweep([(1, 2, 3, 999)], ["float32"])
+    + [
+        Case(fam, shape, dtype, causal=k % 2 == 0, align=("bottom_right", "top_left")[k % 3 == 0], seed=k)
+        for k, (fam, dtype, shape) in enumerate(
+            (fam, dtype, shape)
+            for fam in ("alibi", "fire")
+            for dtype in ("float32", "float16", "float64")
+            for shape in ((2, 3, 5, 200), (1, 2, 2, 2000))
+        )
+    ]
+    + special_cases(sk_small=300)
+    + [Case("alibi", (1, 2, 3, 999), "float32", causal=True, positions="random", specials="spike", seed=31)]
+]
+CLUSTER_CASES += [
+    (c.with_(seed=c.seed + 7), "1")
+    for c in LONG + DECODE + DOUBLES
+    if c.shape[-1] > (16384 if c.dtype == "float64" else 8192)
+]
+CLUSTER_CASES += [
+    (Case(fam, (1, 2, 2, 65536), dtype, causal=True, seed=5), "1")
+    for fam in ("alibi", "t5_causal", "fire")
+    for dtype in ("float32", "float16")
+]
+CLUSTER_CASES += [
+    (Case("alibi", (1, 2, 2, 65536), "float64", causal=True, specials="spike", seed=6), "1"),
+    (Case("kerple_log", (1, 2, 2, 16385), "float32", causal=True, mask="keys", seed=7), "1"),  # scalar, idle pieces
+]
+_cluster_ids = [f"{'small' if pol == SMALL_CLUSTERS else 'default'}-{c.id}" for c, pol in CLUSTER_CASES]
+assert len(set(_cluster_ids)) == len(_cluster_ids), "cluster case ids must be unique"
+
+
+@pytest.fixture
+def clusters_on(monkeypatch):
+    """Skips (saying why) on GPUs without thread-block clusters; returns a setter for RELPOS_REF_CUDA_CLUSTERS."""
+    import cupy as cp
+
+    cc = int(cp.cuda.Device().compute_capability)
+    if cc < 90:
+        pytest.skip(f"thread-block clusters need compute capability 9.0 or later; this GPU has {cc // 10}.{cc % 10}")
+
+    def enable(value: str) -> None:
+        monkeypatch.setenv("RELPOS_REF_CUDA_CLUSTERS", value)
+
+    return enable
+
+
+def _assert_cluster_launch(built):
+    """The policy in force really sends this case to the cluster kernel (a silent fallback would test nothing)."""
+    from relpos_ref.cuda import _device_cluster_policy
+    from relpos_ref.cuda._source import plan_launch
+
+    case = built.case
+    plan = plan_launch(case.shape[-1], case.dtype, clusters=_device_cluster_policy(case.dtype))
+    assert plan.kind == "cluster", plan
+
+
+@pytest.mark.parametrize(("case", "policy"), CLUSTER_CASES, ids=_cluster_ids)
+def test_cluster_kernel_matches_reference(case, policy, clusters_on):
+    clusters_on(policy)
+    built = build(case)
+    _assert_cluster_launch(built)
+    probs, lse = run_fused(built, family_on_device=case.seed % 2 == 1)
+    check(built, probs, lse)
+
+
+def test_cluster_kernel_deterministic_and_close_to_one_block(clusters_on, monkeypatch):
+    """Two runs of the cluster kernel agree bit for bit; the one-block kernel on the same input agrees within the
+    error model (both are checked against the reference as well)."""
+    built = build(Case("fire", (2, 4, 8, 16384), "float32", causal=True, seed=3))
+    clusters_on("1")
+    _assert_cluster_launch(built)
+    a, la = run_fused(built)
+    b, lb = run_fused(built)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(la, lb)
+    check(built, a, la)
+    monkeypatch.setenv("RELPOS_REF_CUDA_CLUSTERS", "0")
+    c, lc = run_fused(built)
+    check(built, c, lc)
+
+
 def test_kernel_attributes_readable():
     """The RawModule route works on this toolkit (CuPy 14 / CUDA 13 on the GPU box): attributes of compiled kernels."""
     from relpos_ref.cuda import _function

@@ -8,10 +8,16 @@ r"""Fused CUDA biased softmax for CuPy arrays, with the bias computed inside the
     z_{bhij} = \begin{cases} s_{bhij}\,\tau + b_h(q_i, k_j) & \text{post\_scale} \\
                              (s_{bhij} + b_h(q_i, k_j))\,\tau & \text{pre\_scale} \end{cases}
 
-in one kernel that reads each score once and writes each probability once (rows up to 32768 keys; longer rows read
-the scores twice). :math:`b_h(q_i, k_j)` is evaluated from the family's parameters (``bias.cuh``): no (H, Sq, Sk)
-bias is materialised except for :class:`relpos_ref.TensorBias` and plain arrays, which the kernel reads with
-broadcasting strides. The conventions are those of :func:`relpos_ref.biased_softmax` and :func:`relpos_ref.positions`.
+in one kernel that reads each score once and writes each probability once (rows up to 32768 keys, or 65536 with the
+cluster kernel; longer rows read the scores twice). :math:`b_h(q_i, k_j)` is evaluated from the family's parameters
+(``bias.cuh``): no (H, Sq, Sk) bias is materialised except for :class:`relpos_ref.TensorBias` and plain arrays,
+which the kernel reads with broadcasting strides. The conventions are those of :func:`relpos_ref.biased_softmax` and
+:func:`relpos_ref.positions`.
+
+Rows longer than 8192 keys (float16/float32) or 16384 (float64) can instead go to a kernel that splits each row
+over a thread-block cluster of 4 or 8 blocks (compute capability 9.0 and later). It is off by default until it has
+been measured on a GPU: set ``RELPOS_REF_CUDA_CLUSTERS=1`` to use it (see :func:`relpos_ref.cuda._source.cluster_policy`
+for the tuning syntax). Results are the same to within the documented error model, not bitwise.
 
 Importing this module needs neither CuPy nor CUDA: CuPy is imported on the first call, and kernels are compiled by
 NVRTC on first use of each (family, dtype, row-length class), then cached by CuPy in memory and on disk.
@@ -26,7 +32,7 @@ from typing import Any
 import numpy as np
 from array_api_compat import is_array_api_obj, is_cupy_array, to_device
 
-from ._source import all_kernel_names, kernel_source, plan_launch
+from ._source import all_kernel_names, cluster_policy, kernel_source, plan_launch
 
 __all__ = ["all_kernel_names", "fused_biased_softmax", "kernel_source", "supported_family"]
 
@@ -202,10 +208,14 @@ class _Backend:
     """What the launch preparation needs from an array library: CuPy for real launches, NumPy for the CPU emulation
     of the kernels in the tests (same preparation code, same argument list)."""
 
-    def __init__(self, am: Any, xp: Any, is_array: Any, ptr: Any, device_key: Any, profile: Any) -> None:
+    def __init__(
+        self, am: Any, xp: Any, is_array: Any, ptr: Any, device_key: Any, profile: Any, clusters: Any = None
+    ) -> None:
         self.am, self.xp, self.is_array, self.ptr, self.device_key, self.profile = (
             am, xp, is_array, ptr, device_key, profile
         )  # fmt: skip
+        # dtype name -> ClusterPolicy or None: whether long rows may use the cluster kernel on this device.
+        self.clusters = clusters if clusters is not None else (lambda dtype: None)
 
     def zeros(self, n: int, dtype: np.dtype) -> Any:
         """A small read-only zero array, allocated once per (device, dtype): saves allocations and fill kernels on
@@ -227,14 +237,29 @@ def _cupy_backend() -> _Backend:
         lambda a: a.data.ptr,
         lambda: cp.cuda.Device().id,
         lambda half_d, count: _sandwich_profile(half_d, count, cp.cuda.Device().id),
+        _device_cluster_policy,
     )
 
 
-class _Launch:
-    """A prepared kernel launch: name expression, grid and block sizes, the argument tuple, and the outputs."""
+def _device_cluster_policy(dtype: str) -> Any:
+    """The cluster policy (RELPOS_REF_CUDA_CLUSTERS) if the current device has thread-block clusters (CC >= 9.0)."""
+    import cupy as cp
 
-    def __init__(self, name: str, grid: int, block: int, args: tuple, probs: Any, lse: Any, lse_shape: tuple) -> None:
-        self.name, self.grid, self.block, self.args = name, grid, block, args
+    policy = cluster_policy(dtype)
+    if policy is None or int(cp.cuda.Device().compute_capability) < 90:
+        return None
+    return policy
+
+
+class _Launch:
+    """A prepared kernel launch: name expression, grid and block sizes, the argument tuple, and the outputs.
+    ``cluster`` (blocks per cluster) is fixed at compile time by the kernel's ``__cluster_dims__``; the grid is a
+    multiple of it."""
+
+    def __init__(
+        self, name: str, grid: int, block: int, args: tuple, probs: Any, lse: Any, lse_shape: tuple, cluster: int = 1
+    ) -> None:
+        self.name, self.grid, self.block, self.args, self.cluster = name, grid, block, args, cluster
         self.probs, self.lse, self.lse_shape = probs, lse, lse_shape
 
     def result(self, return_lse: bool) -> Any:
@@ -303,6 +328,9 @@ def fused_biased_softmax(
     -----
     Arithmetic is float32 for float16/float32 scores (probabilities rounded once to float16), float64 for float64.
     Error bounds of the in-kernel bias against the float64 reference are in :mod:`relpos_ref.cuda.bounds`.
+    With ``RELPOS_REF_CUDA_CLUSTERS=1`` on a GPU of compute capability 9.0 or later, rows longer than 8192 keys
+    (16384 for float64) and up to 65536 are split over a thread-block cluster instead of one block (off by default
+    until measured on a GPU; results agree within the same error model, not bit for bit).
     """
     if not is_cupy_array(scores):
         msg = (
@@ -447,7 +475,7 @@ def _prepare(
         md, ms = be.zeros(4, np.dtype(np.bool_)), [0, 0, 0, 0]
 
     vector_ok = be.ptr(x) % 16 == 0 and be.ptr(y) % 16 == 0
-    plan = plan_launch(sk, dtype.name, vector_ok=vector_ok)
+    plan = plan_launch(sk, dtype.name, vector_ok=vector_ok, clusters=be.clusters(dtype.name))
     a = acc.type
     alpha, beta = (a(scale), a(1.0)) if placement == "post_scale" else (a(scale), a(scale))
     i32 = np.int32
@@ -457,4 +485,4 @@ def _prepare(
         i32(nrows), i32(nh), i32(sq), i32(sk), i32(q0), i32(k0), i32(flags), alpha, beta,
     )  # fmt: skip
     name = plan.kernel_name(family, dtype.name)
-    return _Launch(name, plan.grid(nrows), plan.block, args, y, lse, tuple(scores.shape[:-1]))
+    return _Launch(name, plan.grid(nrows), plan.block, args, y, lse, tuple(scores.shape[:-1]), plan.cluster)

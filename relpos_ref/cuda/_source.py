@@ -13,10 +13,13 @@ import importlib.resources
 from dataclasses import dataclass
 
 __all__ = [
+    "CLUSTER_POLICIES",
     "FAMILY_STRUCTS",
     "STORAGE_TYPES",
+    "ClusterPolicy",
     "LaunchPlan",
     "all_kernel_names",
+    "cluster_policy",
     "kernel_source",
     "plan_launch",
 ]
@@ -70,6 +73,61 @@ _STREAM_CONFIG = {"float": (1024, 8), "double": (512, 8)}
 WARP_MAX_SK = 1024
 
 
+@dataclass(frozen=True)
+class ClusterPolicy:
+    """When rows go to the cluster kernel (sm_90+): rows longer than ``from_sk`` keys that fit one of ``configs``,
+    (blocks per cluster, threads per block, values per thread) in order of capacity; the first that fits is used."""
+
+    from_sk: int
+    configs: tuple[tuple[int, int, int], ...]
+
+
+# Clusters of 4 and 8 blocks of 256 x 16 or 256 x 32: each block holds 4096 or 8192 keys, the piece sizes whose
+# one-block kernels reach 90% of copy bandwidth on an H200 (bench/results/2026-11-27-gpu). Rows up to 8192 keys
+# (float) keep the one-block kernels, which already reach that. Not yet measured on a GPU: off unless
+# RELPOS_REF_CUDA_CLUSTERS is set (see cluster_policy).
+CLUSTER_POLICIES = {
+    "float": ClusterPolicy(8192, ((4, 256, 16), (8, 256, 16), (8, 256, 32))),
+    "double": ClusterPolicy(16384, ((8, 256, 16), (8, 256, 32))),
+}
+CLUSTER_MAX = 8  # the portable cluster size limit (larger needs a non-portable-size attribute at launch)
+
+
+def cluster_policy(dtype: str, environ: dict | None = None) -> ClusterPolicy | None:
+    """The cluster policy for ``dtype`` from ``RELPOS_REF_CUDA_CLUSTERS``: unset, "" or "0": None (no clusters);
+    "1": the defaults above; "FROM:CxNTxVPT,..." (e.g. "4096:2x256x16,4x256x16"): a tuning list for benchmarks."""
+    import os
+
+    text = (os.environ if environ is None else environ).get("RELPOS_REF_CUDA_CLUSTERS", "").strip()
+    acc = "double" if dtype == "float64" else "float"
+    if text in ("", "0"):
+        return None
+    if text == "1":
+        return CLUSTER_POLICIES[acc]
+    try:
+        head, _, tail = text.partition(":")
+        configs = tuple(tuple(int(n) for n in item.split("x")) for item in tail.split(","))
+        policy = ClusterPolicy(int(head), configs)  # type: ignore[arg-type]
+        _check_cluster_policy(policy)
+    except (ValueError, TypeError) as exc:
+        msg = (
+            "RELPOS_REF_CUDA_CLUSTERS: expected 0, 1 or FROM:CxNTxVPT[,CxNTxVPT...] (C <= 8, NT a multiple of 32 "
+            f"up to 1024, VPT a power of two up to 32), got {text!r} ({exc})"
+        )
+        raise ValueError(msg) from None
+    return policy
+
+
+def _check_cluster_policy(policy: ClusterPolicy) -> None:
+    for cfg in policy.configs:
+        if len(cfg) != 3:
+            raise ValueError(f"{cfg}: three numbers")
+        c, nt, vpt = cfg
+        shape_ok = 32 <= nt <= 1024 and nt % 32 == 0 and 1 <= vpt <= 32 and vpt & (vpt - 1) == 0
+        if not (2 <= c <= CLUSTER_MAX and shape_ok):
+            raise ValueError(f"{cfg} out of range")
+
+
 def _read(name: str) -> str:
     return importlib.resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
 
@@ -93,22 +151,25 @@ def kernel_source() -> str:
 class LaunchPlan:
     """Which kernel runs a row length, and how it is launched."""
 
-    kind: str  # "warp", "block" or "stream"
-    threads_per_row: int
+    kind: str  # "warp", "block", "stream" or "cluster"
+    threads_per_row: int  # per block for "cluster"
     vpt: int  # values per thread (per tile for "stream")
     vec: int  # elements per vector load/store
+    cluster: int = 1  # blocks per row ("cluster" only)
 
     @property
     def block(self) -> int:
         return 128 if self.kind == "warp" else self.threads_per_row
 
     def grid(self, nrows: int) -> int:
-        return (nrows + 3) // 4 if self.kind == "warp" else nrows
+        return (nrows + 3) // 4 if self.kind == "warp" else nrows * self.cluster
 
     def kernel_name(self, family: str, dtype: str) -> str:
         fam, typ = FAMILY_STRUCTS[family], STORAGE_TYPES[dtype]
         if self.kind == "warp":
             return f"rp::softmax_warp<{fam}, {typ}, {self.vpt}, {self.vec}>"
+        if self.kind == "cluster":
+            return f"rp::softmax_cluster<{fam}, {typ}, {self.cluster}, {self.threads_per_row}, {self.vpt}, {self.vec}>"
         return f"rp::softmax_{self.kind}<{fam}, {typ}, {self.threads_per_row}, {self.vpt}, {self.vec}>"
 
 
@@ -116,14 +177,21 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def plan_launch(sk: int, dtype: str, *, vector_ok: bool = True) -> LaunchPlan:
+def plan_launch(sk: int, dtype: str, *, vector_ok: bool = True, clusters: ClusterPolicy | None = None) -> LaunchPlan:
     """Kernel and launch shape for rows of ``sk`` keys of ``dtype`` ("float16", "float32", "float64").
 
     ``vector_ok`` says the scores and probabilities base pointers are 16-byte aligned; vector accesses also need
-    ``sk`` to be a multiple of the vector width so that every row starts aligned.
+    ``sk`` to be a multiple of the vector width so that every row starts aligned. ``clusters`` (sm_90+ only) sends
+    rows longer than its ``from_sk`` to the cluster kernel when one of its configurations holds them.
     """
     acc = "double" if dtype == "float64" else "float"
-    if sk <= WARP_MAX_SK:
+    cluster = 1
+    fit = []
+    if clusters is not None and sk > clusters.from_sk:
+        fit = [cfg for cfg in clusters.configs if sk <= cfg[0] * cfg[1] * cfg[2]]
+    if fit:
+        kind, (cluster, nt, vpt) = "cluster", fit[0]
+    elif sk <= WARP_MAX_SK:
         kind, nt, vpt = "warp", 32, _next_pow2(-(-sk // 32))
     else:
         for nt, vpt in _BLOCK_CONFIGS[acc]:
@@ -137,11 +205,12 @@ def plan_launch(sk: int, dtype: str, *, vector_ok: bool = True) -> LaunchPlan:
         vec = min(16 // _ITEMSIZE[dtype], vpt)
         while vec > 1 and sk % vec:
             vec //= 2
-    return LaunchPlan(kind, nt, vpt, vec)
+    return LaunchPlan(kind, nt, vpt, vec, cluster)
 
 
-def all_kernel_names(families=None, dtypes=None) -> list[str]:
-    """Every kernel name :func:`plan_launch` can produce, plus the Sandwich profile kernel."""
+def all_kernel_names(families=None, dtypes=None, *, clusters: bool = False) -> list[str]:
+    """Every kernel name :func:`plan_launch` can produce, plus the Sandwich profile kernel; with ``clusters``, also
+    the cluster kernels of the default :data:`CLUSTER_POLICIES` (they compile for sm_90 and later only)."""
     families = list(FAMILY_STRUCTS) if families is None else list(families)
     dtypes = list(STORAGE_TYPES) if dtypes is None else list(dtypes)
     plans = set()
@@ -149,9 +218,14 @@ def all_kernel_names(families=None, dtypes=None) -> list[str]:
         acc = "double" if dtype == "float64" else "float"
         lengths = [32 * v for v in (1, 2, 4, 8, 16, 32)] + [nt * v for nt, v in _BLOCK_CONFIGS[acc]]
         lengths.append(lengths[-1] + 16)  # the stream kernel
+        policies = [None, CLUSTER_POLICIES[acc]] if clusters else [None]
+        if clusters:
+            lengths += [c * nt * v for c, nt, v in CLUSTER_POLICIES[acc].configs]
         for sk in lengths:
             for odd in (0, 1, 2, 4):  # the vector widths a row length allows
                 for vector_ok in (True, False):
-                    plans.add((dtype, plan_launch(sk - odd if sk > odd else sk, dtype, vector_ok=vector_ok)))
+                    for policy in policies:
+                        n = sk - odd if sk > odd else sk
+                        plans.add((dtype, plan_launch(n, dtype, vector_ok=vector_ok, clusters=policy)))
     names = sorted({p.kernel_name(f, d) for d, p in plans for f in families})
     return [*names, "rp::sandwich_profile_kernel"]

@@ -4,6 +4,10 @@ NVRTC compiles one instantiation in roughly half a second and a test session nee
 in worker processes first means later processes (tests, benchmarks) load cubins from ``$CUPY_CACHE_DIR``. The cache
 key is CuPy's (source, options, name expression, architecture, toolkit), the same as the loader's. Needs a GPU.
 
+On a device of compute capability 9.0 or later the cluster kernels of the default policy are compiled too, although
+they only run with ``RELPOS_REF_CUDA_CLUSTERS`` set: the GPU tests and the benchmark turn it on. Tuning strings
+(``FROM:CxNTxVPT,...``) name other instantiations, which compile on first use.
+
 Usage: ``python -m relpos_ref.cuda._warm [--jobs N] [--dtypes float32,float16,float64] [--families ...]``.
 """
 
@@ -28,6 +32,19 @@ def _compile_chunk(names: list[str]) -> tuple[int, list[str]]:
     return len(names), failed
 
 
+def _device_has_clusters() -> bool:
+    """Whether the current device supports thread-block clusters (CC >= 9.0); False if it cannot be queried.
+
+    The query may create a CUDA context in this process; harmless, since the workers are spawned, not forked.
+    """
+    try:
+        import cupy
+
+        return int(cupy.cuda.Device().compute_capability) >= 90
+    except Exception:  # no CuPy or no device: the workers will report the real error, if any
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     from relpos_ref.cuda import all_kernel_names
 
@@ -38,7 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--deadline", type=float, default=None, help="seconds; stop submitting work after this")
     args = ap.parse_args(argv)
     fams = args.families.split(",") if args.families else None
-    names = all_kernel_names(fams, args.dtypes.split(","))
+    clusters = _device_has_clusters()
+    names = all_kernel_names(fams, args.dtypes.split(","), clusters=clusters)
+    n_cluster = sum("softmax_cluster<" in n for n in names)
+    if clusters:
+        print(f"{len(names)} kernels, {n_cluster} of them cluster kernels (device CC >= 9.0)", flush=True)
+    else:
+        print(f"{len(names)} kernels, no cluster kernels (device CC < 9.0, or not queryable)", flush=True)
     # Small tasks so that the deadline stops the pool quickly; interleaved so each task mixes kernel sizes.
     tasks = [names[k :: len(names) // 8 + 1] for k in range(len(names) // 8 + 1)]
     t0 = time.perf_counter()

@@ -64,9 +64,13 @@ RP_HD A kerple_log_bias(A r1, A r2, int delta) {
 // the result equals the exact-real-arithmetic bucket for every n the thresholds were computed for.
 // Bidirectional: n = |Delta| and keys after the query (Delta < 0) use the upper half [B', 2B').
 // Causal: n = max(Delta, 0), so every future key shares bucket 0 with Delta = 0.
+// Most keys of a long row lie at least max_distance (128 in T5) away, past the last threshold: they take the last
+// half-bucket after one comparison, and only nearer keys pay for the dependent loads of the search.
 RP_HD int t5_bucket(int delta, int bidirectional, const int* thr, int nthr) {
     const int n = bidirectional ? iabs(delta) : (delta > 0 ? delta : 0);
     int lo = 0, hi = nthr;  // first index with thr[index] > n
+    if (thr[nthr - 1] <= n) lo = hi;  // every threshold is <= n
+    else hi = nthr - 1;              // thr[nthr - 1] > n: the answer is below it
     while (lo < hi) {
         const int mid = (lo + hi) >> 1;
         if (thr[mid] <= n) {

@@ -4,12 +4,16 @@
 // family's parameters (bias.cuh); nothing of shape (H, Sq, Sk) is read except for the TensorBias fallback.
 //
 // One read of the scores and one write of the probabilities per element for rows that fit the register paths
-// (Sk <= 32768 for float/half, <= 16384 for double); longer rows use a two-pass kernel that reads the scores twice.
+// (Sk <= 32768 for float/half, <= 16384 for double; with thread-block clusters, sm_90+, up to 65536); longer rows use
+// a two-pass kernel that reads the scores twice.
 //
 // Kernels (the Python loader in relpos_ref/cuda/__init__.py picks one and instantiates it by name):
 //   softmax_warp<F, T, VPT, VEC>      one warp per row, 4 rows per 128-thread block, Sk <= 32 * VPT (<= 1024)
 //   softmax_block<F, T, NT, VPT, VEC> one NT-thread block per row, Sk <= NT * VPT, the row stays in registers
 //   softmax_stream<F, T, NT, VPT, VEC> one block per row, any Sk: pass 1 online max/sum, pass 2 recompute and write
+//   softmax_cluster<F, T, C, NT, VPT, VEC> (sm_90+) a cluster of C blocks per row, Sk <= C * NT * VPT, each block
+//                                     holding NT * VPT consecutive keys in registers; one exchange through
+//                                     distributed shared memory
 //   sandwich_profile_kernel           fills the Sandwich profile table (double)
 // F is a family struct template of bias.cuh, T the storage type of scores/probs (float, double, rp::half_t), VPT
 // the values each thread holds, VEC the elements per vector load/store (16 bytes at most; 1 when rows are not
@@ -372,6 +376,96 @@ __global__ void __launch_bounds__(NT) softmax_stream(RP_KERNEL_PARAMS) {
     }
     if (t == 0) write_lse(lse, row, flags, empty, m, s);
 }
+
+// ---- a cluster of C blocks per row (sm_90+), the row in the registers of the cluster ------------------------------
+// Why: a long row held by one block (1024 threads x 16 values for 16384 keys) fills an SM's register file, so one
+// block per SM loads, then reduces and stores with no loads in flight, and the memory system idles (61% of copy
+// bandwidth on an H200 at 16384 keys, 69% at 32768). Split over a cluster, each block holds a 4096- or 8192-key
+// piece, several blocks share an SM and one block's loads overlap another's reductions, as they do for the
+// 4096-key rows that reach 90%.
+//
+// Block r of the cluster owns keys [r * NT * VPT, (r + 1) * NT * VPT). It computes its own maximum m_r and
+// s_r = sum exp(z - m_r) (s_r = 0 when m_r = -inf), publishes (m_r, s_r) in its shared memory, and after one
+// cluster barrier every warp reads the C pairs through distributed shared memory (lane r reads block r) and
+// combines them: m = max m_r, s = sum_r s_r exp(m_r - m). Each block then writes exp(z - m_r) * (exp(m_r - m) / s).
+// Every warp of every block combines the same C pairs with the same butterfly, so m and s, hence the empty-row
+// decision, are bitwise uniform across the cluster. Compared with the one-block kernel this adds two roundings per
+// probability (the factor exp(m_r - m) and one product) and one exp per block pair; the error model of
+// tests/fused_cases.py has room for both. A NaN logit makes m NaN and the whole row NaN, in every block, as in the
+// one-block kernels (a block without attended keys multiplies its zeros by the NaN factor).
+//
+// Shared memory of a block must outlive every remote read of it: each block arrives on a second cluster barrier
+// after its reads (release) and waits on it only after its stores, just before exiting.
+template <typename A>
+struct ClusterShared {
+    A red_max[33];
+    A red_sum[33];
+    A part[2];  // this block's (m_r, s_r), read by the other blocks of the cluster
+};
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+#ifndef RP_HOST_EMULATION
+// The cluster is 1-D and C consecutive blocks of the 1-D grid form one cluster (CUDA programming guide, "Thread
+// Block Clusters"), so the row is blockIdx.x / C; the rank comes from the hardware register all the same.
+__device__ __forceinline__ unsigned cluster_rank() { return __clusterRelativeBlockRank(); }
+__device__ __forceinline__ void cluster_arrive() { __cluster_barrier_arrive(); }  // barrier.cluster.arrive (release)
+__device__ __forceinline__ void cluster_wait() { __cluster_barrier_wait(); }      // barrier.cluster.wait (acquire)
+template <typename S>
+__device__ __forceinline__ const S* cluster_peer(const S* local, unsigned rank) {
+    return static_cast<const S*>(__cluster_map_shared_rank(const_cast<S*>(local), rank));
+}
+#define RP_CLUSTER_SHARED(type, name) __shared__ type name
+#endif  // the CPU emulation (tests/test_cuda_emulated.py) defines these four and the macro
+
+template <template <typename> class F, typename T, int C, int NT, int VPT, int VEC>
+__global__ void __cluster_dims__(C, 1, 1) __launch_bounds__(NT) softmax_cluster(RP_KERNEL_PARAMS) {
+    typedef typename Traits<T>::acc A;
+    RP_CLUSTER_SHARED(ClusterShared<A>, sh);
+    const int t = threadIdx.x;
+    const unsigned rank = cluster_rank();
+    const long long row = blockIdx.x / C;  // grid = nrows * C exactly: no early exit, every barrier is reached
+    F<A> fam;
+    RowCtx<A> rc;
+    setup_row<F, A>(row, fam, rc, fp, ip, lp, qpos, kpos, mask, msb, msh, msi, msj, H, Sq, Sk, q0, k0, flags);
+    const T* xrow = x + row * Sk;
+    T* yrow = y + row * Sk;
+    const int base = (int)rank * (NT * VPT);
+    const A ninf = neg_inf(A());
+    A v[VPT];
+    row_logits<F, T, NT, VPT, VEC>(v, xrow, base, t, fam, rc, alpha, beta);  // keys past Sk come back as -inf
+    const A mb = block_max<NT>(local_max(v), sh.red_max);
+    A sb = (A)0;
+    if (mb != ninf) {
+        sb = exp_and_sum(v, mb);
+    } else {  // nothing attended in this piece: its probabilities are 0 (or NaN if another piece has a NaN)
+#pragma unroll
+        for (int e = 0; e < VPT; ++e) v[e] = (A)0;
+    }
+    sb = block_sum<NT>(sb, sh.red_sum);
+    if (t == 0) {
+        sh.part[0] = mb;
+        sh.part[1] = sb;
+    }
+    cluster_arrive();  // release: part[] is written before any block passes the wait below
+    cluster_wait();
+    const int lane = t & 31;
+    A pm = ninf, ps = (A)0;
+    if (lane < C) {
+        const A* peer = cluster_peer(sh.part, (unsigned)lane);
+        pm = peer[0];
+        ps = peer[1];
+    }
+    const A m = warp_max(pm);
+    const A s = warp_sum(pm == ninf ? (A)0 : ps * m_exp(pm - m));  // m = -inf only if every pm is -inf
+    cluster_arrive();  // release: this block's remote reads are done (their values are consumed above)
+    const bool empty = m == ninf;
+    const A fill = (flags & RP_EMPTY_NAN) ? quiet_nan(A()) : (A)0;
+    const A inv = mb == ninf ? (m == m ? (A)0 : m) : m_exp(mb - m) / s;
+    row_store<T, NT, VPT, VEC>(yrow, v, base, t, Sk, inv, empty, fill);
+    if (rank == 0 && t == 0) write_lse(lse, row, flags, empty, m, s);
+    cluster_wait();  // no block exits (releasing its shared memory) while another may still read it
+}
+#endif  // sm_90+
 
 // ---- Sandwich profile: out[n] = sandwich_profile(n, half_d), n = 0..count-1, in double --------------------------
 __global__ void sandwich_profile_kernel(double* __restrict__ out, int count, int half_d) {
