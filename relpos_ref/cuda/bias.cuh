@@ -15,6 +15,7 @@
 // Each family is a struct with
 //   setup(fp, ip, lp, b, h, H, i, qpos)  per-row preparation (head parameters, FIRE's normaliser, tensor row)
 //   eval<N>(j, delta, out)               bias of N keys of that row: column indices j[] and offsets delta[]
+//   skip_masked                          true if the kernels should skip eval for keys that are all masked
 // fp / ip / lp are the family's float / int / int64 parameter buffers, laid out by relpos_ref/cuda/__init__.py
 // (see the comment above each struct). eval works on N keys at once so FIRE can load each MLP weight once per N.
 
@@ -64,13 +65,14 @@ RP_HD A kerple_log_bias(A r1, A r2, int delta) {
 // the result equals the exact-real-arithmetic bucket for every n the thresholds were computed for.
 // Bidirectional: n = |Delta| and keys after the query (Delta < 0) use the upper half [B', 2B').
 // Causal: n = max(Delta, 0), so every future key shares bucket 0 with Delta = 0.
-// Most keys of a long row lie at least max_distance (128 in T5) away, past the last threshold: they take the last
-// half-bucket after one comparison, and only nearer keys pay for the dependent loads of the search.
-RP_HD int t5_bucket(int delta, int bidirectional, const int* thr, int nthr) {
+// Most keys of a long row lie at least max_distance (128 in T5) away, past the last threshold `last` = thr[nthr - 1]
+// (kept in a register by the kernel's family struct): they take the last half-bucket after one comparison, and only
+// nearer keys pay for the dependent loads of the search.
+RP_HD int t5_bucket(int delta, int bidirectional, const int* thr, int nthr, int last) {
     const int n = bidirectional ? iabs(delta) : (delta > 0 ? delta : 0);
     int lo = 0, hi = nthr;  // first index with thr[index] > n
-    if (thr[nthr - 1] <= n) lo = hi;  // every threshold is <= n
-    else hi = nthr - 1;              // thr[nthr - 1] > n: the answer is below it
+    if (last <= n) lo = hi;  // every threshold is <= n
+    else hi = nthr - 1;      // thr[nthr - 1] > n: the answer is below it
     while (lo < hi) {
         const int mid = (lo + hi) >> 1;
         if (thr[mid] <= n) {
@@ -81,6 +83,10 @@ RP_HD int t5_bucket(int delta, int bidirectional, const int* thr, int nthr) {
     }
     const int half_bucket = lo - 1;  // thr[0] = 0 <= n, so lo >= 1
     return (bidirectional && delta < 0) ? nthr + half_bucket : half_bucket;
+}
+
+RP_HD int t5_bucket(int delta, int bidirectional, const int* thr, int nthr) {
+    return t5_bucket(delta, bidirectional, thr, nthr, thr[nthr - 1]);
 }
 
 // Per-offset table (scalar form of Shaw et al., arXiv 1803.02155): b = table[h, clip(Delta, -K, K) + K].
@@ -150,6 +156,7 @@ RP_HD void fire_mlp(const A* x, A* out, const A* w1, const A* b1, const A* w2_ro
 // No bias (plain scaled, masked softmax).
 template <typename A>
 struct FamNone {
+    static constexpr bool skip_masked = false;
     RP_HD void setup(const A*, const int*, const long long*, int, int, int, int, int) {}
     template <int N>
     RP_HD void eval(const int*, const int*, A* out) const {
@@ -162,6 +169,7 @@ struct FamNone {
 // have stride 0.
 template <typename A>
 struct FamTensor {
+    static constexpr bool skip_masked = false;
     const A* row;
     long long sj;
     RP_HD void setup(const A* fp, const int*, const long long* lp, int b, int h, int, int i, int) {
@@ -178,6 +186,7 @@ struct FamTensor {
 // fp = slopes (H).
 template <typename A>
 struct FamAlibi {
+    static constexpr bool skip_masked = false;
     A slope;
     RP_HD void setup(const A* fp, const int*, const long long*, int, int h, int, int, int) { slope = fp[h]; }
     template <int N>
@@ -190,6 +199,7 @@ struct FamAlibi {
 // fp = [r1 (H), r2 (H)].
 template <typename A>
 struct FamKerplePower {
+    static constexpr bool skip_masked = true;
     A r1, r2;
     RP_HD void setup(const A* fp, const int*, const long long*, int, int h, int H, int, int) {
         r1 = fp[h];
@@ -205,6 +215,7 @@ struct FamKerplePower {
 // fp = [r1 (H), r2 (H)].
 template <typename A>
 struct FamKerpleLog {
+    static constexpr bool skip_masked = true;
     A r1, r2;
     RP_HD void setup(const A* fp, const int*, const long long*, int, int h, int H, int, int) {
         r1 = fp[h];
@@ -220,25 +231,28 @@ struct FamKerpleLog {
 // fp = table (H, B) row-major; ip = [bidirectional, B, nthr, thr[0..nthr)].
 template <typename A>
 struct FamT5 {
+    static constexpr bool skip_masked = false;
     const A* row;
     const int* thr;
-    int bidirectional, nthr;
+    int bidirectional, nthr, last;
     RP_HD void setup(const A* fp, const int* ip, const long long*, int, int h, int, int, int) {
         bidirectional = ip[0];
         row = fp + (long long)h * ip[1];
         nthr = ip[2];
         thr = ip + 3;
+        last = thr[nthr - 1];
     }
     template <int N>
     RP_HD void eval(const int*, const int* d, A* out) const {
 #pragma unroll
-        for (int e = 0; e < N; ++e) out[e] = row[t5_bucket(d[e], bidirectional, thr, nthr)];
+        for (int e = 0; e < N; ++e) out[e] = row[t5_bucket(d[e], bidirectional, thr, nthr, last)];
     }
 };
 
 // fp = table (H, 2K+1) row-major; ip = [K].
 template <typename A>
 struct FamOffset {
+    static constexpr bool skip_masked = false;
     const A* row;
     int K;
     RP_HD void setup(const A* fp, const int* ip, const long long*, int, int h, int, int, int) {
@@ -257,6 +271,7 @@ struct FamOffset {
 // out-of-bounds read.
 template <typename A>
 struct FamSandwich {
+    static constexpr bool skip_masked = false;
     const A* profile;
     A factor;
     int nmax;
@@ -278,6 +293,7 @@ struct FamSandwich {
 // fp = [c, L, eps, w1 (W), b1 (W), w2 (H, W), b2 (H)]; ip = [W].
 template <typename A>
 struct FamFire {
+    static constexpr bool skip_masked = true;
     const A* w1;
     const A* b1;
     const A* w2_row;

@@ -230,10 +230,23 @@ __device__ __forceinline__ void row_logits(typename Traits<T>::acc (&v)[VPT], co
             dd[e] = rc.qpos - kp;
             ok[e] = attend;
         }
-        A bias[CH];
-        fam.template eval<CH>(jj, dd, bias);
+        // Families whose bias costs real arithmetic (FIRE's MLP, KERPLE's pow and log1p: F::skip_masked) skip it for
+        // a chunk with no attended key (past the causal diagonal, masked, padding): the masked half of a square
+        // causal softmax then costs no bias at all. Masked keys are contiguous along a causal row, so whole warps
+        // take the same branch except at the diagonal. The cheap families keep straight-line code (the branch costs
+        // them registers: 16 bytes more spills in the 1024 x 32 ALiBi kernel under ptxas for sm_90).
+        bool any = !F<A>::skip_masked;
 #pragma unroll
-        for (int e = 0; e < CH; ++e) v[c0 + e] = ok[e] ? m_fma(v[c0 + e], alpha, bias[e] * beta) : ninf;
+        for (int e = 0; e < CH; ++e) any = any || ok[e];
+        if (any) {
+            A bias[CH];
+            fam.template eval<CH>(jj, dd, bias);
+#pragma unroll
+            for (int e = 0; e < CH; ++e) v[c0 + e] = ok[e] ? m_fma(v[c0 + e], alpha, bias[e] * beta) : ninf;
+        } else {
+#pragma unroll
+            for (int e = 0; e < CH; ++e) v[c0 + e] = ninf;
+        }
     }
 }
 
