@@ -61,25 +61,38 @@ thread_local emu_dim threadIdx, blockIdx;
 emu_dim blockDim, gridDim;
 static int g_cluster = 1;  // blocks per cluster of the current launch
 
-static std::atomic<int> g_fault{0};  // 1: a barrier timed out (divergence), 2: partial shuffle mask
+// 1: a barrier timed out (divergence), 2: partial shuffle mask, 4: cluster arrive and wait unpaired,
+// 5: distributed shared memory rank outside the cluster, 6: grid not a multiple of the cluster size
+static std::atomic<int> g_fault{0};
 static int g_timeout_ms = 10000;
 
+// A barrier of n threads, split-phase: arrive() counts this thread into the current phase and returns it,
+// wait_phase(g) blocks until phase g has completed (all n arrived). wait() is both: __syncthreads, a warp's
+// shuffle step, and the cluster barrier's arrive + wait.
 struct EmuBarrier {
     std::mutex m;
     std::condition_variable cv;
     int n = 0, count = 0;
     long gen = 0;
     void init(int n_) { n = n_; count = 0; gen = 0; }
-    void wait() {
+    long arrive() {
+        std::lock_guard<std::mutex> lk(m);
+        const long g = gen;
+        if (++count == n) { count = 0; ++gen; cv.notify_all(); }
+        return g;
+    }
+    void wait_phase(long g) {
         if (g_fault) return;
         std::unique_lock<std::mutex> lk(m);
-        const long g = gen;
-        if (++count == n) { count = 0; ++gen; cv.notify_all(); return; }
         const auto released = [&] { return gen != g || g_fault.load() != 0; };
         if (!cv.wait_for(lk, std::chrono::milliseconds(g_timeout_ms), released)) {
             g_fault = 1;
             cv.notify_all();
         }
+    }
+    void wait() {
+        if (g_fault) return;
+        wait_phase(arrive());
     }
 };
 // Per block of a cluster (index: rank in the cluster; 0 for kernels without clusters).
@@ -110,34 +123,9 @@ V __shfl_xor_sync(unsigned mask, V v, int o) {
     return r;
 }
 
-// Split-phase cluster barrier: arrive() counts this thread into the current phase, wait() blocks until the phase
-// this thread arrived in has completed (every thread of the cluster arrived).
-struct EmuClusterBarrier {
-    std::mutex m;
-    std::condition_variable cv;
-    int n = 0, count = 0;
-    long gen = 0;
-    void init(int n_) { n = n_; count = 0; gen = 0; }
-    long arrive() {
-        std::lock_guard<std::mutex> lk(m);
-        const long g = gen;
-        if (++count == n) { count = 0; ++gen; cv.notify_all(); }
-        return g;
-    }
-    void wait(long g) {
-        if (g_fault) return;
-        std::unique_lock<std::mutex> lk(m);
-        const auto done = [&] { return gen != g || g_fault.load() != 0; };
-        if (!cv.wait_for(lk, std::chrono::milliseconds(g_timeout_ms), done)) {
-            g_fault = 1;
-            cv.notify_all();
-        }
-    }
-};
-static EmuClusterBarrier g_cbar;
+static EmuBarrier g_cbar;  // the cluster's threads
 thread_local long t_phase = -1;  // phase of this thread's pending arrive, -1 if none
-thread_local char* t_shared = nullptr;  // this block's copy of the cluster kernel's shared struct
-thread_local long t_shared_size = 0;
+thread_local long t_shared_size = 0;  // sizeof the cluster kernel's shared struct (set by RP_CLUSTER_SHARED)
 
 inline unsigned cluster_rank() { return (unsigned)t_rank; }
 inline void cluster_arrive() {
@@ -146,7 +134,7 @@ inline void cluster_arrive() {
 }
 inline void cluster_wait() {
     if (t_phase == -1) { g_fault = 4; return; }  // a wait without an arrive
-    g_cbar.wait(t_phase);
+    g_cbar.wait_phase(t_phase);
     t_phase = -1;
 }
 template <typename S>
@@ -158,7 +146,6 @@ const S* cluster_peer(const S* local, unsigned rank) {
 #define RP_CLUSTER_SHARED(type, name)                                        \
     static type name##_emu[EMU_MAX_CLUSTER];                                \
     type& name = name##_emu[t_rank];                                         \
-    t_shared = reinterpret_cast<char*>(&name);                               \
     t_shared_size = (long)sizeof(type)
 inline float __int_as_float(unsigned i) { float f; memcpy(&f, &i, 4); return f; }
 inline double __longlong_as_double(unsigned long long i) { double d; memcpy(&d, &i, 8); return d; }
@@ -283,12 +270,14 @@ CASES = SWEEP + SPECIALS + LONG + DOUBLES
 SMALL_CLUSTERS = ClusterPolicy(0, ((2, 32, 4), (4, 64, 4), (8, 32, 8)))
 # Random sorted positions, causal: the three rows attend 182, 332 and 932 keys, i.e. 1, 2 and 4 of the 4 pieces.
 MUTANT_CASE = Case("alibi", (1, 2, 3, 999), "float32", causal=True, positions="random", specials="spike", seed=31)
+# The same rows with FIRE, a family whose bias is skipped on chunks with nothing attended (F::skip_masked).
+SKIP_CASE = MUTANT_CASE.with_(family="fire", specials=None)
 CLUSTER_CASES = [
     (c, SMALL_CLUSTERS)
     for c in family_sweep([(1, 2, 3, 200), (1, 2, 2, 999), (1, 1, 2, 2000)], ["float32", "float16", "float64"])
     + [c.with_(shape=(1, 2, 3, 300)) if c.shape == (2, 3, 5, 300) else c for c in special_cases(sk_small=300)]
 ]
-CLUSTER_CASES.append((MUTANT_CASE, SMALL_CLUSTERS))
+CLUSTER_CASES += [(MUTANT_CASE, SMALL_CLUSTERS), (SKIP_CASE, SMALL_CLUSTERS)]
 CLUSTER_CASES += [
     (c, CLUSTER_POLICIES["double" if c.dtype == "float64" else "float"])
     for c in (
@@ -305,8 +294,9 @@ def _cluster_id(case: Case, policy: ClusterPolicy) -> str:
     return f"{'small' if policy is SMALL_CLUSTERS else 'default'}-{case.id}"
 
 
-# Deliberately broken cluster kernels (text edits of biased_softmax.cu), each with a case that must expose it.
-CLUSTER_MUTANTS = {
+# Deliberately broken kernels (text edits of biased_softmax.cu), each exposed by MUTANT_CASE unless MUTANT_CASES
+# names another case.
+KERNEL_MUTANTS = {
     "no_rescale": ("m_exp(mb - m) / s;", "(A)1 / s;"),
     "same_piece": ("const int base = (int)rank * (NT * VPT);", "const int base = 0;"),
     "own_pair_only": ("cluster_peer(sh.part, (unsigned)lane)", "cluster_peer(sh.part, rank)"),
@@ -316,7 +306,13 @@ CLUSTER_MUTANTS = {
         "write_lse(lse, row, flags, empty, mb, sb);\n    cluster_wait();",
     ),
     "no_exit_wait": ("cluster_wait();  // no block exits", "// no block exits"),
+    # row_logits: skip the bias of any chunk with a masked key, not only of chunks with nothing attended
+    "skip_partly_masked": (
+        "bool any = !F<A>::skip_masked;\n#pragma unroll\n        for (int e = 0; e < CH; ++e) any = any || ok[e];",
+        "bool any = true;\n#pragma unroll\n        for (int e = 0; e < CH; ++e) any = any && ok[e];",
+    ),
 }
+MUTANT_CASES = {"skip_partly_masked": SKIP_CASE}
 
 
 def numpy_backend(profile, clusters: ClusterPolicy | None = None) -> _Backend:
@@ -478,26 +474,24 @@ def test_emulated_cluster_kernel_matches_reference(case, policy, built_cluster_c
 
 @pytest.fixture(scope="module")
 def mutant_emulators(tmp_path_factory):
-    """One host library per mutant of the cluster kernel, holding the kernel MUTANT_CASE needs."""
-    built = build(MUTANT_CASE)
-    name = prepare(built, _probe(SMALL_CLUSTERS)).name
+    """One host library per mutant, holding the kernel its case needs: {mutant: (built case, emulator)}."""
     source = (CUDA_DIR / "biased_softmax.cu").read_text()
     out = {}
-    for mutant, (old, new) in CLUSTER_MUTANTS.items():
+    for mutant, (old, new) in KERNEL_MUTANTS.items():
         assert source.count(old) == 1, f"mutant {mutant}: {old!r} must occur once in biased_softmax.cu"
+        built = build(MUTANT_CASES.get(mutant, MUTANT_CASE))
         d = tmp_path_factory.mktemp(f"mutant_{mutant}")
         (d / "biased_softmax.cu").write_text(source.replace(old, new))
         shutil.copy(CUDA_DIR / "bias.cuh", d / "bias.cuh")
-        out[mutant] = compile_emulation([name], d, cuda_dir=d)
-    return built, out
+        out[mutant] = (built, compile_emulation([prepare(built, _probe(SMALL_CLUSTERS)).name], d, cuda_dir=d))
+    return out
 
 
-def test_cluster_mutants_are_detected(mutant_emulators):
-    """Each broken cluster kernel fails the comparison (or faults in the emulator) on MUTANT_CASE, which the real
-    kernel passes (it is one of CLUSTER_CASES)."""
-    built, emus = mutant_emulators
+def test_kernel_mutants_are_detected(mutant_emulators):
+    """Each broken kernel fails the comparison (or faults in the emulator) on its case, which the real kernel
+    passes (both cases are among CLUSTER_CASES)."""
     survivors = []
-    for mutant, emu in emus.items():
+    for mutant, (built, emu) in mutant_emulators.items():
         launch = prepare(built, emu.backend_with(SMALL_CLUSTERS))
         assert launch.cluster == 4
         try:
@@ -506,4 +500,4 @@ def test_cluster_mutants_are_detected(mutant_emulators):
         except AssertionError:
             continue
         survivors.append(mutant)
-    assert not survivors, f"cluster mutants not detected: {survivors}"
+    assert not survivors, f"mutants not detected: {survivors}"

@@ -192,15 +192,6 @@ def _strides(am: Any, arr: Any, shape: tuple[int, ...]) -> tuple[Any, list[int]]
     return view, [s // view.itemsize for s in view.strides]
 
 
-def _broadcastable(name: str, value: Any, shape: tuple[int, ...]) -> None:
-    ok = value.ndim <= len(shape) and all(
-        s in (1, t) for s, t in zip(reversed(tuple(value.shape)), reversed(shape), strict=False)
-    )
-    if not ok:
-        msg = f"{name}: expected a shape broadcastable to {shape}, got {tuple(value.shape)}"
-        raise ValueError(msg)
-
-
 _ZEROS: dict = {}
 
 
@@ -366,6 +357,7 @@ def _prepare(
     """Validate the arguments and build the kernel launch (allocations happen here, the launch does not)."""
     from .. import _checks
     from ..family import BiasFamily
+    from ..softmax import broadcast_to
 
     am = be.am
     dtype = np.dtype(scores.dtype)
@@ -407,7 +399,7 @@ def _prepare(
         if np.dtype(bias.dtype).kind != "f":
             msg = f"bias: expected a real floating-point dtype, got {bias.dtype}"
             raise TypeError(msg)
-        _broadcastable("bias", bias, tuple(scores.shape))
+        broadcast_to("bias", bias, tuple(scores.shape))
         family, tensor = "tensor", bias
     if mask is not None:
         if not be.is_array(mask):
@@ -416,7 +408,7 @@ def _prepare(
         if np.dtype(mask.dtype) != np.bool_:
             msg = f"mask: expected a boolean dtype, got {mask.dtype}"
             raise TypeError(msg)
-        _broadcastable("mask", mask, tuple(scores.shape))
+        broadcast_to("mask", mask, tuple(scores.shape))
 
     qh, kh = _positions(q_pos, k_pos, align, sq, sk)
     q0, k0 = _affine_start(qh), _affine_start(kh)
