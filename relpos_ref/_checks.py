@@ -12,8 +12,9 @@ import numbers
 import warnings
 from typing import Any
 
-import array_api_compat
 from array_api_compat import array_namespace, is_array_api_obj
+
+from ._host import host_numpy
 
 __all__: list[str] = []
 
@@ -229,20 +230,6 @@ def positive(name: str, value: Any, xp: Any, *, upper: float | None = None) -> N
         raise ValueError(msg)
 
 
-def host_numpy(value: Any) -> Any:
-    """A host NumPy array with the data of ``value`` (any namespace; copies only when it must)."""
-    import numpy as np
-
-    if isinstance(value, np.ndarray):
-        return value
-    if array_api_compat.is_cupy_array(value):
-        return value.get()
-    try:
-        return np.from_dlpack(value)
-    except (TypeError, ValueError, BufferError, RuntimeError, AttributeError):
-        return np.asarray(value)
-
-
 def _preview(value: Any) -> str:
     try:
         import numpy as np
@@ -298,16 +285,3 @@ def compute_dtype(xp: Any, dtype: Any) -> Any:
     if dtype == xp.float64 or dtype == xp.float32:
         return dtype
     return xp.float32
-
-
-def dtype_name(dtype: Any) -> str:
-    """Plain name of a dtype of any namespace ("float32"), to look up its twin in another namespace."""
-    name = getattr(dtype, "name", None)
-    if isinstance(name, str):
-        return name
-    text = str(dtype)
-    if text.startswith("<class"):  # a NumPy scalar type such as numpy.float64
-        import numpy as np
-
-        return np.dtype(dtype).name
-    return text.rsplit(".", maxsplit=1)[-1]

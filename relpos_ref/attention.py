@@ -9,14 +9,13 @@ from array_api_compat import device as array_device
 from array_api_compat import is_cupy_array
 
 from . import _checks
-from .family import BiasFamily
-from .positions import ALIGNMENTS, causal_mask, positions
-from .softmax import FULLY_MASKED, PLACEMENTS, broadcast_to
-from .tensor_bias import TensorBias
+from .conventions import ALIGNMENTS, BACKENDS, FULLY_MASKED, PLACEMENTS
+from .families import BiasFamily, TensorBias
+from .positions import causal_mask, positions
+from .softmax import broadcast_to
 
 __all__ = ["attention"]
 
-BACKENDS = ("reference", "fused")
 
 # Logits per (query block, key block) tile when the caller does not choose: 1 Mi elements, 4 MiB in float32, so
 # a tile and its bias stay near the cache while the per-tile Python overhead stays small.

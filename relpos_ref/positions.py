@@ -10,10 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from . import _checks
+from .conventions import ALIGNMENTS
 
 __all__ = ["causal_mask", "positions", "relative_offsets"]
-
-ALIGNMENTS = ("bottom_right", "top_left")
 
 
 def positions(

@@ -5,12 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from . import _checks
+from .conventions import BACKENDS, FULLY_MASKED, PLACEMENTS
 
 __all__ = ["biased_softmax"]
-
-PLACEMENTS = ("post_scale", "pre_scale")
-FULLY_MASKED = ("zero", "nan")
-BACKENDS = ("reference", "fused")
 
 
 def biased_softmax(

@@ -16,18 +16,22 @@ from typing import Any
 
 import numpy as np
 
-from .alibi import ALiBi
 from .attention import attention
-from .family import BiasFamily
-from .fire import FIRE
+from .families import (
+    FIRE,
+    ALiBi,
+    BiasFamily,
+    KerpleLog,
+    KerplePower,
+    OffsetBias,
+    Sandwich,
+    T5Bias,
+    TensorBias,
+    t5_bucket,
+)
 from .gradients import attention_vjp
-from .kerple import KerpleLog, KerplePower
-from .offset import OffsetBias
 from .positions import causal_mask, positions
-from .sandwich import Sandwich
 from .softmax import biased_softmax
-from .t5 import T5Bias, t5_bucket
-from .tensor_bias import TensorBias
 from .testing import max_errors, to_numpy
 
 __all__ = ["TOLERANCES", "available_backends", "run_verify"]

@@ -463,7 +463,7 @@ class OffsetGradNoClipSums(rp.OffsetBias):
         idx = deltas + k
         inside = (idx >= 0) & (idx <= 2 * k)
         g = xp.where(inside[None, :], g, xp.zeros_like(g))
-        return {"table": rp.family.scatter_columns(xp, g, xp.clip(idx, min=0, max=2 * k), 2 * k + 1)}
+        return {"table": rp.families.base.scatter_columns(xp, g, xp.clip(idx, min=0, max=2 * k), 2 * k + 1)}
 
 
 class FIREGradTieFull(rp.FIRE):

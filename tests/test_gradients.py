@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import relpos_ref as rp
-from relpos_ref.family import offset_sums, scatter_columns
+from relpos_ref.families.base import offset_sums, scatter_columns
 from relpos_ref.testing import to_numpy
 
 

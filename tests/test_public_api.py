@@ -99,7 +99,7 @@ def _modules() -> list[str]:
 
 
 MODULES = _modules()
-CORE_WITH_EXAMPLES = ["relpos_ref.positions", "relpos_ref.t5", "relpos_ref.alibi"]
+CORE_WITH_EXAMPLES = ["relpos_ref.positions", "relpos_ref.families.t5", "relpos_ref.families.alibi"]
 
 
 @pytest.mark.parametrize("module_name", MODULES)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import to_host
+from .._host import to_host
 from ._core import Check, run_checks
 from .attention import AttentionShape, attention_checks, attention_inputs, check_attention, hand_over
 from .backward import attention_backward_checks, backward_inputs, check_attention_backward

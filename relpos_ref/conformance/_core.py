@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from ..family import BiasFamily
-from ._arrays import to_host
+from .._host import to_host
+from ..families import BiasFamily
 from .report import CheckResult, ConformanceError, Report
 
 __all__ = ["Check", "run_checks"]
@@ -156,15 +156,6 @@ def _as_float_array(x: Any, name: str) -> tuple[np.ndarray, str]:
     except TypeError as exc:
         raise CandidateError(str(exc)) from exc
     return arr, dt
-
-
-def _errors(cand: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """|cand - ref| with equal values (matching infinities) counted 0 and one-sided NaN/inf counted inf."""
-    same = (cand == ref) | (np.isnan(cand) & np.isnan(ref))
-    with np.errstate(invalid="ignore", over="ignore"):
-        diff = np.abs(cand - ref)
-    diff = np.where(same, 0.0, diff)
-    return np.where(np.isnan(diff), np.inf, diff)
 
 
 def _max_rel(err: np.ndarray, ref: np.ndarray, sel: np.ndarray) -> float:

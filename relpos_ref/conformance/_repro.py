@@ -6,9 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ..alibi import ALiBi, alibi_slopes
-from ..family import BiasFamily
-from ..sandwich import Sandwich
+from ..families import ALiBi, BiasFamily, Sandwich, alibi_slopes
 
 __all__: list[str] = []
 

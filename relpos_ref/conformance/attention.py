@@ -9,17 +9,17 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .. import _checks
+from .._host import abs_errors, numpy_dtype, to_host
 from ..attention import attention as ref_attention
-from ..family import BiasFamily
+from ..conventions import FLOAT_DTYPES
+from ..families import BiasFamily, TensorBias
 from ..positions import causal_mask, positions
-from ..tensor_bias import TensorBias
 from . import _repro, diagnose
-from ._arrays import FLOAT_DTYPES, from_host, numpy_dtype, resolve_namespace, to_host
+from ._arrays import from_host, resolve_namespace
 from ._core import (
     CandidateError,
     Check,
     _as_float_array,
-    _errors,
     _f,
     _first,
     _max_rel,
@@ -308,7 +308,7 @@ class _AttentionSuite(_Suite):
     # -- checks --------------------------------------------------------------------------------------------
     def _tol(self, ref: np.ndarray, base: np.ndarray, rows: np.ndarray) -> tuple[Any, float]:
         sel = np.broadcast_to(rows, ref.shape) if rows.ndim < ref.ndim else rows
-        base_err = float(np.max(_errors(base, ref)[sel], initial=0.0))
+        base_err = float(np.max(abs_errors(base, ref)[sel], initial=0.0))
         mag = max(1.0, float(np.max(np.abs(ref[sel & np.isfinite(ref)]), initial=0.0)))
         return attention_tolerance(self.dtype, base_err, mag, rtol=self.rtol, atol=self.atol), base_err
 
@@ -328,7 +328,7 @@ class _AttentionSuite(_Suite):
                 np.broadcast_to(rows[..., None], e["ref_out"].shape),
             )
         tol, _ = self._tol(ref, base, sel)
-        err = np.where(sel, _errors(cand, ref), 0.0)
+        err = np.where(sel, abs_errors(cand, ref), 0.0)
         bound = tol.atol + tol.rtol * np.abs(np.where(np.isfinite(ref), ref, 0.0))
         bad = sel & (err > bound)
         n_empty = int(e["empty"].sum())
@@ -430,7 +430,7 @@ class _AttentionSuite(_Suite):
         out: list[str] = []
         if lse:
             ref = e["ref_lse"]
-            if np.all((_errors(cand, ref / math.log(2)) <= bound + 1e-9 * np.abs(ref))[sel]):
+            if np.all((abs_errors(cand, ref / math.log(2)) <= bound + 1e-9 * np.abs(ref))[sel]):
                 out.append("lse in base 2 (log2-sum-exp2, as Triton kernels keep it) instead of the natural log")
             out_ok = self.values_check(case, lse=False).passed
             with np.errstate(invalid="ignore"):
@@ -451,7 +451,7 @@ class _AttentionSuite(_Suite):
             ok_rows = sel & np.isfinite(alt)
             if ok_rows.sum() < 0.5 * sel.sum():
                 continue
-            if np.all((_errors(cand, alt) <= bound)[ok_rows]):
+            if np.all((abs_errors(cand, alt) <= bound)[ok_rows]):
                 out.append(label)
                 break  # hypotheses are ordered from the most common; one explanation is enough
         return out
@@ -525,7 +525,7 @@ class _AttentionSuite(_Suite):
         out2, _ = self.call(pert, sh)
         rows = slice(0, r + 1)
         a, b = e["out"][:, :, rows], out2[:, :, rows]
-        diff = float(np.max(_errors(a, b), initial=0.0))
+        diff = float(np.max(abs_errors(a, b), initial=0.0))
         mag = max(1.0, float(np.max(np.abs(e["ref_out"][np.isfinite(e["ref_out"])]), initial=0.0)))
         slack = (0.0 if self.rtol is None and self.atol is None else (self.atol or 0.0)) + _floor(self.dtype) * mag
         res = CheckResult(
@@ -537,7 +537,7 @@ class _AttentionSuite(_Suite):
             bound=slack,
         )
         if not res.passed:
-            idx = _first(_errors(a, b) > slack)
+            idx = _first(abs_errors(a, b) > slack)
             res.mismatch = {"index": idx, "q_pos": int(q_pos[idx[2]]), "candidate": _f(b[idx]), "reference": _f(a[idx])}
             leak = np.asarray(causal_mask(q_pos + 1, k_pos))
             res.diagnosis.append(
@@ -563,7 +563,7 @@ class _AttentionSuite(_Suite):
         sub = AttentionShape(sh.batch, sh.heads, sh.kv_heads, m, sh.k_len, sh.head_dim, sh.logit_scale)
         out_part, _ = self.call((part, k, v), sub)
         full = e["out"][:, :, rows]
-        diff = _errors(out_part, full)
+        diff = abs_errors(out_part, full)
         ref_rows = e["ref_out"][:, :, rows]
         tol, _ = self._tol(ref_rows, e["base_out"][:, :, rows], np.ones(ref_rows.shape, dtype=bool))
         bound = 2 * tol.atol
@@ -640,7 +640,7 @@ class _AttentionSuite(_Suite):
                 tol, _ = self._tol(e["ref_out"], e["base_out"], ~rows)
                 for label, fn in self.hypotheses(case, e):
                     alt_out = fn()[0]
-                    if np.isfinite(alt_out[rows]).all() and np.all(_errors(e["out"], alt_out)[rows] <= tol.atol):
+                    if np.isfinite(alt_out[rows]).all() and np.all(abs_errors(e["out"], alt_out)[rows] <= tol.atol):
                         res.diagnosis.append(f"these queries see keys in the candidate: {label}")
                         break
             if lse_vals is not None and not ok_lse:

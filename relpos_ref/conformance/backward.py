@@ -14,14 +14,14 @@ from typing import Any
 
 import numpy as np
 
+from .._host import abs_errors, numpy_dtype, to_host
 from ..attention import attention as ref_attention
-from ..family import BiasFamily
+from ..families import BiasFamily, T5Bias
 from ..gradients import attention_vjp
 from ..positions import causal_mask
-from ..t5 import T5Bias
 from . import _repro
-from ._arrays import from_host, numpy_dtype, to_host
-from ._core import CandidateError, Check, _as_float_array, _errors, _f, _first, _max_rel, run_checks
+from ._arrays import from_host
+from ._core import CandidateError, Check, _as_float_array, _f, _first, _max_rel, run_checks
 from .attention import AttentionShape, _AttentionSuite, _Case, _floor, _has_empty_rows, attention_inputs
 from .report import CheckResult, Report
 from .tolerance import _plain_backward, attention_tolerance, rule_text
@@ -187,7 +187,7 @@ class _BackwardSuite(_AttentionSuite):
     def _grad_tol(self, e: dict[str, Any], name: str, sel: np.ndarray) -> Any:
         """The attention rule with the larger error of the two plain backwards (autograd's, FlashAttention-2's)."""
         ref = e["ref"][name]
-        base_err = max(float(np.max(_errors(b[name], ref)[sel], initial=0.0)) for b in e["bases"])
+        base_err = max(float(np.max(abs_errors(b[name], ref)[sel], initial=0.0)) for b in e["bases"])
         mag = max(1.0, float(np.max(np.abs(ref[sel & np.isfinite(ref)]), initial=0.0)))
         return attention_tolerance(self.dtype, base_err, mag, rtol=self.rtol, atol=self.atol)
 
@@ -223,7 +223,7 @@ class _BackwardSuite(_AttentionSuite):
             res.reproduction = self.snippet(case, None, name)
             return res
         tol = self._grad_tol(e, name, sel)
-        err = np.where(sel, _errors(cand, ref), 0.0)
+        err = np.where(sel, abs_errors(cand, ref), 0.0)
         bound = tol.atol + tol.rtol * np.abs(np.where(np.isfinite(ref), ref, 0.0))
         bad = sel & (err > bound)
         n_empty = int(e["empty"].sum())
@@ -266,7 +266,7 @@ class _BackwardSuite(_AttentionSuite):
         ok = sel & np.isfinite(alt)
         if ok.sum() < 0.5 * sel.sum() or not ok.any():
             return False
-        return bool(np.all((_errors(cand, alt) <= bound)[ok]))
+        return bool(np.all((abs_errors(cand, alt) <= bound)[ok]))
 
     def extra_hypotheses(self, case: _Case, e: dict[str, Any]) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
         """Backward-only conventions: the softmax backward without its row term, a transposed dz."""
@@ -513,7 +513,7 @@ class _BackwardSuite(_AttentionSuite):
                         if (
                             alt is not None
                             and np.isfinite(alt["dq"][full]).all()
-                            and np.all(_errors(dq, alt["dq"])[full] <= tol.atol)
+                            and np.all(abs_errors(dq, alt["dq"])[full] <= tol.atol)
                         ):
                             res.diagnosis.append(f"these queries see keys in the candidate: {label}")
                             break

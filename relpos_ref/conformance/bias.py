@@ -9,21 +9,15 @@ from typing import Any
 import numpy as np
 
 from .. import _checks
-from ..alibi import ALiBi
-from ..family import BiasFamily
-from ..fire import FIRE
-from ..kerple import KerpleLog, KerplePower
-from ..offset import OffsetBias
+from .._host import abs_errors
+from ..conventions import EQUIVALENCES, FLOAT_DTYPES
+from ..families import FIRE, ALiBi, BiasFamily, KerpleLog, KerplePower, OffsetBias, T5Bias, TensorBias
 from ..positions import causal_mask, positions
-from ..t5 import T5Bias
-from ..tensor_bias import TensorBias
 from . import _repro, diagnose
-from ._arrays import FLOAT_DTYPES
 from ._core import (
     CandidateError,
     Check,
     _as_float_array,
-    _errors,
     _f,
     _first,
     _max_rel,
@@ -37,7 +31,6 @@ from .tolerance import bias_tolerance, rule_text
 
 __all__ = ["bias_checks", "check_bias"]
 
-EQUIVALENCES = ("exact", "row_shift")
 
 _MONOTONE = (ALiBi, KerplePower, KerpleLog)
 _NOT_OFFSET_ONLY = (TensorBias,)
@@ -176,10 +169,10 @@ class _BiasSuite(_Suite):
             lo = np.min(np.where(sel, d, np.inf), axis=-1)
             hi = np.max(np.where(sel, d, -np.inf), axis=-1)
             shift = np.where(ok_rows, (np.where(ok_rows, lo, 0.0) + np.where(ok_rows, hi, 0.0)) / 2, 0.0)
-            err = _errors(np.where(sel, cand - shift[..., None], cand), ref)
+            err = abs_errors(np.where(sel, cand - shift[..., None], cand), ref)
             shift = np.where(ok_rows, shift, np.nan)
         else:
-            err = _errors(cand, ref)
+            err = abs_errors(cand, ref)
         err = np.where(keep3, err, 0.0)
         fin = keep3 & np.isfinite(ref)
         mag = max(1.0, float(np.max(np.abs(ref[fin]), initial=0.0)))

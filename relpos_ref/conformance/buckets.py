@@ -7,10 +7,11 @@ from typing import Any
 
 import numpy as np
 
+from .._host import abs_errors
+from ..families import t5_bucket, t5_bucket_thresholds
 from ..positions import positions
-from ..t5 import t5_bucket, t5_bucket_thresholds
 from . import _repro, diagnose
-from ._core import CandidateError, Check, _as_float_array, _errors, _f, _first, _Suite, _target_name, run_checks
+from ._core import CandidateError, Check, _as_float_array, _f, _first, _Suite, _target_name, run_checks
 from .report import CheckResult, Report
 from .tolerance import rule_text
 
@@ -78,7 +79,7 @@ class _BucketSuite(_Suite):
             name,
             not bool(bad.any()),
             summary=f"{what}: {delta.size} offsets, exact equality",
-            max_abs=float(np.max(_errors(cand.astype(np.float64), ref.astype(np.float64)), initial=0.0)),
+            max_abs=float(np.max(abs_errors(cand.astype(np.float64), ref.astype(np.float64)), initial=0.0)),
             bound=0.0,
             tolerance="integers: exact equality",
         )

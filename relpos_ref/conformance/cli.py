@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import alibi, fire, kerple, offset, sandwich, t5
-from ..family import BiasFamily
+from ..families import FIRE, ALiBi, BiasFamily, KerpleLog, KerplePower, OffsetBias, Sandwich, T5Bias
 from ._core import Check, _match_expected, run_checks
 from .attention import attention_checks
 from .backward import attention_backward_checks
@@ -145,14 +144,14 @@ def _reference(args: argparse.Namespace) -> BiasFamily | None:
         return None
     if fam == "alibi":
         if "slopes" in params:
-            return alibi.ALiBi(params["slopes"])
+            return ALiBi(params["slopes"])
         if args.heads is None:
             raise ValueError("--heads: expected the number of heads for --family alibi (or --params with slopes)")
-        return alibi.ALiBi.from_num_heads(args.heads)
+        return ALiBi.from_num_heads(args.heads)
     if fam == "sandwich":
         if args.heads is None or args.head_dim is None:
             raise ValueError("--heads, --head-dim: expected both for --family sandwich")
-        return sandwich.Sandwich(args.heads, args.head_dim)
+        return Sandwich(args.heads, args.head_dim)
     need = {
         "t5": ("table",),
         "offset": ("table",),
@@ -168,17 +167,17 @@ def _reference(args: argparse.Namespace) -> BiasFamily | None:
         )
         raise ValueError(msg)
     if fam == "t5":
-        return t5.T5Bias(
+        return T5Bias(
             params["table"], bidirectional=args.bidirectional, max_distance=args.max_distance, layout=args.layout
         )
     if fam == "offset":
-        return offset.OffsetBias(params["table"])
+        return OffsetBias(params["table"])
     if fam == "kerple_power":
-        return kerple.KerplePower(params["r1"], params["r2"])
+        return KerplePower(params["r1"], params["r2"])
     if fam == "kerple_log":
-        return kerple.KerpleLog(params["r1"], params["r2"])
+        return KerpleLog(params["r1"], params["r2"])
     extra = {k: params[k] for k in ("c", "L") if k in params}
-    return fire.FIRE(params["w1"], params["b1"], params["w2"], params["b2"], eps=args.fire_eps, **extra)
+    return FIRE(params["w1"], params["b1"], params["w2"], params["b2"], eps=args.fire_eps, **extra)
 
 
 def build_checks(args: argparse.Namespace, candidate: Any = None) -> list[Check]:

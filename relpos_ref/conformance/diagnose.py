@@ -14,15 +14,21 @@ from typing import Any
 
 import numpy as np
 
-from ..alibi import ALiBi, alibi_slopes
-from ..family import BiasFamily
-from ..fire import FIRE
-from ..kerple import KerpleLog, KerplePower
-from ..offset import OffsetBias
+from ..families import (
+    FIRE,
+    ALiBi,
+    BiasFamily,
+    KerpleLog,
+    KerplePower,
+    OffsetBias,
+    Sandwich,
+    T5Bias,
+    TensorBias,
+    alibi_slopes,
+    t5_bucket,
+    t5_bucket_thresholds,
+)
 from ..positions import relative_offsets
-from ..sandwich import Sandwich
-from ..t5 import T5Bias, t5_bucket, t5_bucket_thresholds
-from ..tensor_bias import TensorBias
 
 __all__: list[str] = []
 

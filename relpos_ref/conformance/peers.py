@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from ..alibi import ALiBi, alibi_slopes
-from ..kerple import KerpleLog, KerplePower
-from ..t5 import T5Bias
+from ..families import ALiBi, alibi_slopes
+from ..families import KerpleLog, KerplePower
+from ..families import T5Bias
 from .attention import check_attention
 from .backward import check_attention_backward
 from .bias import check_bias

@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._arrays import numpy_dtype, round_to
+from .._host import numpy_dtype, round_to
 
 __all__ = [
     "ATTENTION_FLOORS",

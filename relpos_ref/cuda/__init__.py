@@ -32,13 +32,10 @@ from typing import Any
 import numpy as np
 from array_api_compat import is_array_api_obj, is_cupy_array, to_device
 
+from ..conventions import ALIGNMENTS, FULLY_MASKED, PLACEMENTS
 from ._source import all_kernel_names, cluster_policy, kernel_source, plan_launch
 
 __all__ = ["all_kernel_names", "fused_biased_softmax", "kernel_source", "supported_family"]
-
-PLACEMENTS = ("post_scale", "pre_scale")
-FULLY_MASKED = ("zero", "nan")
-ALIGNMENTS = ("bottom_right", "top_left")
 
 # Flags of biased_softmax.cu (enum RP_*).
 _POS_ARRAYS, _CAUSAL, _HAS_MASK, _WANT_LSE, _EMPTY_NAN = 1, 2, 4, 8, 16
@@ -61,7 +58,7 @@ def _function(name: str) -> Any:
 
 def supported_family(bias: Any) -> str | None:
     """Name of the in-kernel family that computes ``bias`` (a BiasFamily), or None if it would be materialised."""
-    from .. import FIRE, ALiBi, KerpleLog, KerplePower, OffsetBias, Sandwich, T5Bias, TensorBias
+    from ..families import FIRE, ALiBi, KerpleLog, KerplePower, OffsetBias, Sandwich, T5Bias, TensorBias
 
     for cls, name in (
         (ALiBi, "alibi"),
@@ -101,7 +98,7 @@ def _pack_family(name: str, fam: Any, acc: np.dtype) -> tuple[np.ndarray, np.nda
     elif name in ("kerple_power", "kerple_log"):
         fp, ip = np.concatenate([_f64(p["r1"]), _f64(p["r2"])]), [0]
     elif name == "t5":
-        from .. import t5_bucket_thresholds
+        from ..families import t5_bucket_thresholds
 
         opts = fam.options()
         table = _f64(p["table"])
@@ -356,7 +353,7 @@ def _prepare(
 ) -> _Launch:
     """Validate the arguments and build the kernel launch (allocations happen here, the launch does not)."""
     from .. import _checks
-    from ..family import BiasFamily
+    from ..families import BiasFamily
     from ..softmax import broadcast_to
 
     am = be.am

@@ -77,7 +77,7 @@ def bias_error_bound(family: Any, q_pos: Any, k_pos: Any, precision: str) -> np.
     precision : {"float32", "float64"}
         The kernel's accumulation precision.
     """
-    from .. import FIRE, ALiBi, KerpleLog, KerplePower, OffsetBias, Sandwich, T5Bias, TensorBias
+    from ..families import FIRE, ALiBi, KerpleLog, KerplePower, OffsetBias, Sandwich, T5Bias, TensorBias
 
     u = unit_roundoff(precision)
     q = np.asarray(_host(q_pos), dtype=np.int64)

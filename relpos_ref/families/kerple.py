@@ -13,14 +13,16 @@ from typing import Any
 
 from array_api_compat import device as array_device
 
-from . import _checks
-from .family import BiasFamily
+from .. import _checks
+from .base import BiasFamily
 
 __all__ = ["KerpleLog", "KerplePower"]
 
 
 class _Kerple(BiasFamily):
     _head_params = ("r1", "r2")
+    monotone = True
+    zero_at_zero = True
     _r2_upper: float | None = None
 
     def __init__(self, r1: Any, r2: Any, *, xp: Any = None, dtype: Any = None, device: Any = None) -> None:
@@ -43,7 +45,7 @@ class _Kerple(BiasFamily):
         self._finish({"r1": r1, "r2": r2}, num_heads=r1.shape[0], xp=ns, dtype=r1.dtype, device=array_device(r1))
 
 
-class KerplePower(_Kerple):
+class KerplePower(_Kerple, name="kerple_power"):
     r"""KERPLE power kernel.
 
     .. math:: b_h(i, j) = -r_{1,h}\,|i - j|^{r_{2,h}}, \qquad r_1 > 0,\; 0 < r_2 \le 2
@@ -75,7 +77,7 @@ class KerplePower(_Kerple):
         return {"r1": -xp.sum(g * power, axis=1), "r2": -xp.sum(g * (r1 * power * log_dist), axis=1)}
 
 
-class KerpleLog(_Kerple):
+class KerpleLog(_Kerple, name="kerple_log"):
     r"""KERPLE logarithmic kernel.
 
     .. math:: b_h(i, j) = -r_{1,h}\,\log(1 + r_{2,h}\,|i - j|), \qquad r_1, r_2 > 0

@@ -6,14 +6,14 @@ from typing import Any
 
 from array_api_compat import device as array_device
 
-from . import _checks
-from .family import BiasFamily, _head_indices
-from .positions import _positions_pair
+from .. import _checks
+from ..positions import _positions_pair
+from .base import BiasFamily, _head_indices
 
 __all__ = ["TensorBias"]
 
 
-class TensorBias(BiasFamily):
+class TensorBias(BiasFamily, name="tensor"):
     r"""A given bias tensor :math:`b_h(i, j)`, indexed by query row and key column.
 
     Parameters
@@ -30,6 +30,7 @@ class TensorBias(BiasFamily):
     """
 
     _head_params = ("array",)
+    offset_only = False
 
     def __init__(self, array: Any, *, xp: Any = None, dtype: Any = None, device: Any = None) -> None:
         array = _checks.as_param("array", array, xp, dtype, device)

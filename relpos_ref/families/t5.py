@@ -15,12 +15,11 @@ from typing import Any
 
 from array_api_compat import device as array_device
 
-from . import _checks
-from .family import BiasFamily, scatter_columns
+from .. import _checks
+from ..conventions import LAYOUTS
+from .base import BiasFamily, scatter_columns
 
 __all__ = ["T5Bias", "t5_bucket", "t5_bucket_thresholds"]
-
-LAYOUTS = ("heads_buckets", "buckets_heads")
 
 
 def _config(bidirectional: Any, num_buckets: Any, max_distance: Any) -> tuple[bool, int, int, int, int]:
@@ -174,7 +173,7 @@ def _bucket(xp: Any, delta: Any, bidirectional: bool, num_buckets: int, max_dist
     return b + offset
 
 
-class T5Bias(BiasFamily):
+class T5Bias(BiasFamily, name="t5"):
     r"""T5 relative position bias: a learned scalar per (head, bucket).
 
     .. math:: b_h(i, j) = \mathrm{table}[h, \mathrm{bucket}(i - j)]

@@ -12,13 +12,14 @@ from typing import Any
 
 from array_api_compat import device as array_device
 
-from . import _checks
-from .family import BiasFamily, scatter_columns
+from .. import _checks
+from .._host import host_numpy
+from .base import BiasFamily, scatter_columns
 
 __all__ = ["OffsetBias"]
 
 
-class OffsetBias(BiasFamily):
+class OffsetBias(BiasFamily, name="offset"):
     r"""Learned bias per clipped offset.
 
     .. math:: b_h(i, j) = \mathrm{table}[h, \operatorname{clip}(i - j, -K, K) + K]
@@ -66,7 +67,7 @@ class OffsetBias(BiasFamily):
         # Ascending consecutive offsets d0..d1: the columns strictly inside (-K, K) take one sum each, the two end
         # columns the sums of every offset clipped onto them; columns of offsets not present are zero.
         h, n = int(g.shape[0]), int(g.shape[1])
-        d0 = int(_checks.host_numpy(deltas[:1])[0])
+        d0 = int(host_numpy(deltas[:1])[0])
         d1 = d0 + n - 1
         dev = array_device(g)
 

@@ -17,8 +17,8 @@ from typing import Any
 
 from array_api_compat import device as array_device
 
-from . import _checks
-from .family import BiasFamily
+from .. import _checks
+from .base import BiasFamily
 
 __all__ = ["ALiBi", "alibi_slopes"]
 
@@ -66,7 +66,7 @@ def alibi_slopes(num_heads: int, *, dtype: Any = None, xp: Any = None, device: A
     return xp.asarray([2.0**e for e in _slope_exponents(num_heads)], dtype=dtype, device=device)
 
 
-class ALiBi(BiasFamily):
+class ALiBi(BiasFamily, name="alibi"):
     r"""ALiBi bias, relative (symmetric) form.
 
     .. math:: b_h(i, j) = -m_h\,|i - j|
@@ -82,6 +82,8 @@ class ALiBi(BiasFamily):
     """
 
     _head_params = ("slopes",)
+    monotone = True
+    zero_at_zero = True
 
     def __init__(self, slopes: Any, *, xp: Any = None, dtype: Any = None, device: Any = None) -> None:
         slopes = _checks.as_param("slopes", slopes, xp, dtype, device)

@@ -16,13 +16,13 @@ from typing import Any
 
 from array_api_compat import device as array_device
 
-from . import _checks
-from .family import BiasFamily
+from .. import _checks
+from .base import BiasFamily
 
 __all__ = ["FIRE"]
 
 
-class FIRE(BiasFamily):
+class FIRE(BiasFamily, name="fire"):
     r"""FIRE bias with a one-hidden-layer MLP in PyTorch ``nn.Linear`` layouts.
 
     Parameters
@@ -51,6 +51,7 @@ class FIRE(BiasFamily):
     """
 
     _head_params = ("w2", "b2")
+    offset_only = False  # once a query position exceeds L, the normaliser max(L, i) depends on i
 
     def __init__(
         self,
@@ -109,7 +110,7 @@ class FIRE(BiasFamily):
 
     def interpolant(self, q_pos: Any, k_pos: Any) -> Any:
         r"""The MLP input :math:`x(i, j) = \psi(|i-j|) / (\psi(\max(L, i)) + \varepsilon)`, shape (Sq, Sk)."""
-        from .positions import _positions_pair, relative_offsets
+        from ..positions import _positions_pair, relative_offsets
 
         xp = _positions_pair(q_pos, k_pos, self.xp)
         cdtype = _checks.compute_dtype(xp, self.dtype)
@@ -141,7 +142,7 @@ class FIRE(BiasFamily):
         relu'(0) = 0 (as PyTorch and JAX). At a tie L == i, d max(L, i) / dL = 1/2 (as ``torch.maximum``, and the
         average of the one-sided slopes that a central difference measures).
         """
-        from .positions import relative_offsets
+        from ..positions import relative_offsets
 
         c, L = arrays["c"], arrays["L"]  # noqa: N806
         dist = xp.astype(xp.abs(relative_offsets(q_pos, k_pos, xp=xp)), dtype)

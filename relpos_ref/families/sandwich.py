@@ -19,13 +19,14 @@ from typing import Any
 
 from array_api_compat import device as array_device
 
-from . import _checks
-from .family import BiasFamily
+from .. import _checks
+from .._host import dtype_name
+from .base import BiasFamily
 
 __all__ = ["Sandwich"]
 
 
-class Sandwich(BiasFamily):
+class Sandwich(BiasFamily, name="sandwich"):
     r"""Sandwich bias; no learned parameters.
 
     Parameters
@@ -45,6 +46,9 @@ class Sandwich(BiasFamily):
     Zero at :math:`\Delta = 0`, symmetric, a function of :math:`i - j` only, and not monotone: with d = 128 head 1
     first increases between :math:`|\Delta| = 13` and 14.
     """
+
+    zero_at_zero = True
+    learned = False
 
     def __init__(self, num_heads: int, head_dim: int, *, dtype: Any = None, xp: Any = None, device: Any = None) -> None:
         num_heads = _checks.integer("num_heads", num_heads, minimum=1)
@@ -78,7 +82,7 @@ class Sandwich(BiasFamily):
     def _rebuild(cls, obj: BiasFamily, *, dtype: Any, xp: Any, device: Any) -> BiasFamily:
         xp_to = _checks.namespace_arg(xp) if xp is not None else obj.xp
         if dtype is None:
-            dtype = getattr(xp_to, _checks.dtype_name(obj.dtype))
+            dtype = getattr(xp_to, dtype_name(obj.dtype))
         return cls(**obj._options, dtype=dtype, xp=xp_to, device=device)
 
     def _compute(self, xp: Any, arrays: dict[str, Any], delta: Any, q_pos: Any, dtype: Any) -> Any:

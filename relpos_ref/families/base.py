@@ -1,4 +1,4 @@
-"""The interface every bias family implements.
+"""The interface every bias family implements, and the registry of families by name.
 
 A family is an immutable object holding its parameters as arrays of one namespace, dtype and device. Its
 :meth:`BiasFamily.bias` turns absolute query and key positions into the (H, Sq, Sk) additive bias. Subclasses give
@@ -13,14 +13,19 @@ from typing import Any, ClassVar
 from array_api_compat import device as array_device
 from array_api_compat import is_array_api_obj, to_device
 
-from . import _checks
-from .positions import _positions_pair, relative_offsets
+from .. import _checks
+from .._host import dtype_name, host_numpy
+from ..positions import _positions_pair, relative_offsets
 
-__all__ = ["BiasFamily"]
+__all__ = ["FAMILIES", "BiasFamily", "family_class"]
+
+#: Every concrete family by its registry name (``BiasFamily.name``), in definition order; filled by
+#: ``BiasFamily.__init_subclass__``, so a family is known everywhere once its class exists.
+FAMILIES: dict[str, type[BiasFamily]] = {}
 
 
 class BiasFamily:
-    """Base class of the bias families.
+    r"""Base class of the bias families.
 
     Attributes
     ----------
@@ -31,6 +36,20 @@ class BiasFamily:
     xp
         Array namespace of the parameters.
 
+    Class traits (one place for each family fact; the registry, verify, the harness, the CUDA path and the tests
+    read them):
+
+    ``name``
+        Registry key (``"alibi"``, ``"t5"``, ...); a subclass passes ``name=`` in its class statement to register.
+    ``offset_only``
+        :math:`b_h(i, j)` depends on :math:`\Delta = i - j` alone (FIRE only while every query position is <= L).
+    ``monotone``
+        The penalty :math:`-b_h` is non-decreasing in :math:`|\Delta|` for every valid parameter set.
+    ``zero_at_zero``
+        :math:`b_h(i, i) = 0` for every valid parameter set.
+    ``learned``
+        Has trainable parameters (``bias_vjp`` returns gradients).
+
     Notes
     -----
     Subclasses set ``_params`` (public parameter arrays, named as the constructor arguments), ``_head_params`` (the
@@ -38,8 +57,22 @@ class BiasFamily:
     ``_compute(xp, arrays, delta, q_pos, dtype)`` returning (h, Sq, Sk) in ``dtype``.
     """
 
+    name: ClassVar[str] = ""
+    offset_only: ClassVar[bool] = True
+    monotone: ClassVar[bool] = False
+    zero_at_zero: ClassVar[bool] = False
+    learned: ClassVar[bool] = True
     _head_params: ClassVar[tuple[str, ...]] = ()
     num_heads: int
+
+    def __init_subclass__(cls, *, name: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if name is not None:
+            if name in FAMILIES:
+                msg = f"name: expected a new family name, got {name!r} (already {FAMILIES[name].__name__})"
+                raise ValueError(msg)
+            cls.name = name
+            FAMILIES[name] = cls
 
     def __init__(self) -> None:  # pragma: no cover - subclasses call _finish instead
         msg = "BiasFamily is abstract; use one of the families (ALiBi, T5Bias, ...)"
@@ -102,7 +135,7 @@ class BiasFamily:
     def _rebuild(cls, obj: BiasFamily, *, dtype: Any, xp: Any, device: Any) -> BiasFamily:
         xp_to = _checks.namespace_arg(xp) if xp is not None else obj.xp
         if dtype is None:
-            dtype = getattr(xp_to, _checks.dtype_name(obj.dtype), None) or obj.dtype
+            dtype = getattr(xp_to, dtype_name(obj.dtype), None) or obj.dtype
         params = {k: _convert(v, obj.xp, xp_to, dtype, device) for k, v in obj._params.items()}
         return cls(**params, **obj._options)
 
@@ -213,9 +246,18 @@ class BiasFamily:
         return f"{type(self).__name__}(num_heads={self.num_heads}, dtype={self.dtype}{opts})"
 
 
+def family_class(name: str) -> type[BiasFamily]:
+    """The family class registered as ``name``; ValueError naming the registered names otherwise."""
+    try:
+        return FAMILIES[name]
+    except (KeyError, TypeError):
+        msg = f"family: expected one of {tuple(FAMILIES)}, got {name!r}"
+        raise ValueError(msg) from None
+
+
 def _consecutive_start(pos: Any) -> int | None:
     """First position when ``pos`` is ``p0, p0 + 1, ...`` (checked on the host), else None."""
-    host = _checks.host_numpy(pos).astype("int64")
+    host = host_numpy(pos).astype("int64")
     if host.shape[0] > 1 and not bool((host[1:] - host[:-1] == 1).all()):
         return None
     return int(host[0])
@@ -258,7 +300,7 @@ def scatter_columns(xp: Any, g: Any, idx: Any, ncols: int) -> Any:
     cols = xp.arange(ncols, dtype=idx.dtype, device=dev)
     if n * ncols <= 1 << 22:
         return g @ xp.astype(idx[:, None] == cols[None, :], g.dtype)
-    present = set(_checks.host_numpy(idx).astype("int64").tolist())
+    present = set(host_numpy(idx).astype("int64").tolist())
     zero = xp.zeros((h,), dtype=g.dtype, device=dev)
     out = [
         xp.sum(xp.where((idx == c)[None, :], g, xp.zeros_like(g)), axis=1) if c in present else zero
@@ -291,7 +333,7 @@ def _convert(value: Any, xp_from: Any, xp_to: Any, dtype: Any, device: Any) -> A
         return out
     import numpy as np
 
-    host = _checks.host_numpy(value) if is_array_api_obj(value) else np.asarray(value)
+    host = host_numpy(value) if is_array_api_obj(value) else np.asarray(value)
     if host.dtype.kind == "V" or host.dtype == np.float16:
         host = host.astype(np.float64) if host.dtype.kind == "V" else host
     return xp_to.asarray(host, dtype=dtype, device=device)
