@@ -285,3 +285,13 @@ def compute_dtype(xp: Any, dtype: Any) -> Any:
     if dtype == xp.float64 or dtype == xp.float32:
         return dtype
     return xp.float32
+
+
+def broadcastable(name: str, value: Any, shape: tuple[int, ...]) -> None:
+    """Check that ``value`` broadcasts to ``shape`` without enlarging it."""
+    ok = value.ndim <= len(shape) and all(
+        s in (1, t) for s, t in zip(reversed(tuple(value.shape)), reversed(shape), strict=False)
+    )
+    if not ok:
+        msg = f"{name}: expected a shape broadcastable to {shape}, got {tuple(value.shape)}"
+        raise ValueError(msg)

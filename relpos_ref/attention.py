@@ -3,16 +3,17 @@ r"""Scaled dot-product attention with a relative positional bias, streamed over 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 from array_api_compat import device as array_device
 from array_api_compat import is_cupy_array
 
 from . import _checks
-from .conventions import ALIGNMENTS, BACKENDS, FULLY_MASKED, PLACEMENTS
-from .families import BiasFamily, TensorBias
+from .conventions import ALIGNMENTS, BACKENDS, FULLY_MASKED, PLACEMENTS, Alignment, FullyMasked, Placement
+from .families.tiles import BiasTiles, tile
 from .positions import causal_mask, positions
-from .softmax import broadcast_to
+from .softmax import fully_masked_fill
 
 __all__ = ["attention"]
 
@@ -98,56 +99,19 @@ def attention(
     multiplies q once per block (``pre_scale``: and the bias tile), which rounds differently from scaling each logit
     by at most an ulp of the logit.
     """
-    a = _prepare(q, k, v, bias, causal, align, scale, placement, mask, fully_masked, block_size, kv_block_size, xp)
-    xp, family, array_bias, mask = a.xp, a.family, a.array_bias, a.mask
+    options = {"causal": causal, "align": align, "scale": scale, "placement": placement, "fully_masked": fully_masked}
+    spec = _prepare(q, k, v, bias, mask, xp, options, block_size, kv_block_size)
+    xp = spec.xp
     _checks.boolean("return_lse", return_lse)
-    sq, sk = q.shape[2], k.shape[2]
-    dev = array_device(q)
-    cdtype = _checks.compute_dtype(xp, q.dtype)
-    q_pos, k_pos = positions(sq, sk, align=align, xp=xp, device=dev)
-    kc = xp.astype(k, cdtype) if k.dtype != cdtype else k
-    vc = xp.astype(v, cdtype) if v.dtype != cdtype else v
+    kc = xp.astype(k, spec.cdtype) if k.dtype != spec.cdtype else k
+    vc = xp.astype(v, spec.cdtype) if v.dtype != spec.cdtype else v
     if _checks.option("backend", backend, BACKENDS) == "fused":
         if not is_cupy_array(q):
             msg = f"q: expected a CuPy array with backend='fused', got {type(q).__module__}.{type(q).__name__}"
             raise TypeError(msg)
-        outs, lses = _fused(
-            xp,
-            q,
-            kc,
-            vc,
-            bias=family if family is not None else array_bias,
-            mask=mask,
-            causal=a.causal,
-            q_pos=q_pos,
-            k_pos=k_pos,
-            scale=a.scale,
-            placement=placement,
-            fully_masked=fully_masked,
-            cdtype=cdtype,
-            bq=a.bq,
-        )
+        outs, lses = _fused(spec, q, kc, vc)
     else:
-        outs, lses = _stream(
-            xp,
-            q,
-            kc,
-            vc,
-            family=family,
-            array_bias=array_bias,
-            mask=mask,
-            causal=a.causal,
-            q_pos=q_pos,
-            k_pos=k_pos,
-            q_start=sk - sq if align == "bottom_right" else 0,
-            scale=a.scale,
-            placement=placement,
-            fully_masked=fully_masked,
-            cdtype=cdtype,
-            bq=a.bq,
-            bk=a.bk,
-            dev=dev,
-        )
+        outs, lses = _stream(spec, q, kc, vc, fully_masked=spec.fully_masked)
     out = outs[0] if len(outs) == 1 else xp.concat(outs, axis=2)
     if out.dtype != q.dtype:
         out = xp.astype(out, q.dtype)
@@ -157,38 +121,31 @@ def attention(
     return out, lse
 
 
-class _Args(NamedTuple):
-    """Checked arguments shared by :func:`attention` and :func:`relpos_ref.attention_vjp`."""
+@dataclass(frozen=True)
+class _Spec:
+    """Checked and resolved arguments of one call, shared by the streamed forward, the fused path and the VJP."""
 
     xp: Any
-    family: Any  # a BiasFamily other than TensorBias, or None
-    tensor: Any  # the (H, Sq, Sk) array of a TensorBias, or None
-    array_bias: Any  # a bias array reshaped to 4-D (a TensorBias's included), or None
-    mask: Any  # 4-D or None
+    bias: BiasTiles | None  # the bias as tiles, or None without a bias
+    mask: Any  # 4-D bool array or None
     causal: bool
+    align: Alignment
+    placement: Placement
+    fully_masked: FullyMasked
     scale: float
-    bq: int
-    bk: int
+    bq: int  # queries per tile
+    bk: int  # keys per tile
+    cdtype: Any  # compute dtype
+    dev: Any
+    q_pos: Any  # absolute positions for ``align``
+    k_pos: Any
+    q_start: int  # absolute position of query 0 (keys are at 0..Sk-1)
 
 
-def _prepare(
-    q: Any,
-    k: Any,
-    v: Any,
-    bias: Any,
-    causal: Any,
-    align: Any,
-    scale: Any,
-    placement: Any,
-    mask: Any,
-    fully_masked: Any,
-    block_size: Any,
-    kv_block_size: Any,
-    xp: Any,
-) -> _Args:
-    tensor = bias._params["array"] if isinstance(bias, TensorBias) else None
-    family = bias if isinstance(bias, BiasFamily) and tensor is None else None
-    array_bias = tensor if tensor is not None else (bias if family is None else None)
+def _prepare(q: Any, k: Any, v: Any, bias: Any, mask: Any, xp: Any, options: dict[str, Any], bq: Any, bk: Any) -> _Spec:
+    """Validate the arguments of :func:`attention` and :func:`relpos_ref.attention_vjp` (``options``: causal, align,
+    scale, placement, fully_masked) and resolve them into a :class:`_Spec`."""
+    family, array_bias, tensor = BiasTiles.split(bias)
     xp = _checks.namespace(q, k, v, array_bias, mask, xp=xp, names=("q", "k", "v", "bias", "mask"))
     for name, arr in (("q", q), ("k", k), ("v", v)):
         _checks.float_array(name, arr, xp, ndim=4)
@@ -219,22 +176,23 @@ def _prepare(
             raise TypeError(msg)
     elif array_bias is not None:
         _checks.float_array("bias", array_bias, xp)
-        broadcast_to("bias", array_bias, (nb, nh, sq, sk))
+        _checks.broadcastable("bias", array_bias, (nb, nh, sq, sk))
         array_bias = xp.reshape(array_bias, (1,) * (4 - array_bias.ndim) + tuple(array_bias.shape))
     if mask is not None:
         _checks.bool_array("mask", mask, xp)
-        broadcast_to("mask", mask, (nb, nh, sq, sk))
+        _checks.broadcastable("mask", mask, (nb, nh, sq, sk))
         mask = xp.reshape(mask, (1,) * (4 - mask.ndim) + tuple(mask.shape))
-    causal = _checks.boolean("causal", causal)
-    _checks.option("align", align, ALIGNMENTS)
-    _checks.option("placement", placement, PLACEMENTS)
-    _checks.option("fully_masked", fully_masked, FULLY_MASKED)
+    causal = _checks.boolean("causal", options["causal"])
+    align = _checks.option("align", options["align"], ALIGNMENTS)
+    placement = _checks.option("placement", options["placement"], PLACEMENTS)
+    fully_masked = _checks.option("fully_masked", options["fully_masked"], FULLY_MASKED)
+    scale = options["scale"]
     scale = 1.0 / math.sqrt(d) if scale is None else _checks.real_scalar("scale", scale, positive=True)
-    if block_size is not None:
-        block_size = _checks.integer("block_size", block_size, minimum=1)
-    if kv_block_size is not None:
-        kv_block_size = _checks.integer("kv_block_size", kv_block_size, minimum=1)
-    block_size, kv_block_size = _block_sizes(nb, nh, sq, sk, block_size, kv_block_size)
+    if bq is not None:
+        bq = _checks.integer("block_size", bq, minimum=1)
+    if bk is not None:
+        bk = _checks.integer("kv_block_size", bk, minimum=1)
+    bq, bk = _block_sizes(nb, nh, sq, sk, bq, bk)
     # Value checks last (they read the arrays): a NaN or infinite input has no attention output, and an inf in a
     # logit would surface as inf - inf inside the softmax. -inf in an array bias is a mask, as in TensorBias.
     for name, arr in (("q", q), ("k", k), ("v", v)):
@@ -242,8 +200,26 @@ def _prepare(
     if array_bias is not None and tensor is None and bool(xp.any(xp.isnan(array_bias) | (array_bias == math.inf))):
         msg = "bias: expected finite values or -inf (a mask), got NaN or +inf"
         raise ValueError(msg)
-
-    return _Args(xp, family, tensor, array_bias, mask, causal, scale, block_size, kv_block_size)
+    dev = array_device(q)
+    q_pos, k_pos = positions(sq, sk, align=align, xp=xp, device=dev)
+    tiles = None if family is None and array_bias is None else BiasTiles(family, array_bias, tensor, sq, sk)
+    return _Spec(
+        xp=xp,
+        bias=tiles,
+        mask=mask,
+        causal=causal,
+        align=align,
+        placement=placement,
+        fully_masked=fully_masked,
+        scale=scale,
+        bq=bq,
+        bk=bk,
+        cdtype=_checks.compute_dtype(xp, q.dtype),
+        dev=dev,
+        q_pos=q_pos,
+        k_pos=k_pos,
+        q_start=sk - sq if align == "bottom_right" else 0,
+    )
 
 
 def _block_sizes(nb: int, nh: int, sq: int, sk: int, bq: int | None, bk: int | None) -> tuple[int, int]:
@@ -259,43 +235,23 @@ def _block_sizes(nb: int, nh: int, sq: int, sk: int, bq: int | None, bk: int | N
     return bq, min(bk, sk)
 
 
-def _stream(
-    xp: Any,
-    q: Any,
-    kc: Any,
-    vc: Any,
-    *,
-    family: Any,
-    array_bias: Any,
-    mask: Any,
-    causal: bool,
-    q_pos: Any,
-    k_pos: Any,
-    q_start: int,
-    scale: float,
-    placement: str,
-    fully_masked: str,
-    cdtype: Any,
-    bq: int,
-    bk: int,
-    dev: Any,
-) -> tuple[list[Any], list[Any]]:
+def _stream(spec: _Spec, q: Any, kc: Any, vc: Any, *, fully_masked: FullyMasked) -> tuple[list[Any], list[Any]]:
     """Online-softmax attention over (query block, key block) tiles; returns per-query-block outputs and lse."""
+    xp, cdtype, dev = spec.xp, spec.cdtype, spec.dev
     nb, nh, sq, d = q.shape
     nkv, sk, dv = kc.shape[1], kc.shape[2], vc.shape[3]
     group = nh // nkv
     neg_inf = -math.inf
-    fill = 0.0 if fully_masked == "zero" else math.nan
-    lse_fill = neg_inf if fully_masked == "zero" else math.nan
+    fill, lse_fill = fully_masked_fill(fully_masked)
     k_g = kc[:, :, None, :, :]  # (B, H_kv, 1, Sk, D): broadcasts over the query heads of each kv head
     v_g = vc[:, :, None, :, :]
     outs, lses = [], []
-    for qs in range(0, sq, bq):
-        qe = min(sq, qs + bq)
+    for qs in range(0, sq, spec.bq):
+        qe = min(sq, qs + spec.bq)
         rows = qe - qs
-        first_q, last_q = q_start + qs, q_start + qe - 1  # absolute positions (k_pos = arange(Sk))
+        last_q = spec.q_start + qe - 1  # absolute position (k_pos = arange(Sk))
         # Under a causal mask no query of this block sees a key after its last query: those tiles are skipped.
-        k_stop = min(sk, last_q + 1) if causal else sk
+        k_stop = min(sk, last_q + 1) if spec.causal else sk
         if k_stop <= 0:
             outs.append(xp.full((nb, nh, rows, dv), fill, dtype=cdtype, device=dev))
             lses.append(xp.full((nb, nh, rows), lse_fill, dtype=cdtype, device=dev))
@@ -303,34 +259,14 @@ def _stream(
         qb = q[:, :, qs:qe, :]
         qb = xp.astype(qb, cdtype) if qb.dtype != cdtype else qb
         # The scale is applied to q once per block rather than to every logit; pre_scale scales the bias instead.
-        qb = xp.reshape(qb * scale, (nb, nkv, group, rows, d))
-        qp = q_pos[qs:qe]
+        qb = xp.reshape(qb * spec.scale, (nb, nkv, group, rows, d))
         run_max = xp.full((nb, nh, rows, 1), neg_inf, dtype=cdtype, device=dev)
         run_sum = xp.zeros((nb, nh, rows, 1), dtype=cdtype, device=dev)
         acc = xp.zeros((nb, nkv, group, rows, dv), dtype=cdtype, device=dev)
-        for ks in range(0, k_stop, bk):
-            ke = min(k_stop, ks + bk)
+        for ks in range(0, k_stop, spec.bk):
+            ke = min(k_stop, ks + spec.bk)
             cols = ke - ks
-            z = _logits(
-                xp,
-                qb,
-                k_g,
-                qs,
-                qe,
-                sq,
-                ks,
-                ke,
-                family,
-                array_bias,
-                mask,
-                causal,
-                qp,
-                k_pos,
-                first_q,
-                scale,
-                placement,
-                cdtype,
-            )
+            z = _logits(spec, qb, k_g, qs, qe, ks, ke)
             new_max = xp.maximum(run_max, xp.max(z, axis=-1, keepdims=True))
             # A row with nothing attended so far has max -inf; shifting by 0 keeps exp(-inf) = 0, never -inf - -inf.
             shift = xp.where(new_max == neg_inf, 0.0, new_max)
@@ -350,109 +286,62 @@ def _stream(
     return outs, lses
 
 
-def _logits(
-    xp: Any,
-    qb: Any,
-    k_g: Any,
-    qs: int,
-    qe: int,
-    sq: int,
-    ks: int,
-    ke: int,
-    family: Any,
-    array_bias: Any,
-    mask: Any,
-    causal: bool,
-    qp: Any,
-    k_pos: Any,
-    first_q: int,
-    scale: float,
-    placement: str,
-    cdtype: Any,
-) -> Any:
-    """Final logits of one (query block, key block) tile, (B, H, rows, cols), -inf where masked.
+def _logits(spec: _Spec, qb: Any, k_g: Any, qs: int, qe: int, ks: int, ke: int) -> Any:
+    """Final logits of the tile of query rows qs:qe and keys ks:ke, (B, H, rows, cols), -inf where masked.
 
     ``qb`` is the block of queries already multiplied by the scale and grouped, (B, H_kv, group, rows, D). The
     forward and the backward both build their tiles here, so the probabilities the backward recomputes are the
     forward's.
     """
+    xp = spec.xp
     nb, nkv, group, rows, _ = qb.shape
     nh, cols = nkv * group, ke - ks
-    sk = int(k_pos.shape[0])
+    sq, sk = int(spec.q_pos.shape[0]), int(spec.k_pos.shape[0])
+    qp, kp = spec.q_pos[qs:qe], spec.k_pos[ks:ke]
     z = xp.reshape(qb @ xp.matrix_transpose(k_g[:, :, :, ks:ke, :]), (nb, nh, rows, cols))
-    b = None
-    if family is not None:
-        b = family.bias(qp, k_pos[ks:ke])
-    elif array_bias is not None:
-        b = _tile(array_bias, qs, qe, ks, ke, sq, sk)
-    if b is not None:
-        b = xp.astype(b, cdtype) if b.dtype != cdtype else b
-        z = z + (b * scale if placement == "pre_scale" else b)
-    keep = causal_mask(qp, k_pos[ks:ke], xp=xp) if causal and ke - 1 > first_q else None
-    if mask is not None:
-        user = _tile(mask, qs, qe, ks, ke, sq, sk)
+    if spec.bias is not None:
+        b = spec.bias.tile(xp, qs, qe, ks, ke, qp, kp)
+        b = xp.astype(b, spec.cdtype) if b.dtype != spec.cdtype else b
+        z = z + (b * spec.scale if spec.placement == "pre_scale" else b)
+    keep = causal_mask(qp, kp, xp=xp) if spec.causal and ke - 1 > spec.q_start + qs else None
+    if spec.mask is not None:
+        user = tile(spec.mask, qs, qe, ks, ke, sq, sk)
         keep = user if keep is None else (user & keep)
     if keep is not None:
         z = xp.where(keep, z, -math.inf)
     return z
 
 
-def _fused(
-    xp: Any,
-    q: Any,
-    kc: Any,
-    vc: Any,
-    *,
-    bias: Any,
-    mask: Any,
-    causal: bool,
-    q_pos: Any,
-    k_pos: Any,
-    scale: float,
-    placement: str,
-    fully_masked: str,
-    cdtype: Any,
-    bq: int,
-) -> tuple[list[Any], list[Any]]:
+def _fused(spec: _Spec, q: Any, kc: Any, vc: Any) -> tuple[list[Any], list[Any]]:
     """Per query block: full score rows by one product, then the fused CUDA biased softmax, then P @ V."""
     from .cuda import fused_biased_softmax
 
+    xp, cdtype = spec.xp, spec.cdtype
     nb, nh, sq, d = q.shape
     nkv, sk, dv = kc.shape[1], kc.shape[2], vc.shape[3]
     group = nh // nkv
     k_t = xp.matrix_transpose(kc[:, :, None, :, :])
     v_g = vc[:, :, None, :, :]
     outs, lses = [], []
-    for qs in range(0, sq, bq):
-        qe = min(sq, qs + bq)
+    for qs in range(0, sq, spec.bq):
+        qe = min(sq, qs + spec.bq)
         rows = qe - qs
         qb = q[:, :, qs:qe, :]
         qb = xp.astype(qb, cdtype) if qb.dtype != cdtype else qb
         scores = xp.reshape(xp.reshape(qb, (nb, nkv, group, rows, d)) @ k_t, (nb, nh, rows, sk))
-        b = bias if bias is None or isinstance(bias, BiasFamily) else _tile(bias, qs, qe, 0, sk, sq, sk)
-        m = None if mask is None else _tile(mask, qs, qe, 0, sk, sq, sk)
         probs, lse = fused_biased_softmax(
             scores,
-            b,
-            q_pos=q_pos[qs:qe],
-            k_pos=k_pos,
-            causal=causal,
-            mask=m,
-            scale=scale,
-            placement=placement,
-            fully_masked=fully_masked,
+            None if spec.bias is None else spec.bias.rows(qs, qe),
+            q_pos=spec.q_pos[qs:qe],
+            k_pos=spec.k_pos,
+            causal=spec.causal,
+            mask=None if spec.mask is None else tile(spec.mask, qs, qe, 0, sk, sq, sk),
+            scale=spec.scale,
+            placement=spec.placement,
+            fully_masked=spec.fully_masked,
             return_lse=True,
         )
         out = xp.reshape(probs, (nb, nkv, group, rows, sk)) @ v_g
         outs.append(xp.reshape(out, (nb, nh, rows, dv)))
         lses.append(lse)
     return outs, lses
-
-
-def _tile(arr: Any, qs: int, qe: int, ks: int, ke: int, sq: int, sk: int) -> Any:
-    """Rows qs:qe and columns ks:ke of a (., ., Sq or 1, Sk or 1) array, keeping broadcast axes."""
-    if arr.shape[2] == sq:
-        arr = arr[:, :, qs:qe, :]
-    if arr.shape[3] == sk:
-        arr = arr[:, :, :, ks:ke]
-    return arr

@@ -12,11 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from array_api_compat import device as array_device
-
 from . import _checks
 from .attention import _logits, _prepare, _stream
-from .positions import positions
 
 __all__ = ["AttentionGrads", "attention_vjp"]
 
@@ -102,8 +99,9 @@ def attention_vjp(
     softmax: its dq row and bias-gradient row, dk and dv of its (batch, key/value head), and every parameter gradient
     of a family are NaN (for a TensorBias or a bias array, only its row).
     """
-    a = _prepare(q, k, v, bias, causal, align, scale, placement, mask, fully_masked, block_size, kv_block_size, xp)
-    xp = a.xp
+    options = {"causal": causal, "align": align, "scale": scale, "placement": placement, "fully_masked": fully_masked}
+    spec = _prepare(q, k, v, bias, mask, xp, options, block_size, kv_block_size)
+    xp, cdtype, dev = spec.xp, spec.cdtype, spec.dev
     nb, nh, sq, d = q.shape
     nkv, sk, dv = k.shape[1], k.shape[2], v.shape[3]
     _checks.float_array("d_out", d_out, xp, ndim=4)
@@ -121,53 +119,36 @@ def attention_vjp(
             raise ValueError(msg)
         _checks.finite("d_lse", d_lse, xp)
 
-    dev = array_device(q)
-    cdtype = _checks.compute_dtype(xp, q.dtype)
-    q_pos, k_pos = positions(sq, sk, align=align, xp=xp, device=dev)
-    q_start = sk - sq if align == "bottom_right" else 0
     qc, kc, vc = (xp.astype(t, cdtype) if t.dtype != cdtype else t for t in (q, k, v))
     doc = xp.astype(d_out, cdtype) if d_out.dtype != cdtype else d_out
     dlc = None if d_lse is None else (xp.astype(d_lse, cdtype) if d_lse.dtype != cdtype else d_lse)
-    stream_args = {
-        "family": a.family,
-        "array_bias": a.array_bias,
-        "mask": a.mask,
-        "causal": a.causal,
-        "q_pos": q_pos,
-        "k_pos": k_pos,
-        "q_start": q_start,
-        "scale": a.scale,
-        "placement": placement,
-        "cdtype": cdtype,
-        "bq": a.bq,
-        "bk": a.bk,
-        "dev": dev,
-    }
     # The forward with empty rows as zeros and lse -inf: the recomputed probabilities of such rows are then exactly 0.
-    outs, lses = _stream(xp, q, kc, vc, fully_masked="zero", **stream_args)
+    outs, lses = _stream(spec, q, kc, vc, fully_masked="zero")
     out = outs[0] if len(outs) == 1 else xp.concat(outs, axis=2)
     lse = lses[0] if len(lses) == 1 else xp.concat(lses, axis=2)
 
+    tiles = spec.bias
+    family = None if tiles is None else tiles.family
     group = nh // nkv
     neg_inf = -math.inf
     k_g = kc[:, :, None, :, :]
     v_g = vc[:, :, None, :, :]
-    bk = a.bk
+    bk = spec.bk
     key_blocks = list(range(0, sk, bk))
     dk_blocks = [None] * len(key_blocks)
     dv_blocks = [None] * len(key_blocks)
     param_grads: dict[str, Any] | None = None
     bias_tiles: dict[tuple[int, int], Any] = {}  # array-bias gradient pieces keyed by (query block, key block)
     dq_blocks = []
-    for qi, qs in enumerate(range(0, sq, a.bq)):
-        qe = min(sq, qs + a.bq)
+    for qi, qs in enumerate(range(0, sq, spec.bq)):
+        qe = min(sq, qs + spec.bq)
         rows = qe - qs
-        first_q, last_q = q_start + qs, q_start + qe - 1
-        k_stop = min(sk, last_q + 1) if a.causal else sk
+        last_q = spec.q_start + qe - 1
+        k_stop = min(sk, last_q + 1) if spec.causal else sk
         qb = qc[:, :, qs:qe, :]
-        qb_scaled = xp.reshape(qb * a.scale, (nb, nkv, group, rows, d))
+        qb_scaled = xp.reshape(qb * spec.scale, (nb, nkv, group, rows, d))
         qb_g = xp.reshape(qb, (nb, nkv, group, rows, d))
-        qp = q_pos[qs:qe]
+        qp = spec.q_pos[qs:qe]
         lse_b = lse[:, :, qs:qe, None]
         live = lse_b != neg_inf
         lse_safe = xp.where(live, lse_b, xp.zeros_like(lse_b))
@@ -183,10 +164,7 @@ def attention_vjp(
                 break
             ke = min(sk, ks + bk)
             cols = ke - ks
-            z = _logits(
-                xp, qb_scaled, k_g, qs, qe, sq, ks, ke, a.family, a.array_bias, a.mask, a.causal, qp, k_pos, first_q,
-                a.scale, placement, cdtype,
-            )  # fmt: skip
+            z = _logits(spec, qb_scaled, k_g, qs, qe, ks, ke)
             # Rows with nothing attended have lse -inf and every z -inf: shifting them by 0 gives exp(-inf) = 0.
             p = xp.exp(z - lse_safe)
             p_g = xp.reshape(p, (nb, nkv, group, rows, cols))
@@ -194,37 +172,37 @@ def attention_vjp(
             dz = p * (dp - delta)
             dz_g = xp.reshape(dz, (nb, nkv, group, rows, cols))
             dv_t = xp.sum(xp.matrix_transpose(p_g) @ do_g, axis=2)
-            dk_t = xp.sum(xp.matrix_transpose(dz_g) @ qb_g, axis=2) * a.scale
-            dq_b = dq_b + (dz_g @ k_g[:, :, :, ks:ke, :]) * a.scale
+            dk_t = xp.sum(xp.matrix_transpose(dz_g) @ qb_g, axis=2) * spec.scale
+            dq_b = dq_b + (dz_g @ k_g[:, :, :, ks:ke, :]) * spec.scale
             dk_blocks[kb] = dk_t if dk_blocks[kb] is None else dk_blocks[kb] + dk_t
             dv_blocks[kb] = dv_t if dv_blocks[kb] is None else dv_blocks[kb] + dv_t
-            if a.family is None and a.array_bias is None:
+            if tiles is None:
                 continue
-            db = dz * a.scale if placement == "pre_scale" else dz
-            if a.family is not None:
-                tile = a.family._vjp_compute(xp, qp, k_pos[ks:ke], xp.sum(db, axis=0))
+            db = dz * spec.scale if spec.placement == "pre_scale" else dz
+            if family is not None:
+                tile = tiles.family_vjp(xp, qp, spec.k_pos[ks:ke], xp.sum(db, axis=0))
                 param_grads = tile if param_grads is None else {n: param_grads[n] + tile[n] for n in param_grads}
             else:
-                bias_tiles[(qi, kb)] = _reduce_to(xp, db, a.array_bias, sq, sk)
+                bias_tiles[(qi, kb)] = _reduce_to(xp, db, tiles.array, sq, sk)
         dq_blocks.append(xp.reshape(dq_b, (nb, nh, rows, d)))
 
     dq = dq_blocks[0] if len(dq_blocks) == 1 else xp.concat(dq_blocks, axis=2)
     dk = _assemble(xp, dk_blocks, key_blocks, bk, sk, (nb, nkv), d, cdtype, dev)
     dv_ = _assemble(xp, dv_blocks, key_blocks, bk, sk, (nb, nkv), dv, cdtype, dev)
     dbias = None
-    if a.family is not None:
+    if family is not None:
         if param_grads is None:  # no tile computed: every query sees nothing
             zero = xp.zeros((nh, sq, sk), dtype=cdtype, device=dev)
-            param_grads = a.family._vjp_compute(xp, q_pos, k_pos, zero)
-        dbias = a.family._grads_out(xp, param_grads)
-    elif a.array_bias is not None:
-        dbias = _assemble_bias(xp, bias_tiles, a.array_bias, sq, sk, a.bq, bk, cdtype, dev)
-    if fully_masked == "nan":
-        dq, dk, dv_, dbias = _nan_rows(xp, ~(lse != neg_inf), dq, dk, dv_, dbias, a, group)
+            param_grads = tiles.family_vjp(xp, spec.q_pos, spec.k_pos, zero)
+        dbias = tiles.family_grads(xp, param_grads)
+    elif tiles is not None:
+        dbias = _assemble_bias(xp, bias_tiles, tiles.array, sq, sk, spec.bq, bk, cdtype, dev)
+    if spec.fully_masked == "nan":
+        dq, dk, dv_, dbias = _nan_rows(xp, ~(lse != neg_inf), dq, dk, dv_, dbias, family is not None, group)
     dq, dk, dv_ = (t if t.dtype == q.dtype else xp.astype(t, q.dtype) for t in (dq, dk, dv_))
-    if a.tensor is not None:
-        dbias = {"array": _as_dtype(xp, xp.reshape(dbias, tuple(a.tensor.shape)), a.tensor.dtype)}
-    elif a.family is None and dbias is not None:
+    if tiles is not None and tiles.tensor is not None:
+        dbias = {"array": _as_dtype(xp, xp.reshape(dbias, tuple(tiles.array.shape[1:])), tiles.array.dtype)}
+    elif family is None and dbias is not None:
         dbias = xp.reshape(_as_dtype(xp, dbias, bias.dtype), tuple(bias.shape))
     return AttentionGrads(dq, dk, dv_, dbias)
 
@@ -284,7 +262,7 @@ def _total(parts: list) -> Any:
     return out
 
 
-def _nan_rows(xp: Any, empty: Any, dq: Any, dk: Any, dv: Any, dbias: Any, a: Any, group: int) -> tuple:
+def _nan_rows(xp: Any, empty: Any, dq: Any, dk: Any, dv: Any, dbias: Any, of_family: bool, group: int) -> tuple:
     """fully_masked="nan": spread the NaN of empty rows the way autograd through a naive softmax does."""
     if not bool(xp.any(empty)):
         return dq, dk, dv, dbias
@@ -295,7 +273,7 @@ def _nan_rows(xp: Any, empty: Any, dq: Any, dk: Any, dv: Any, dbias: Any, a: Any
     per_kv = xp.any(xp.reshape(empty, (nb, nh // group, group * sq)), axis=-1)[:, :, None, None]
     dk = xp.where(per_kv, xp.full_like(dk, nan), dk)
     dv = xp.where(per_kv, xp.full_like(dv, nan), dv)
-    if a.family is not None:
+    if of_family:
         dbias = {n: xp.full_like(g, nan) for n, g in dbias.items()}
     elif dbias is not None:
         rows = empty[..., None]

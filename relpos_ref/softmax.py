@@ -2,12 +2,13 @@ r"""The biased softmax: probabilities from scores, an additive bias, a boolean m
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from . import _checks
 from .conventions import BACKENDS, FULLY_MASKED, PLACEMENTS
 
-__all__ = ["biased_softmax"]
+__all__ = ["biased_softmax", "fully_masked_fill"]
 
 
 def biased_softmax(
@@ -90,10 +91,10 @@ def biased_softmax(
     _checks.nonempty("scores", scores)
     if bias is not None:
         _checks.float_array("bias", bias, xp)
-        broadcast_to("bias", bias, tuple(scores.shape))
+        _checks.broadcastable("bias", bias, tuple(scores.shape))
     if mask is not None:
         _checks.bool_array("mask", mask, xp)
-        broadcast_to("mask", mask, tuple(scores.shape))
+        _checks.broadcastable("mask", mask, tuple(scores.shape))
     scale = _checks.real_scalar("scale", scale, positive=True)
     _checks.option("placement", placement, PLACEMENTS)
     _checks.option("fully_masked", fully_masked, FULLY_MASKED)
@@ -131,14 +132,12 @@ def _result_dtype(xp: Any, a: Any, b: Any) -> Any:
         return a if a == b else xp.float32
 
 
-def broadcast_to(name: str, value: Any, shape: tuple[int, ...]) -> None:
-    """Check that ``value`` broadcasts to ``shape`` without enlarging it."""
-    ok = value.ndim <= len(shape) and all(
-        s in (1, t) for s, t in zip(reversed(tuple(value.shape)), reversed(shape), strict=False)
-    )
-    if not ok:
-        msg = f"{name}: expected a shape broadcastable to {shape}, got {tuple(value.shape)}"
-        raise ValueError(msg)
+def fully_masked_fill(fully_masked: str) -> tuple[float, float]:
+    """(output, lse) of a row with nothing to attend: (0, -inf) for ``"zero"``, (NaN, NaN) for ``"nan"``.
+
+    The one statement of the rule: the softmax, the streamed attention and its backward all fill empty rows here.
+    """
+    return (0.0, -math.inf) if fully_masked == "zero" else (math.nan, math.nan)
 
 
 def softmax_core(
@@ -170,7 +169,7 @@ def softmax_core(
     safe_total = xp.where(empty, 1.0, total)
     probs = e / safe_total
     lse = m + xp.log(safe_total)
-    fill = 0.0 if fully_masked == "zero" else float("nan")
+    fill, lse_fill = fully_masked_fill(fully_masked)
     probs = xp.where(empty, fill, probs)
-    lse = xp.where(empty, neg_inf if fully_masked == "zero" else float("nan"), lse)
+    lse = xp.where(empty, lse_fill, lse)
     return probs, lse[..., 0]

@@ -354,7 +354,6 @@ def _prepare(
     """Validate the arguments and build the kernel launch (allocations happen here, the launch does not)."""
     from .. import _checks
     from ..families import BiasFamily
-    from ..softmax import broadcast_to
 
     am = be.am
     dtype = np.dtype(scores.dtype)
@@ -396,7 +395,7 @@ def _prepare(
         if np.dtype(bias.dtype).kind != "f":
             msg = f"bias: expected a real floating-point dtype, got {bias.dtype}"
             raise TypeError(msg)
-        broadcast_to("bias", bias, tuple(scores.shape))
+        _checks.broadcastable("bias", bias, tuple(scores.shape))
         family, tensor = "tensor", bias
     if mask is not None:
         if not be.is_array(mask):
@@ -405,7 +404,7 @@ def _prepare(
         if np.dtype(mask.dtype) != np.bool_:
             msg = f"mask: expected a boolean dtype, got {mask.dtype}"
             raise TypeError(msg)
-        broadcast_to("mask", mask, tuple(scores.shape))
+        _checks.broadcastable("mask", mask, tuple(scores.shape))
 
     qh, kh = _positions(q_pos, k_pos, align, sq, sk)
     q0, k0 = _affine_start(qh), _affine_start(kh)

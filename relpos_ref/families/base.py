@@ -219,6 +219,13 @@ class BiasFamily:
     def _check_positions(self, q_pos: Any, k_pos: Any) -> None:
         """Hook for families with a fixed (Sq, Sk) (TensorBias)."""
 
+    def _dense_array(self) -> Any:
+        """Hook for families stored as a (H, Sq, Sk) array (TensorBias): that array, which attention tiles by index.
+
+        None for families computed from positions.
+        """
+        return None
+
     def _grads_out(self, xp: Any, grads: dict[str, Any]) -> dict[str, Any]:
         """Gradients in the parameters' dtype and shape (the stored layout by default)."""
         return {k: (v if v.dtype == self.dtype else xp.astype(v, self.dtype)) for k, v in grads.items()}

@@ -246,6 +246,11 @@ class T5Bias(BiasFamily, name="t5"):
         """B, the number of buckets (columns of the stored (H, B) table)."""
         return int(self._params["table"].shape[1])
 
+    @property
+    def layout(self) -> str:
+        """The table layout given to the constructor (gradients are returned in it); the table is stored (H, B)."""
+        return self._layout
+
     def _compute(self, xp: Any, arrays: dict[str, Any], delta: Any, q_pos: Any, dtype: Any) -> Any:
         opts = self._options
         table = arrays["table"]

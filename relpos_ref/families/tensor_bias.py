@@ -56,6 +56,9 @@ class TensorBias(BiasFamily, name="tensor"):
         idx = xp.asarray(_head_indices(heads, self.num_heads), dtype=xp.int64, device=self.device)
         return xp.take(arr, idx, axis=0)
 
+    def _dense_array(self) -> Any:
+        return self._params["array"]
+
     def _check_positions(self, q_pos: Any, k_pos: Any) -> None:
         _, sq, sk = self.shape
         if (q_pos.shape[0], k_pos.shape[0]) != (sq, sk):
