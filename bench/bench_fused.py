@@ -63,7 +63,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import relpos_ref as rp
-from relpos_ref.cuda import _cupy_backend, _function, _prepare, fused_biased_softmax
+from relpos_ref.cuda import fused_biased_softmax
+from relpos_ref.cuda._launch import _cupy_backend, _function, _prepare
 from relpos_ref.cuda._source import cluster_policy, plan_launch
 
 ELEMS = 1 << 27  # 128 Mi elements per configuration: 512 MiB of float32 scores

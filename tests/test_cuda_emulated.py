@@ -32,7 +32,7 @@ import pytest
 from fused_cases import Case, build, check, family_sweep, special_cases
 
 import relpos_ref as rp
-from relpos_ref.cuda import _Backend, _prepare
+from relpos_ref.cuda._launch import _Backend, _prepare
 from relpos_ref.cuda._source import CLUSTER_POLICIES, ClusterPolicy
 
 CUDA_DIR = Path(rp.__file__).parent / "cuda"

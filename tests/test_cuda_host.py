@@ -27,7 +27,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import relpos_ref as rp
-from relpos_ref.cuda import _pack_family, supported_family
+from relpos_ref.cuda import supported_family
+from relpos_ref.cuda._launch import _pack_family
 from relpos_ref.cuda.bounds import bias_error_bound
 
 CUDA_DIR = Path(rp.__file__).parent / "cuda"

@@ -248,7 +248,7 @@ def clusters_on(monkeypatch):
 
 def _assert_cluster_launch(built):
     """The policy in force really sends this case to the cluster kernel (a silent fallback would test nothing)."""
-    from relpos_ref.cuda import _device_cluster_policy
+    from relpos_ref.cuda._launch import _device_cluster_policy
     from relpos_ref.cuda._source import plan_launch
 
     case = built.case
@@ -283,7 +283,7 @@ def test_cluster_kernel_deterministic_and_close_to_one_block(clusters_on, monkey
 
 def test_kernel_attributes_readable():
     """The RawModule route works on this toolkit (CuPy 14 / CUDA 13 on the GPU box): attributes of compiled kernels."""
-    from relpos_ref.cuda import _function
+    from relpos_ref.cuda._launch import _function
     from relpos_ref.cuda._source import plan_launch
 
     for sk in (128, 4096, 32768, 40000):

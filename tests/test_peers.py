@@ -3,9 +3,10 @@
 Forward cases run ``check_bias``/``check_buckets``/``check_attention`` on the peers' functions; backward cases
 (``bwd_*``) run ``check_attention_backward`` on PyTorch autograd through them.
 
-Needs the ``peers`` extra (``pip install -e ".[test,peers]"``; PyTorch CPU is enough); skipped without it. Each case
-asserts the verdict the harness gives a real library function, and the diagnosis phrase for a convention difference,
-so a change in a peer (or in the harness) that alters a recorded verdict fails here.
+The candidates and cases are in ``tools/peers/`` (developer tooling, not in the wheel; the repository root is on
+pytest's path). Needs the ``peers`` extra (``pip install -e ".[test,peers]"``; PyTorch CPU is enough); skipped
+without it. Each case asserts the verdict the harness gives a real library function, and the diagnosis phrase for a
+convention difference, so a change in a peer (or in the harness) that alters a recorded verdict fails here.
 """
 
 from __future__ import annotations
@@ -20,15 +21,16 @@ pytestmark = pytest.mark.peers
 torch = pytest.importorskip("torch", reason="the peers tests need PyTorch (pip install -e '.[peers]')")
 pytest.importorskip("transformers", reason="the peers tests need HF transformers (pip install -e '.[peers]')")
 
-from relpos_ref.conformance import peers  # noqa: E402
+from tools.peers.cases import cases  # noqa: E402
+from tools.peers.verdicts import run_case  # noqa: E402
 
-CASES = peers.cases()
+CASES = cases()
 SPEC = Path(__file__).resolve().parent.parent / "spec" / "peers.md"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.key for c in CASES])
 def test_peer_verdict(case):
-    report, _ = peers.run_case(case)
+    report, _ = run_case(case)
     assert report.passed == case.expect_pass, report.text()
     if case.expect_text is not None:
         # A candidate that raises is described by its exception (the summary of an "error" check).
@@ -50,7 +52,7 @@ def _is_value_check(name):
 
 
 def test_spec_table_matches_recorded_verdicts():
-    """spec/peers.md lists every case in order with the verdict recorded in peers.py."""
+    """spec/peers.md lists every case in order with the verdict recorded in tools/peers/cases.py."""
     if not SPEC.exists():
         pytest.skip("spec/peers.md not present (source checkout only)")
     rows = [ln for ln in SPEC.read_text(encoding="utf-8").splitlines() if re.match(r"^\| \d+ \|", ln)]

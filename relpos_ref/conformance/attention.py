@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
 from .. import _checks
 from .._host import abs_errors, numpy_dtype, to_host
 from ..attention import attention as ref_attention
-from ..conventions import FLOAT_DTYPES
+from ..conventions import (
+    ALIGNMENTS,
+    FLOAT_DTYPES,
+    FULLY_MASKED,
+    PLACEMENTS,
+    Alignment,
+    FloatDtype,
+    FullyMasked,
+    Placement,
+)
 from ..families import BiasFamily, TensorBias
 from ..positions import causal_mask, positions
 from . import _repro, diagnose
@@ -82,59 +92,101 @@ class _Case(NamedTuple):
     identity_v: bool = False
 
 
-class _AttentionSuite(_Suite):
-    def __init__(
-        self,
-        candidate: Any,
-        *,
-        bias: Any,
-        causal: bool,
-        align: str,
-        placement: str,
-        scale: float | None,
-        shapes: Any,
-        dtype: str,
-        with_lse: bool,
-        xp: Any,
-        device: Any,
-        fully_masked: str,
-        rtol: float | None,
-        atol: float | None,
-        seed: int,
-        target: str | None,
-        label: str,
-    ) -> None:
-        if not callable(candidate):
-            msg = f"candidate: expected a callable candidate(q, k, v), got {type(candidate).__name__}"
-            raise TypeError(msg)
+@dataclass(frozen=True)
+class AttentionOptions:
+    """What an attention suite (forward or backward) is built with, validated once, when the object is made.
+
+    The fields are the keywords of :func:`check_attention` that describe the comparison (all but the candidate,
+    ``expected_failures`` and the check ``label``); :func:`attention_checks`, :func:`attention_backward_checks` and
+    the CLI make one and hand it to the suites. Invalid values raise ``TypeError`` or ``ValueError`` naming the
+    keyword, checked in the order of the fields. Derived: ``bias64`` (the bias in float64 NumPy, for the
+    reference), ``xp_kind``, ``xp_module`` and ``xp_name`` (the resolved namespace of the inputs). ``shapes`` is kept
+    as a tuple; the suite checks it against the bias when it builds its cases.
+    """
+
+    bias: BiasFamily | None = None
+    causal: bool = False
+    align: Alignment = "bottom_right"
+    placement: Placement = "post_scale"
+    scale: float | None = None
+    dtype: FloatDtype = "float32"
+    with_lse: bool = False
+    fully_masked: FullyMasked = "zero"
+    xp: Any = None
+    device: Any = None
+    rtol: float | None = None
+    atol: float | None = None
+    seed: int = 0
+    shapes: Sequence[AttentionShape | tuple[int, ...]] | None = None
+    target: str | None = None
+    bias64: BiasFamily | None = field(init=False, repr=False, compare=False)
+    xp_kind: str = field(init=False, repr=False, compare=False)
+    xp_module: Any = field(init=False, repr=False, compare=False)
+    xp_name: str = field(init=False, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, keywords: Mapping[str, Any]) -> AttentionOptions:
+        """The options named in ``keywords`` (a public function's ``locals()``); the others keep their defaults."""
+        return cls(**{f.name: keywords[f.name] for f in fields(cls) if f.init and f.name in keywords})
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        bias = self.bias
         if bias is not None and not isinstance(bias, BiasFamily):
             msg = f"bias: expected None or a relpos_ref bias family, got {type(bias).__name__}"
             raise TypeError(msg)
-        self.candidate = candidate
-        self.target = target
-        self.bias = bias
-        self.bias64 = _to_numpy64(bias) if bias is not None else None
-        self.causal = _checks.boolean("causal", causal)
-        self.align = _checks.option("align", align, ("bottom_right", "top_left"))
-        self.placement = _checks.option("placement", placement, ("post_scale", "pre_scale"))
-        self.scale = None if scale is None else _checks.real_scalar("scale", scale, positive=True)
-        self.dtype = _checks.option("dtype", dtype, FLOAT_DTYPES)
-        numpy_dtype(dtype)
-        self.with_lse = _checks.boolean("with_lse", with_lse)
-        self.fully_masked = _checks.option("fully_masked", fully_masked, ("zero", "nan"))
-        self.xp_kind, self.xp_mod = resolve_namespace(xp)
-        self.xp_name = {"numpy": "numpy", "torch": "torch", "cupy": "cupy"}.get(
-            self.xp_kind, getattr(self.xp_mod, "__name__", "xp")
+        put("bias64", _to_numpy64(bias) if bias is not None else None)
+        _checks.boolean("causal", self.causal)
+        _checks.option("align", self.align, ALIGNMENTS)
+        _checks.option("placement", self.placement, PLACEMENTS)
+        if self.scale is not None:
+            put("scale", _checks.real_scalar("scale", self.scale, positive=True))
+        _checks.option("dtype", self.dtype, FLOAT_DTYPES)
+        numpy_dtype(self.dtype)
+        _checks.boolean("with_lse", self.with_lse)
+        _checks.option("fully_masked", self.fully_masked, FULLY_MASKED)
+        kind, module = resolve_namespace(self.xp)
+        put("xp_kind", kind)
+        put("xp_module", module)
+        put(
+            "xp_name", {"numpy": "numpy", "torch": "torch", "cupy": "cupy"}.get(kind, getattr(module, "__name__", "xp"))
         )
-        self.device = device
-        self.rtol, self.atol = rtol, atol
-        if rtol is not None or atol is not None:
-            attention_tolerance("float64", 0.0, 1.0, rtol=rtol, atol=atol)
-        self.seed = _checks.integer("seed", seed)
+        if self.rtol is not None or self.atol is not None:
+            attention_tolerance("float64", 0.0, 1.0, rtol=self.rtol, atol=self.atol)
+        put("seed", _checks.integer("seed", self.seed))
+        if self.shapes is not None:
+            put("shapes", tuple(self.shapes))
+
+
+class _AttentionSuite(_Suite):
+    #: What the candidate is called with, for the error on a candidate that is not callable.
+    signature: ClassVar[str] = "candidate(q, k, v)"
+
+    def __init__(self, candidate: Any, options: AttentionOptions, *, label: str) -> None:
+        self.check_candidate(candidate)
+        o = options
+        self.candidate = candidate
+        self.options = o
+        self.target = o.target
+        self.bias, self.bias64 = o.bias, o.bias64
+        self.causal, self.align, self.placement, self.scale = o.causal, o.align, o.placement, o.scale
+        self.dtype, self.with_lse, self.fully_masked = o.dtype, o.with_lse, o.fully_masked
+        self.xp_kind, self.xp_mod, self.xp_name, self.device = o.xp_kind, o.xp_module, o.xp_name, o.device
+        self.rtol, self.atol = o.rtol, o.atol
+        self.seed = o.seed
         self.label = label
         self.notes: list[str] = []
         self._cache: dict[Any, Any] = {}
-        self.cases = self._make_cases(shapes)
+        self.cases = self._make_cases(o.shapes)
+
+    @classmethod
+    def check_candidate(cls, candidate: Any) -> None:
+        """TypeError unless ``candidate`` is callable; run before the options are built, so this error comes first."""
+        if not callable(candidate):
+            msg = f"candidate: expected a callable {cls.signature}, got {type(candidate).__name__}"
+            raise TypeError(msg)
 
     def _make_cases(self, shapes: Any) -> dict[str, _Case]:
         fixed = self.bias64.shape[1:] if isinstance(self.bias64, TensorBias) else None
@@ -709,25 +761,14 @@ def attention_checks(
     label: str = "attention",
 ) -> list[Check]:
     """The checks of :func:`check_attention`, unrun."""
-    s = _AttentionSuite(
-        candidate,
-        bias=bias,
-        causal=causal,
-        align=align,
-        placement=placement,
-        scale=scale,
-        shapes=shapes,
-        dtype=dtype,
-        with_lse=with_lse,
-        xp=xp,
-        device=device,
-        fully_masked=fully_masked,
-        rtol=rtol,
-        atol=atol,
-        seed=seed,
-        target=target,
-        label=label,
-    )
+    _AttentionSuite.check_candidate(candidate)
+    options = AttentionOptions.of(locals())
+    return _attention_checks(candidate, options, label=label)
+
+
+def _attention_checks(candidate: Any, options: AttentionOptions, *, label: str = "attention") -> list[Check]:
+    """The forward checks of ``candidate`` under ``options``, unrun."""
+    s = _AttentionSuite(candidate, options, label=label)
     checks: list[Check] = []
     for case in s.cases.values():
         checks.append(
@@ -735,15 +776,15 @@ def attention_checks(
                 f"{label}.output.{case.name}", f"output of {case.shape}", lambda c=case: s.values_check(c, lse=False), s
             )
         )
-        if with_lse:
+        if s.with_lse:
             checks.append(
                 Check(f"{label}.lse.{case.name}", f"lse of {case.shape}", lambda c=case: s.values_check(c, lse=True), s)
             )
     checks.append(Check(f"{label}.rows_sum_to_one", "probabilities via V = identity", s.rows_sum_check, s))
-    if causal and s.future_case() is not None:
+    if s.causal and s.future_case() is not None:
         checks.append(Check(f"{label}.causal_future_keys", "independence from future keys", s.causal_future_check, s))
     else:
-        s.notes.append("causal_future_keys: " + ("causal=False" if not causal else "no case has keys after a query"))
+        s.notes.append("causal_future_keys: " + ("causal=False" if not s.causal else "no case has keys after a query"))
     uneven = [c for c in s.cases.values() if c.shape.q_len < c.shape.k_len and c.shape.q_len > 1]
     if uneven and not isinstance(s.bias64, TensorBias):
         checks.append(
@@ -839,22 +880,6 @@ def check_attention(
     -------
     Report
     """
-    checks = attention_checks(
-        candidate,
-        bias=bias,
-        causal=causal,
-        align=align,
-        placement=placement,
-        scale=scale,
-        shapes=shapes,
-        dtype=dtype,
-        with_lse=with_lse,
-        xp=xp,
-        device=device,
-        fully_masked=fully_masked,
-        rtol=rtol,
-        atol=atol,
-        seed=seed,
-        target=target,
-    )
-    return run_checks(checks, expected_failures=expected_failures)
+    _AttentionSuite.check_candidate(candidate)
+    options = AttentionOptions.of(locals())
+    return run_checks(_attention_checks(candidate, options), expected_failures=expected_failures)

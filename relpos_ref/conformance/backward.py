@@ -10,6 +10,7 @@ explains a wrong gradient is named the same way as in the forward reports.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,15 @@ from ..positions import causal_mask
 from . import _repro
 from ._arrays import from_host
 from ._core import CandidateError, Check, _as_float_array, _f, _first, _max_rel, run_checks
-from .attention import AttentionShape, _AttentionSuite, _Case, _floor, _has_empty_rows, attention_inputs
+from .attention import (
+    AttentionOptions,
+    AttentionShape,
+    _AttentionSuite,
+    _Case,
+    _floor,
+    _has_empty_rows,
+    attention_inputs,
+)
 from .report import CheckResult, Report
 from .tolerance import _plain_backward, attention_tolerance, rule_text
 
@@ -46,11 +55,11 @@ def backward_inputs(
 
 
 class _BackwardSuite(_AttentionSuite):
-    def __init__(self, candidate: Any, **kwargs: Any) -> None:
-        if not callable(candidate):
-            msg = f"candidate: expected a callable candidate(q, k, v, d_out), got {type(candidate).__name__}"
-            raise TypeError(msg)
-        super().__init__(candidate, with_lse=False, **kwargs)
+    signature = "candidate(q, k, v, d_out)"
+
+    def __init__(self, candidate: Any, options: AttentionOptions, *, label: str) -> None:
+        # The candidate returns gradients, never an lse: the forward's with_lse does not apply.
+        super().__init__(candidate, replace(options, with_lse=False) if options.with_lse else options, label=label)
         self.param_names = tuple(self.bias64.parameters()) if self.bias64 is not None else ()
         self._d_out: dict[str, np.ndarray] = {}
         self._hyp: dict[tuple[str, str], Any] = {}
@@ -624,36 +633,26 @@ def attention_backward_checks(
     label: str = "backward",
 ) -> list[Check]:
     """The checks of :func:`check_attention_backward`, unrun."""
-    s = _BackwardSuite(
-        candidate,
-        bias=bias,
-        causal=causal,
-        align=align,
-        placement=placement,
-        scale=scale,
-        shapes=shapes,
-        dtype=dtype,
-        xp=xp,
-        device=device,
-        fully_masked=fully_masked,
-        rtol=rtol,
-        atol=atol,
-        seed=seed,
-        target=target,
-        label=label,
-    )
+    _BackwardSuite.check_candidate(candidate)
+    options = AttentionOptions.of(locals())
+    return _backward_checks(candidate, options, label=label)
+
+
+def _backward_checks(candidate: Any, options: AttentionOptions, *, label: str = "backward") -> list[Check]:
+    """The gradient checks of ``candidate`` under ``options``, unrun."""
+    s = _BackwardSuite(candidate, options, label=label)
     checks: list[Check] = []
     for case in s.cases.values():
         for name in (*_CORE, *s.param_names):
             check = f"{label}.{name if name in _CORE else 'd' + name}.{case.name}"
             desc = f"{name} of {case.shape}" if name in _CORE else f"gradient of {name!r} for {case.shape}"
             checks.append(Check(check, desc, lambda c=case, n=name: s.values_check(c, n), s))
-    if causal and s.future_case() is not None:
+    if s.causal and s.future_case() is not None:
         checks.append(
             Check(f"{label}.causal_future_keys", "zero dk, dv for keys no query sees", s.causal_future_check, s)
         )
     else:
-        s.notes.append("causal_future_keys: " + ("causal=False" if not causal else "no case has keys after a query"))
+        s.notes.append("causal_future_keys: " + ("causal=False" if not s.causal else "no case has keys after a query"))
     masked_cases = [c for c in s.cases.values() if _has_empty_rows(s, c)]
     if masked_cases:
         checks.append(
@@ -737,21 +736,6 @@ def check_attention_backward(
         (keys seen by no query with a cotangent get zero dk and dv), ``backward.fully_masked_rows`` (dq of queries
         that see no key) and ``backward.repeatable``.
     """
-    checks = attention_backward_checks(
-        candidate,
-        bias=bias,
-        causal=causal,
-        align=align,
-        placement=placement,
-        scale=scale,
-        shapes=shapes,
-        dtype=dtype,
-        xp=xp,
-        device=device,
-        fully_masked=fully_masked,
-        rtol=rtol,
-        atol=atol,
-        seed=seed,
-        target=target,
-    )
-    return run_checks(checks, expected_failures=expected_failures)
+    _BackwardSuite.check_candidate(candidate)
+    options = AttentionOptions.of(locals())
+    return run_checks(_backward_checks(candidate, options), expected_failures=expected_failures)

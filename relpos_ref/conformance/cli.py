@@ -14,17 +14,29 @@ from typing import Any
 
 import numpy as np
 
-from ..families import FIRE, ALiBi, BiasFamily, KerpleLog, KerplePower, OffsetBias, Sandwich, T5Bias
+from ..conventions import ALIGNMENTS, EQUIVALENCES, FLOAT_DTYPES, FULLY_MASKED, LAYOUTS, PLACEMENTS
+from ..families import FAMILIES as _REGISTRY
+from ..families import FIRE, ALiBi, BiasFamily, Sandwich, T5Bias, family_class
 from ._core import Check, _match_expected, run_checks
-from .attention import attention_checks
-from .backward import attention_backward_checks
+from .attention import AttentionOptions, _attention_checks, _AttentionSuite
+from .backward import _backward_checks, _BackwardSuite
 from .bias import bias_checks
 from .buckets import bucket_checks
 from .plugin import load_target
 
 __all__ = ["add_arguments", "build_checks", "main_conform", "parse_env_args"]
 
-FAMILIES = ("none", "alibi", "t5", "offset", "kerple_power", "kerple_log", "fire", "sandwich")
+#: ``--family`` values: every registered family but the tensor one (a fixed array, nothing to build from options).
+FAMILIES = ("none", *[n for n in _REGISTRY if n != "tensor"])
+
+#: The learned parameter arrays ``--params`` must hold for each family built from them, in constructor order.
+_NEEDED_PARAMS = {
+    "t5": ("table",),
+    "offset": ("table",),
+    "kerple_power": ("r1", "r2"),
+    "kerple_log": ("r1", "r2"),
+    "fire": ("w1", "b1", "w2", "b2"),
+}
 
 EPILOG = """\
 examples:
@@ -75,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-distance", type=int, default=128, help="T5 max_distance (default 128)")
     g.add_argument(
         "--layout",
-        choices=("heads_buckets", "buckets_heads"),
+        choices=LAYOUTS,
         default="heads_buckets",
         help="layout of the T5 table in --params (HF nn.Embedding weight: buckets_heads)",
     )
@@ -84,12 +96,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("comparison")
     c.add_argument("--q-len", type=int, default=8, help="bias: number of queries of the main case (default 8)")
     c.add_argument("--k-len", type=int, default=24, help="bias: number of keys of the main case (default 24)")
-    c.add_argument("--align", choices=("bottom_right", "top_left"), default="bottom_right")
-    c.add_argument("--equivalence", choices=("exact", "row_shift"), default="exact")
+    c.add_argument("--align", choices=ALIGNMENTS, default="bottom_right")
+    c.add_argument("--equivalence", choices=EQUIVALENCES, default="exact")
     c.add_argument("--causal", action="store_true", help="compare only what a causal mask keeps / causal attention")
     c.add_argument(
         "--dtype",
-        choices=("float64", "float32", "float16", "bfloat16"),
+        choices=FLOAT_DTYPES,
         default=None,
         help="bias: dtype whose tolerance applies (default: the output's); attention, backward: input dtype "
         "(default float32)",
@@ -97,7 +109,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--rtol", type=float, help="override the tolerance rule: |c - r| <= atol + rtol |r|")
     c.add_argument("--atol", type=float, help="override the tolerance rule: |c - r| <= atol + rtol |r|")
     a = p.add_argument_group("attention")
-    a.add_argument("--placement", choices=("post_scale", "pre_scale"), default="post_scale")
+    a.add_argument("--placement", choices=PLACEMENTS, default="post_scale")
     a.add_argument("--scale", type=float, default=None, help="softmax scale (default 1/sqrt(D))")
     a.add_argument("--with-lse", action="store_true", help="the candidate returns (out, lse)")
     a.add_argument(
@@ -107,7 +119,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="library of the q, k, v handed to the candidate (default numpy)",
     )
     a.add_argument("--device", default=None, help="device for --xp (e.g. cuda)")
-    a.add_argument("--fully-masked", choices=("zero", "nan"), default="zero")
+    a.add_argument("--fully-masked", choices=FULLY_MASKED, default="zero")
     a.add_argument("--seed", type=int, default=0)
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="PATH", help="also write the report as JSON")
@@ -142,23 +154,18 @@ def _reference(args: argparse.Namespace) -> BiasFamily | None:
             params = {k: np.asarray(data[k]) for k in data.files}
     if fam == "none":
         return None
-    if fam == "alibi":
+    cls = family_class(fam)
+    if cls is ALiBi:
         if "slopes" in params:
             return ALiBi(params["slopes"])
         if args.heads is None:
             raise ValueError("--heads: expected the number of heads for --family alibi (or --params with slopes)")
         return ALiBi.from_num_heads(args.heads)
-    if fam == "sandwich":
+    if cls is Sandwich:
         if args.heads is None or args.head_dim is None:
             raise ValueError("--heads, --head-dim: expected both for --family sandwich")
         return Sandwich(args.heads, args.head_dim)
-    need = {
-        "t5": ("table",),
-        "offset": ("table",),
-        "kerple_power": ("r1", "r2"),
-        "kerple_log": ("r1", "r2"),
-        "fire": ("w1", "b1", "w2", "b2"),
-    }[fam]
+    need = _NEEDED_PARAMS[fam]
     missing = [n for n in need if n not in params]
     if missing:
         msg = (
@@ -166,18 +173,12 @@ def _reference(args: argparse.Namespace) -> BiasFamily | None:
             f"candidate uses too), missing {missing}"
         )
         raise ValueError(msg)
-    if fam == "t5":
-        return T5Bias(
-            params["table"], bidirectional=args.bidirectional, max_distance=args.max_distance, layout=args.layout
-        )
-    if fam == "offset":
-        return OffsetBias(params["table"])
-    if fam == "kerple_power":
-        return KerplePower(params["r1"], params["r2"])
-    if fam == "kerple_log":
-        return KerpleLog(params["r1"], params["r2"])
-    extra = {k: params[k] for k in ("c", "L") if k in params}
-    return FIRE(params["w1"], params["b1"], params["w2"], params["b2"], eps=args.fire_eps, **extra)
+    options: dict[str, Any] = {}
+    if cls is T5Bias:
+        options = {"bidirectional": args.bidirectional, "max_distance": args.max_distance, "layout": args.layout}
+    elif cls is FIRE:
+        options = {"eps": args.fire_eps, **{k: params[k] for k in ("c", "L") if k in params}}
+    return cls(*(params[n] for n in need), **options)
 
 
 def build_checks(args: argparse.Namespace, candidate: Any = None) -> list[Check]:
@@ -210,27 +211,11 @@ def build_checks(args: argparse.Namespace, candidate: Any = None) -> list[Check]
             atol=args.atol,
             target=target,
         )
-    if args.kind == "backward":
-        if args.with_lse:
-            raise ValueError("--with-lse: applies to --kind attention, not backward")
-        return attention_backward_checks(
-            candidate,
-            bias=ref,
-            causal=args.causal,
-            align=args.align,
-            placement=args.placement,
-            scale=args.scale,
-            dtype=args.dtype or "float32",
-            xp=args.xp,
-            device=args.device,
-            fully_masked=args.fully_masked,
-            rtol=args.rtol,
-            atol=args.atol,
-            seed=args.seed,
-            target=target,
-        )
-    return attention_checks(
-        candidate,
+    backward = args.kind == "backward"
+    if backward and args.with_lse:
+        raise ValueError("--with-lse: applies to --kind attention, not backward")
+    (_BackwardSuite if backward else _AttentionSuite).check_candidate(candidate)  # first, as in the public functions
+    options = AttentionOptions(
         bias=ref,
         causal=args.causal,
         align=args.align,
@@ -238,14 +223,15 @@ def build_checks(args: argparse.Namespace, candidate: Any = None) -> list[Check]
         scale=args.scale,
         dtype=args.dtype or "float32",
         with_lse=args.with_lse,
+        fully_masked=args.fully_masked,
         xp=args.xp,
         device=args.device,
-        fully_masked=args.fully_masked,
         rtol=args.rtol,
         atol=args.atol,
         seed=args.seed,
         target=target,
     )
+    return (_backward_checks if backward else _attention_checks)(candidate, options)
 
 
 def expected_from_args(items: list[str]) -> dict[str, str]:

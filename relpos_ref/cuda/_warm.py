@@ -21,7 +21,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 
 def _compile_chunk(names: list[str]) -> tuple[int, list[str]]:
-    from relpos_ref.cuda import _function
+    from relpos_ref.cuda._launch import _function
 
     failed = []
     for n in names:

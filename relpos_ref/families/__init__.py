@@ -7,14 +7,20 @@ from typing import Any
 import numpy as np
 
 from .._checks import integer, namespace_arg
-from .alibi import ALiBi, alibi_slopes
 from .base import FAMILIES, BiasFamily, family_class
-from .fire import FIRE
-from .kerple import KerpleLog, KerplePower
-from .offset import OffsetBias
-from .sandwich import Sandwich
+
+# isort: off
+# Import order is registration order: FAMILIES (and every name list drawn from it) reads alibi, t5, offset,
+# kerple_power, kerple_log, fire, sandwich, tensor.
+from .alibi import ALiBi, alibi_slopes
 from .t5 import T5Bias, t5_bucket, t5_bucket_thresholds
+from .offset import OffsetBias
+from .kerple import KerpleLog, KerplePower
+from .fire import FIRE
+from .sandwich import Sandwich
 from .tensor_bias import TensorBias
+
+# isort: on
 
 __all__ = [
     "FAMILIES",

@@ -5,7 +5,7 @@ Usage (from the repository root)::
     python spec/vectors/generate.py            # rewrite every file
     python spec/vectors/generate.py --check    # exit 1 if a committed file differs from a fresh generation
 
-Expected values come only from ``relpos_ref/oracle.py`` (scalar mpmath loops, no array code). Tolerances come from the
+Expected values come only from ``relpos_ref/oracle/`` (scalar mpmath loops, no array code). Tolerances come from the
 documented bounds in ``relpos_ref/bounds.py`` (the "portable" error model: any summation order, library functions
 within the larger of the NumPy and CUDA ulp limits), fitted per case as ``atol + rtol * |expected|``. Gradients
 (``gradients.json``) come from ``oracle.attention_vjp`` (central differences of the oracle's attention) with the
