@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
             "Time rp.attention (NumPy; CuPy unfused and fused on a GPU) against PyTorch SDPA with a materialised bias "
             "and FlexAttention, over families x shapes x backends: warm-up, repetitions, median and min-max, CUDA "
             "events on a GPU, GFLOP/s and GB/s against a roofline measured in the same run, peak extra memory, and "
-            "the ISSUE 5 CPU targets. Writes results.json, results.md, time_vs_seqlen.png and roofline.png."
+            "the CPU targets. Writes results.json, results.md, time_vs_seqlen.png and roofline.png."
         ),
     )
     _bench.add_arguments(b)

@@ -1,4 +1,4 @@
-r"""``relpos-ref plot``: pictures of the bias families, and the plots of ``relpos-ref bench``.
+r"""``relpos-ref plot``: pictures of the bias families, and the matplotlib helpers the bench plots share.
 
 Figures written by :func:`family_figures` (every value computed by this package's own families and softmax):
 
@@ -25,9 +25,27 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PLOT_FAMILIES", "bench_plots", "family_figures", "matplotlib_or_none", "require_matplotlib"]
+from ._host import host_numpy
+from .families import (
+    FAMILIES,
+    FIRE,
+    ALiBi,
+    BiasFamily,
+    KerpleLog,
+    KerplePower,
+    OffsetBias,
+    Sandwich,
+    T5Bias,
+    family_class,
+    t5_bucket,
+)
+from .positions import causal_mask, positions
+from .softmax import biased_softmax
 
-PLOT_FAMILIES = ("alibi", "t5", "offset", "kerple_power", "kerple_log", "fire", "sandwich")
+__all__ = ["PLOT_FAMILIES", "family_figures", "matplotlib_or_none", "require_matplotlib"]
+
+#: Every registered family with a closed form (the tensor bias has none to draw), in registry order.
+PLOT_FAMILIES: tuple[str, ...] = tuple(n for n in FAMILIES if n != "tensor")
 _MISSING = (
     "matplotlib is required for plots and is not installed; install the 'plot' extra: pip install 'relpos_ref[plot]'"
 )
@@ -50,14 +68,16 @@ def require_matplotlib() -> Any:
     return mpl
 
 
-def _figure(mpl: Any, w: float, h: float) -> Any:
+def new_figure(mpl: Any, w: float, h: float) -> Any:
+    """A constrained-layout Figure of w x h inches."""
     # Figure without pyplot: no global state, no GUI backend, safe in threads and tests.
     from matplotlib.figure import Figure
 
     return Figure(figsize=(w, h), layout="constrained")
 
 
-def _save(mpl: Any, fig: Any, out_dir: str, stem: str, formats: Sequence[str], dpi: int) -> list[str]:
+def save_figure(mpl: Any, fig: Any, out_dir: str, stem: str, formats: Sequence[str], dpi: int) -> list[str]:
+    """Write ``fig`` as out_dir/stem.<format> for each format (reproducible SVG); return the paths."""
     paths = []
     with mpl.rc_context({"svg.fonttype": "none", "svg.hashsalt": "relpos_ref"}):
         for fmt in formats:
@@ -72,46 +92,44 @@ def _save(mpl: Any, fig: Any, out_dir: str, stem: str, formats: Sequence[str], d
 # families with illustrative parameters
 
 
-def illustrative_family(name: str, num_heads: int = 8, head_dim: int = 64, *, seed: int = 0) -> Any:
-    """A float64 family with parameters chosen to show its shape (learned families: seeded, smooth, not trained)."""
-    import relpos_ref as rp
+def illustrative_family(name: str, num_heads: int = 8, head_dim: int = 64, *, seed: int = 0) -> BiasFamily:
+    """A float64 family with parameters chosen to show its shape (learned families: seeded, smooth, not trained).
 
+    ``name`` is a registry name (``PLOT_FAMILIES``); an unknown name raises the registry's ValueError.
+    """
+    family_class(name)  # ValueError naming the registered families for an unknown name
     h = num_heads
-    rng = np.random.default_rng([seed, PLOT_FAMILIES.index(name) if name in PLOT_FAMILIES else 99])
+    rng = np.random.default_rng([seed, list(FAMILIES).index(name)])
     frac = (np.arange(h) + 1) / h
     if name == "alibi":
-        return rp.ALiBi.from_num_heads(h)
+        return ALiBi.from_num_heads(h)
     if name == "t5":
         # Bidirectional table (H, 32): buckets 0-15 look back, 16-31 look ahead; steeper heads first, a little noise.
         b = np.arange(16)
         half = -np.outer(1.5 / frac, np.log1p(b)) / 2
         table = np.concatenate([half, 0.7 * half - 0.3], axis=1) + 0.1 * rng.normal(size=(h, 32))
-        return rp.T5Bias(table, bidirectional=True, max_distance=128)
+        return T5Bias(table, bidirectional=True, max_distance=128)
     if name == "offset":
         # Smooth decay, looking back (Delta > 0) a little cheaper than ahead, plus a little seeded noise.
         d = np.arange(-32, 33)
         steep = 1.5 / frac[:, None]
         table = -np.where(d >= 0, 0.6, 1.0) * steep * np.log1p(np.abs(d))[None, :] / 3
         table += 0.15 * rng.normal(size=table.shape)
-        return rp.OffsetBias(table)
+        return OffsetBias(table)
     if name == "kerple_power":
-        r1 = np.linspace(0.1, 1.0, h)
-        r2 = np.linspace(0.25, 1.0, h)
-        return rp.KerplePower(r1, r2)
+        return KerplePower(np.linspace(0.1, 1.0, h), np.linspace(0.25, 1.0, h))
     if name == "kerple_log":
-        r1 = np.linspace(0.5, 4.0, h)
-        r2 = np.geomspace(0.05, 5.0, h)
-        return rp.KerpleLog(r1, r2)
+        return KerpleLog(np.linspace(0.5, 4.0, h), np.geomspace(0.05, 5.0, h))
     if name == "fire":
         width = 32
         w1 = rng.normal(scale=3.0, size=(width, 1))
         b1 = rng.normal(size=width)
         w2 = rng.normal(size=(h, width)) / math.sqrt(width)
         b2 = np.zeros(h)
-        return rp.FIRE(w1, b1, w2, b2, c=0.1, L=512.0)
+        return FIRE(w1, b1, w2, b2, c=0.1, L=512.0)
     if name == "sandwich":
-        return rp.Sandwich(h, head_dim)
-    msg = f"family: expected one of {PLOT_FAMILIES}, got {name!r}"
+        return Sandwich(h, head_dim)
+    msg = f"family: expected one of {PLOT_FAMILIES} (a family with a closed form to draw), got {name!r}"
     raise ValueError(msg)
 
 
@@ -120,7 +138,7 @@ def penalty(fam: Any, deltas: np.ndarray, *, query_pos: int | None = None) -> np
     ``max(deltas)``) and keys at ``query_pos - deltas``."""
     deltas = np.asarray(deltas, dtype=np.int64)
     qp = int(deltas.max()) if query_pos is None else int(query_pos)
-    return np.asarray(fam.bias(np.array([qp]), qp - deltas))[:, 0, :]
+    return host_numpy(fam.bias(np.array([qp]), qp - deltas))[:, 0, :]
 
 
 def _lines(ax: Any, x: np.ndarray, ys: np.ndarray, labels: Sequence[str] | None = None, **kw: Any) -> None:
@@ -215,13 +233,11 @@ def _symlog_offsets(ax: Any, lim: int) -> None:
 
 
 def _t5_buckets_panel(ax: Any, max_offset: int) -> None:
-    import relpos_ref as rp
-
     d = np.arange(-max_offset, max_offset + 1)
     for bidir, st in ((True, "-"), (False, "--")):
         ax.plot(
             d,
-            np.asarray(rp.t5_bucket(d, bidirectional=bidir)),
+            host_numpy(t5_bucket(d, bidirectional=bidir)),
             st,
             drawstyle="steps-mid",
             label=f"bidirectional={bidir}",
@@ -257,12 +273,10 @@ def _fire_normalised_panel(ax: Any, fam: Any) -> None:
 
 
 def _heat_data(fam: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
-    import relpos_ref as rp
-
-    q_pos, k_pos = rp.positions(n, n)
-    bias = np.asarray(fam.bias(q_pos, k_pos))
-    mask = np.asarray(rp.causal_mask(q_pos, k_pos))
-    probs = np.asarray(rp.biased_softmax(np.zeros_like(bias), bias, mask=mask[None]))
+    q_pos, k_pos = positions(n, n)
+    bias = host_numpy(fam.bias(q_pos, k_pos))
+    mask = host_numpy(causal_mask(q_pos, k_pos))
+    probs = host_numpy(biased_softmax(np.zeros_like(bias), bias, mask=mask[None]))
     return np.where(mask[None], bias, np.nan), np.where(mask[None], probs, np.nan)
 
 
@@ -311,18 +325,18 @@ def family_figures(
 
     cols = min(4, len(families))
     rows = math.ceil(len(families) / cols)
-    fig = _figure(mpl, 4.2 * cols, 3.4 * rows)
+    fig = new_figure(mpl, 4.2 * cols, 3.4 * rows)
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     for ax, (name, fam) in zip(axes, fams.items()):
         _panel(name, ax, fam, max_offset)
     for ax in axes[len(fams) :]:
         ax.set_visible(False)
     fig.suptitle(f"Penalty b_h(Δ) per head, H = {num_heads} ({note})", fontsize=10)
-    paths += _save(mpl, fig, out_dir, "penalty_curves", formats, dpi)
+    paths += save_figure(mpl, fig, out_dir, "penalty_curves", formats, dpi)
 
     for name, fam in fams.items():
         if name in ("t5", "fire"):
-            fig = _figure(mpl, 11, 4)
+            fig = new_figure(mpl, 11, 4)
             ax1, ax2 = fig.subplots(1, 2)
             if name == "t5":
                 _t5_buckets_panel(ax1, max_offset)
@@ -331,12 +345,12 @@ def family_figures(
                 _panel(name, ax1, fam, max_offset)
                 _fire_normalised_panel(ax2, fam)
         else:
-            fig = _figure(mpl, 6.5, 4.2)
+            fig = new_figure(mpl, 6.5, 4.2)
             _panel(name, fig.subplots(), fam, max_offset)
-        paths += _save(mpl, fig, out_dir, f"penalty_{name}", formats, dpi)
+        paths += save_figure(mpl, fig, out_dir, f"penalty_{name}", formats, dpi)
 
     n = heatmap_len
-    fig = _figure(mpl, 2.8 * len(fams), 5.8)
+    fig = new_figure(mpl, 2.8 * len(fams), 5.8)
     axes = np.atleast_2d(fig.subplots(2, len(fams)))
     if axes.shape[0] != 2:
         axes = axes.T
@@ -346,123 +360,16 @@ def family_figures(
     fig.suptitle(
         f"Head 0, S = {n}, causal: bias (top) and the probabilities it alone gives (bottom, log scale)", fontsize=10
     )
-    paths += _save(mpl, fig, out_dir, "heatmaps", [f for f in formats if f != "svg"] or ["png"], dpi)
+    paths += save_figure(mpl, fig, out_dir, "heatmaps", [f for f in formats if f != "svg"] or ["png"], dpi)
 
     for name, fam in fams.items():
         bias, probs = _heat_data(fam, n)
         heads = sorted({0, fam.num_heads - 1})
-        fig = _figure(mpl, 8, 3.6 * len(heads))
+        fig = new_figure(mpl, 8, 3.6 * len(heads))
         axes = np.atleast_2d(fig.subplots(len(heads), 2))
         for r, hh in enumerate(heads):
             _heat_axes(axes[r, 0], axes[r, 1], fig, bias[hh], probs[hh], f"{name} h{hh}")
-        paths += _save(mpl, fig, out_dir, f"heatmap_{name}", [f for f in formats if f != "svg"] or ["png"], dpi)
-    return paths
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# bench plots
-
-
-def bench_plots(result: dict, out_dir: str, *, dpi: int = 110) -> list[str]:
-    """time_vs_seqlen.png and roofline.png from a ``relpos-ref bench`` result."""
-    mpl = require_matplotlib()
-    rows = [r for r in result.get("results", []) if r.get("status") == "ok"]
-    if not rows:
-        return []
-    paths = []
-    backends = list(dict.fromkeys(r["backend"] for r in rows))
-    colors = {b: mpl.colormaps["tab10"](i % 10) for i, b in enumerate(backends)}
-
-    prefill = [r for r in rows if r["kind"] == "prefill"]
-    families = list(dict.fromkeys(r["family"] for r in prefill))
-    if prefill:
-        cols = min(4, len(families))
-        nrows = math.ceil(len(families) / cols)
-        fig = _figure(mpl, 4.0 * cols, 3.3 * nrows)
-        axes = np.atleast_1d(fig.subplots(nrows, cols)).ravel()
-        for ax, fam in zip(axes, families):
-            for b in backends:
-                pts = sorted(
-                    (r["shape"]["q_len"], r["median_s"], r["min_s"], r["max_s"])
-                    for r in prefill
-                    if r["family"] == fam and r["backend"] == b
-                )
-                if not pts:
-                    continue
-                s, med, lo, hi = (np.array(x) for x in zip(*pts))
-                ax.errorbar(
-                    s,
-                    med * 1e3,
-                    yerr=[(med - lo) * 1e3, (hi - med) * 1e3],
-                    marker="o",
-                    ms=3,
-                    capsize=2,
-                    color=colors[b],
-                    label=b,
-                )
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_title(fam, fontsize=9)
-            ax.set_xlabel("S (Sq = Sk)")
-            ax.set_ylabel("median ms (min-max bars)")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
-        for ax in axes[len(families) :]:
-            ax.set_visible(False)
-        shp = prefill[0]["shape"]
-        fig.suptitle(
-            f"Causal prefill, B={shp['batch']} H={shp['heads']} D={shp['head_dim']} {prefill[0]['dtype']}", fontsize=10
-        )
-        paths += _save(mpl, fig, out_dir, "time_vs_seqlen", ["png"], dpi)
-
-    roofs = result.get("rooflines", {})
-    fam0 = families[0] if families else rows[0]["family"]
-    fig = _figure(mpl, 11, 4.2)
-    ax1, ax2 = fig.subplots(1, 2)
-    for b in backends:
-        pts = sorted(
-            (r["shape"]["q_len"], r["flops_per_s"]) for r in prefill if r["family"] == fam0 and r["backend"] == b
-        )
-        if pts:
-            s, f = zip(*pts)
-            ax1.plot(s, np.array(f) / 1e9, "o-", color=colors[b], label=b)
-        dec = sorted(
-            (r["shape"]["k_len"], r["bytes_per_s"])
-            for r in rows
-            if r["kind"] == "decode" and r["family"] == fam0 and r["backend"] == b
-        )
-        if dec:
-            s, g = zip(*dec)
-            ax2.plot(s, np.array(g) / 1e9, "o-", color=colors[b], label=b)
-    for dev, rf in roofs.items():
-        ls = "--" if dev == "cpu" else "-."
-        ax1.axhline(
-            rf["gemm_flops_per_s"] / 1e9,
-            color="k",
-            ls=ls,
-            lw=1,
-            label=f"{dev} GEMM {rf['gemm_n']}² ({rf['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s)",
-        )
-        ax2.axhline(
-            rf["copy_bytes_per_s"] / 1e9,
-            color="k",
-            ls=ls,
-            lw=1,
-            label=f"{dev} copy ({rf['copy_bytes_per_s'] / 1e9:.0f} GB/s)",
-        )
-    for ax, title, ylabel in (
-        (ax1, f"prefill ({fam0}): achieved GFLOP/s", "GFLOP/s (4·B·H·D·S²/2 causal)"),
-        (ax2, f"decode Sq = 1 ({fam0}): achieved GB/s", "GB/s (q, K, V, out once)"),
-    ):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_title(title, fontsize=9)
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    ax1.set_xlabel("S")
-    ax2.set_xlabel("Sk (KV cache length)")
-    paths += _save(mpl, fig, out_dir, "roofline", ["png"], dpi)
+        paths += save_figure(mpl, fig, out_dir, f"heatmap_{name}", [f for f in formats if f != "svg"] or ["png"], dpi)
     return paths
 
 
