@@ -7,8 +7,35 @@ from typing import Any
 import numpy as np
 
 from ._host import host_numpy, max_errors
+from .properties import (
+    PropertyResult,
+    causal_no_future_leak,
+    heads_subset,
+    kv_cache_suffix,
+    offset_only,
+    offset_only_horizon,
+    penalty_monotone,
+    probabilities,
+    softmax_shift_invariance,
+    t5_buckets,
+    zero_at_zero,
+)
 
-__all__ = ["max_errors", "to_numpy"]
+__all__ = [
+    "PropertyResult",
+    "causal_no_future_leak",
+    "heads_subset",
+    "kv_cache_suffix",
+    "max_errors",
+    "offset_only",
+    "offset_only_horizon",
+    "penalty_monotone",
+    "probabilities",
+    "softmax_shift_invariance",
+    "t5_buckets",
+    "to_numpy",
+    "zero_at_zero",
+]
 
 
 def to_numpy(x: Any) -> np.ndarray:

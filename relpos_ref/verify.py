@@ -17,20 +17,21 @@ from typing import Any
 import numpy as np
 
 from .attention import attention
-from .families import (
-    FIRE,
-    ALiBi,
-    BiasFamily,
-    KerpleLog,
-    KerplePower,
-    OffsetBias,
-    Sandwich,
-    T5Bias,
-    TensorBias,
-    t5_bucket,
-)
+from .families import BiasFamily, example_family, t5_bucket
 from .gradients import attention_vjp
 from .positions import causal_mask, positions
+from .properties import (
+    causal_no_future_leak,
+    heads_subset,
+    kv_cache_suffix,
+    offset_only,
+    offset_only_horizon,
+    penalty_monotone,
+    probabilities,
+    softmax_shift_invariance,
+    t5_buckets,
+    zero_at_zero,
+)
 from .softmax import biased_softmax
 from .testing import max_errors, to_numpy
 
@@ -89,25 +90,19 @@ def available_backends() -> list[tuple[str, Any, str | None]]:
 
 
 def _families(rng: np.random.Generator) -> dict[str, BiasFamily]:
-    h, w = 4, 16
+    """The verify rows' families, drawn in this order from one generator (the row names are verify's own)."""
+    h = 4
     return {
-        "t5_bidirectional": T5Bias(rng.standard_normal((h, 32)), bidirectional=True),
-        "t5_causal": T5Bias(rng.standard_normal((h, 32)), bidirectional=False),
-        "offset": OffsetBias(rng.standard_normal((h, 2 * 8 + 1))),
-        "alibi": ALiBi.from_num_heads(h),
-        "kerple_power": KerplePower(rng.uniform(0.05, 1.0, h), np.array([0.5, 1.0, 1.5, 2.0])),
-        "kerple_log": KerpleLog(rng.uniform(0.05, 2.0, h), rng.uniform(0.05, 1.0, h)),
+        "t5_bidirectional": example_family("t5", h, rng=rng, bidirectional=True),
+        "t5_causal": example_family("t5", h, rng=rng),
+        "offset": example_family("offset", h, rng=rng),
+        "alibi": example_family("alibi", h, rng=rng),
+        "kerple_power": example_family("kerple_power", h, rng=rng),
+        "kerple_log": example_family("kerple_log", h, rng=rng),
         # L = 20 < the largest query position, so the normaliser's max(L, i) takes both branches.
-        "fire": FIRE(
-            rng.standard_normal((w, 1)),
-            rng.standard_normal(w),
-            rng.standard_normal((h, w)) / 4,
-            rng.standard_normal(h),
-            c=0.1,
-            L=20.0,
-        ),
-        "sandwich": Sandwich(h, 64),
-        "tensor": TensorBias(rng.standard_normal((h, SQ, SK))),
+        "fire": example_family("fire", h, rng=rng),
+        "sandwich": example_family("sandwich", h, rng=rng),
+        "tensor": example_family("tensor", h, rng=rng, shape=(SQ, SK)),
     }
 
 
@@ -122,71 +117,49 @@ def _as64(fam_low: BiasFamily) -> BiasFamily:
 
 
 def _props_family(fam: BiasFamily, xp: Any, name: str) -> list[tuple[str, bool]]:
-    """Quick structural properties of one family on one backend (float64)."""
-    props: list[tuple[str, bool]] = []
-    if isinstance(fam, TensorBias):
-        return props
+    """Quick structural properties of one family on one backend (float64): those its class traits promise."""
+    horizon = offset_only_horizon(fam)
+    if horizon == -math.inf:
+        return []  # not a function of positions (a TensorBias has its own (Sq, Sk) grid only)
     q = xp.asarray([3, 9, 15], dtype=xp.int64)
     k = xp.arange(0, 16, dtype=xp.int64)
-    b = to_numpy(fam.bias(q, k))
+    shift = 4
+    results = []
     # FIRE is offset-only too while every query position is <= L (here at most 19 against L = 20).
-    shifted = to_numpy(fam.bias(q + 4, k + 4))
-    props.append(("offset-only", bool(np.array_equal(b, shifted))))
-    one = to_numpy(fam.bias(q, k, heads=[2]))
-    props.append(("heads=", bool(np.array_equal(one[0], b[2]))))
-    if isinstance(fam, ALiBi | KerplePower | KerpleLog | Sandwich):
-        d0 = to_numpy(fam.bias(q, q))
-        props.append(("zero at 0", bool(np.all(np.diagonal(d0, axis1=1, axis2=2) == 0))))
-    if isinstance(fam, ALiBi | KerplePower | KerpleLog):
-        far = xp.asarray([200], dtype=xp.int64)
-        row = to_numpy(fam.bias(far, xp.arange(200, -1, -1, dtype=xp.int64)))  # |Delta| = 0..200
-        props.append(("monotone", bool(np.all(np.diff(row, axis=-1) <= 0))))
-    if isinstance(fam, T5Bias):
+    if horizon >= int(xp.max(q)) + shift:
+        results.append(offset_only(fam.bias, q, k, shift))
+    results.append(heads_subset(fam.bias, q, k, [2]))
+    if fam.zero_at_zero:
+        results.append(zero_at_zero(fam.bias, q))
+    if fam.monotone:
+        results.append(penalty_monotone(fam.bias, 200, xp=xp, sides=("past",)))  # |Delta| = 0..200
+    if fam.name == "t5":
         opts = fam.options()
-        delta = xp.arange(0, 4 * opts["max_distance"], dtype=xp.int64)
-        bk = to_numpy(
-            t5_bucket(
-                delta,
-                bidirectional=opts["bidirectional"],
-                num_buckets=fam.num_buckets,
-                max_distance=opts["max_distance"],
-            )
-        )
-        props.append(("buckets monotone", bool(np.all(np.diff(bk) >= 0) and bk.max() < fam.num_buckets)))
-    return props
+        md = opts["max_distance"]
+        cfg = {"bidirectional": opts["bidirectional"], "num_buckets": fam.num_buckets, "max_distance": md}
+        results.append(t5_buckets(t5_bucket, 4 * md - 1, xp=xp, **cfg))
+    return [(r.name, r.passed) for r in results]
 
 
 def _props_attention(fam: BiasFamily, xp: Any, rng: np.random.Generator) -> list[tuple[str, bool]]:
     """Causal independence from future keys, rows summing to 1, KV-cache suffix consistency, shift invariance."""
-    props: list[tuple[str, bool]] = []
     h = fam.num_heads
     q = rng.standard_normal((1, h, SQ, 8))
     k = rng.standard_normal((1, 2, SK, 8))
     v = rng.standard_normal((1, 2, SK, 8))
     qx, kx, vx = (xp.asarray(a) for a in (q, k, v))
-    bias = fam
-    out = to_numpy(attention(qx, kx, vx, bias=bias, causal=True))
-    # Future keys: change every key after query 5 (position SK - SQ + 5) and compare rows 0..5.
-    cut = SK - SQ + 5 + 1
-    k2, v2 = k.copy(), v.copy()
-    k2[:, :, cut:] += 3.0
-    v2[:, :, cut:] -= 3.0
-    out2 = to_numpy(attention(qx, xp.asarray(k2), xp.asarray(v2), bias=bias, causal=True))
-    props.append(("causal", bool(np.array_equal(out[:, :, :6, :], out2[:, :, :6, :]))))
-    if not isinstance(fam, TensorBias):
+    # Future keys: change every key after query 5 (position SK - SQ + 5); rows 0..5 must not move.
+    k2, v2 = xp.asarray(k + 3.0), xp.asarray(v - 3.0)
+    results = [causal_no_future_leak(attention, qx, kx, vx, k2, v2, rows=[5], bias=fam)]
+    if offset_only_horizon(fam) > -math.inf:  # a function of positions (a TensorBias has one (Sq, Sk) grid)
         qp, kp = positions(SQ, SK, xp=xp)
         s = xp.asarray(rng.standard_normal((h, SQ, SK)))
-        p = to_numpy(biased_softmax(s, fam.bias(qp, kp), mask=causal_mask(qp, kp)))
-        props.append(("rows sum to 1", bool(np.allclose(p.sum(-1), 1.0, rtol=0, atol=1e-12) and p.min() >= 0)))
-        tail = to_numpy(attention(qx[:, :, -3:, :], kx, vx, bias=bias, causal=True))
-        props.append(("kv-cache suffix", bool(np.allclose(tail, out[:, :, -3:], rtol=0, atol=1e-12))))
-        shift = xp.asarray(rng.standard_normal((h, SQ, 1)) * 100)
-        p1, l1 = biased_softmax(s, fam.bias(qp, kp), return_lse=True)
-        p2, l2 = biased_softmax(s, fam.bias(qp, kp) + shift, return_lse=True)
-        same_p = np.allclose(to_numpy(p1), to_numpy(p2), rtol=0, atol=1e-12)
-        moved = np.allclose(to_numpy(l2) - to_numpy(l1), to_numpy(shift)[..., 0], rtol=0, atol=1e-10)
-        props.append(("shift invariance", bool(same_p and moved)))
-    return props
+        b = fam.bias(qp, kp)
+        results.append(probabilities(biased_softmax, s, b, mask=causal_mask(qp, kp), atol=1e-12))
+        results.append(kv_cache_suffix(attention, qx, kx, vx, 3, bias=fam, atol=1e-12))
+        shift = xp.asarray(rng.standard_normal((h, SQ)) * 100)
+        results.append(softmax_shift_invariance(biased_softmax, s, b, shift, atol=1e-12, lse_atol=1e-10))
+    return [(r.name, r.passed) for r in results]
 
 
 def _cases(rng: np.random.Generator) -> list[tuple[str, Callable[[Any, str], tuple[Any, Any]]]]:

@@ -6,8 +6,13 @@ Every check takes the code it exercises as an argument (a bias family object, or
 real implementation; ``tests/test_mutants.py`` drives the very same tests with the broken implementations of
 ``tests/mutants.py`` and requires them to fail. ``spec/properties.md`` lists the properties, tests and mutants.
 
-Inputs arrive as host NumPy arrays; the checks move them to the namespace under test with ``xp.asarray`` and bring
-results back with :func:`relpos_ref.testing.to_numpy`, so every comparison runs in float64 NumPy on the host.
+The properties that verify and the conformance harness check too are written once, in ``relpos_ref.properties``
+(exported by :mod:`relpos_ref.testing`); their checks here are thin calls that add what only the tests need: host
+inputs, the rounding bounds and the :class:`Impl` plumbing of the mutants.
+
+Inputs arrive as host NumPy arrays; the checks move them to the namespace under test with ``xp.asarray``. The shared
+checks compare there, in the inputs' dtype (row sums of probabilities in float64); the others bring results back with
+:func:`relpos_ref.testing.to_numpy` and compare in float64 NumPy on the host.
 
 Tolerances. Where a property is an identity of the arithmetic actually performed (same operations on the same
 operands), it is checked bitwise. Where the two sides round differently (a constant added to every logit, a
@@ -26,6 +31,7 @@ import mpmath
 import numpy as np
 
 import relpos_ref as rp
+from relpos_ref import testing as shared
 from relpos_ref.testing import to_numpy
 
 __all__ = [
@@ -171,10 +177,6 @@ def _assert_close(actual: Any, desired: Any, atol: float, what: str) -> None:
     )
 
 
-def _assert_equal(actual: Any, desired: Any, what: str) -> None:
-    np.testing.assert_array_equal(to_numpy(actual), to_numpy(desired), err_msg=what)
-
-
 def _finite_abs_max(*arrays: np.ndarray) -> float:
     out = 0.0
     for a in arrays:
@@ -198,13 +200,18 @@ def _logits_np(q, k, bias, scale, placement):
 # -- property 1: offset-only dependence -------------------------------------------------------------------------
 
 
+def _int(xp: Any, pos: Any) -> Any:
+    return xp.asarray(np.asarray(pos, dtype=np.int64))
+
+
+def _require(family: Any, result: shared.PropertyResult) -> None:
+    """Raise AssertionError naming the family when the shared check failed."""
+    assert result.passed, f"{family!r}: {result.name}: {result.detail}"
+
+
 def check_offset_only(family: Any, xp: Any, q_pos: np.ndarray, k_pos: np.ndarray, shift: int) -> None:
     """b(i, j) == b(i + s, j + s), bitwise: every family computes from Delta alone, by the same operations."""
-    qp = xp.asarray(np.asarray(q_pos, dtype=np.int64))
-    kp = xp.asarray(np.asarray(k_pos, dtype=np.int64))
-    b0 = family.bias(qp, kp)
-    b1 = family.bias(qp + shift, kp + shift)
-    _assert_equal(b1, b0, f"{family!r}: bias changed when both positions moved by {shift}")
+    _require(family, shared.offset_only(family.bias, _int(xp, q_pos), _int(xp, k_pos), shift))
 
 
 def check_fire_breaks_offset_only_beyond_L(family: Any, xp: Any, L: float, k_len: int, shift: int) -> None:
@@ -234,22 +241,14 @@ def _by_distance(family: Any, xp: Any, n: int) -> np.ndarray:
 
 
 def check_zero_at_zero(family: Any, xp: Any, n: int) -> None:
-    b = _by_distance(family, xp, n)
-    assert np.all(b[:, n] == 0), f"{family!r}: bias at Delta = 0 is {b[:, n]}, expected exactly 0"
+    """Exactly 0 at Delta = 0: one query at position n against keys 0..2n."""
+    _require(family, shared.zero_at_zero(family.bias, _int(xp, [n]), _int(xp, np.arange(2 * n + 1))))
 
 
 def check_penalty_monotone(family: Any, xp: Any, n: int) -> None:
     """Non-increasing in |Delta| on each side (past keys and future keys), and exactly 0 at Delta = 0."""
-    b = _by_distance(family, xp, n)
     check_zero_at_zero(family, xp, n)
-    past = b[:, n::-1]  # Delta = 0, 1, ..., n
-    future = b[:, n:]  # Delta = 0, -1, ..., -n
-    for side, vals in (("past (Delta > 0)", past), ("future (Delta < 0)", future)):
-        steps = np.diff(vals, axis=1)
-        assert np.all(steps <= 0), (
-            f"{family!r}: bias increases with |Delta| on the {side} side: first increase at |Delta| = "
-            f"{int(np.argmax(np.any(steps > 0, axis=0)))} -> +1, values {vals}"
-        )
+    _require(family, shared.penalty_monotone(family.bias, n, xp=xp))
 
 
 def check_sandwich_not_monotone(family: Any, xp: Any, n: int) -> None:
@@ -264,30 +263,8 @@ def check_t5_buckets(
     bucket_fn: Callable[..., Any], xp: Any, *, bidirectional: bool, num_buckets: int, max_distance: int, n: int
 ) -> None:
     """T5 buckets: in range, each side in its own half, non-decreasing in |Delta|, constant for |Delta| >= D."""
-    delta = np.arange(-n, n + 1, dtype=np.int64)
-    got = to_numpy(
-        bucket_fn(xp.asarray(delta), bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance)
-    ).astype(np.int64)
-    cfg = f"bidirectional={bidirectional}, num_buckets={num_buckets}, max_distance={max_distance}"
-    assert got.shape == delta.shape, f"{cfg}: shape {got.shape} for {delta.shape} offsets"
-    assert np.all((got >= 0) & (got < num_buckets)), f"{cfg}: buckets outside [0, {num_buckets}): {got}"
-    past = got[n:]  # Delta = 0..n
-    future = got[n::-1]  # Delta = 0, -1, ..., -n
-    if bidirectional:
-        half = num_buckets // 2
-        assert np.all(past < half), f"{cfg}: past offsets left the lower half: {past}"
-        assert np.all(future[1:] >= half), f"{cfg}: future offsets left the upper half: {future[1:]}"
-        sides = {"past": past, "future": future[1:]}
-    else:
-        assert np.all(future == 0), f"{cfg}: causal buckets of Delta <= 0 must be 0, got {future}"
-        sides = {"past": past}
-    for name, vals in sides.items():
-        assert np.all(np.diff(vals) >= 0), f"{cfg}: {name} buckets decrease with |Delta|: {vals}"
-    if n >= max_distance:
-        for name, vals in sides.items():
-            start = max_distance if name == "past" else max_distance - 1  # future[1:] starts at |Delta| = 1
-            tail = vals[start:]
-            assert np.all(tail == tail[0]), f"{cfg}: {name} buckets not constant for |Delta| >= D: {tail}"
+    cfg = {"bidirectional": bidirectional, "num_buckets": num_buckets, "max_distance": max_distance}
+    shared.t5_buckets(bucket_fn, n, xp=xp, **cfg).require()
 
 
 # -- property 3: causal masking ---------------------------------------------------------------------------------
@@ -306,27 +283,14 @@ def check_causal_no_future_leak(
     align: str,
     block_size: int | None,
 ) -> None:
-    """Replacing keys/values after query i (k_pos > q_pos[i]) leaves row i of output and lse bitwise unchanged.
+    """Replacing keys/values after query i (k_pos > q_pos[i]) leaves rows 0..i of output and lse bitwise unchanged.
 
     Bitwise because a masked key contributes exactly exp(-inf) = 0 to every sum and 0 * v to the output, whatever
     its key and value (both finite).
     """
-    sq, sk = q.shape[2], k.shape[2]
-    q_pos = np.arange(sq) + (sk - sq if align == "bottom_right" else 0)
-    k_pos = np.arange(sk)
-    kw = {"bias": bias, "causal": True, "align": align, "block_size": block_size, "return_lse": True}
-    out0, lse0 = impl.attention(xp.asarray(q), xp.asarray(k), xp.asarray(v), **kw)
-    out0, lse0 = to_numpy(out0), to_numpy(lse0)
-    for i in range(sq):
-        future = (k_pos > q_pos[i])[None, None, :, None]
-        if not future.any():
-            continue
-        k2 = np.where(future, k_new, k)
-        v2 = np.where(future, v_new, v)
-        out1, lse1 = impl.attention(xp.asarray(q), xp.asarray(k2), xp.asarray(v2), **kw)
-        what = f"query {i} (position {q_pos[i]}, align={align}) saw a change of keys after it"
-        np.testing.assert_array_equal(to_numpy(out1)[:, :, i], out0[:, :, i], err_msg=what)
-        np.testing.assert_array_equal(to_numpy(lse1)[:, :, i], lse0[:, :, i], err_msg=what)
+    q_x, k_x, v_x, kn_x, vn_x = (xp.asarray(a) for a in (q, k, v, k_new, v_new))
+    opts = {"bias": bias, "align": align, "block_size": block_size}
+    shared.causal_no_future_leak(impl.attention, q_x, k_x, v_x, kn_x, vn_x, **opts).require()
 
 
 # -- property 4: shift invariance ------------------------------------------------------------------------------
@@ -347,18 +311,14 @@ def check_softmax_shift_invariance(
 
     Tolerance :func:`rounding_bound` with D = 1 (no dot product), R = max|logit| + max|c| (times scale).
     """
-    sm = impl.biased_softmax
-    m = None if mask is None else xp.asarray(mask)
-    p0, l0 = sm(xp.asarray(scores), xp.asarray(bias), mask=m, scale=scale, placement=placement, return_lse=True)
-    shifted = bias + shift[..., None]
-    p1, l1 = sm(xp.asarray(scores), xp.asarray(shifted), mask=m, scale=scale, placement=placement, return_lse=True)
     moved = shift * (scale if placement == "pre_scale" else 1.0)
     logits = scores * scale + bias if placement == "post_scale" else (scores + bias) * scale
     r = _finite_abs_max(logits) + _finite_abs_max(moved)
     tol = rounding_bound(eps_of(scores.dtype), d=1, sk=scores.shape[-1], logit_max=r, v_max=0.0)
-    _assert_close(p1, p0, tol, "probabilities changed under a per-row shift of the bias")
-    expect = to_numpy(l0).astype(np.float64) + moved
-    _assert_close(l1, expect, tol, "lse did not move by the per-row shift")
+    m = None if mask is None else xp.asarray(mask)
+    opts = {"mask": m, "scale": scale, "placement": placement, "atol": tol}
+    sm = impl.biased_softmax
+    shared.softmax_shift_invariance(sm, xp.asarray(scores), xp.asarray(bias), xp.asarray(shift), **opts).require()
 
 
 def check_attention_shift_invariance(
@@ -405,28 +365,11 @@ def check_probabilities(
     The sum bound: p_j = e_j / fl(sum e), and fl(sum e) carries at most (Sk - 1) u relative error, each division
     u, the test's own sum (Sk - 1) u: below 2 Sk u < 2 (Sk + 1) eps.
     """
-    p = impl.biased_softmax(
-        xp.asarray(scores),
-        None if bias is None else xp.asarray(bias),
-        mask=None if mask is None else xp.asarray(mask),
-        scale=scale,
-        placement=placement,
-    )
-    p = to_numpy(p).astype(np.float64)
-    assert p.shape == scores.shape, f"probability shape {p.shape}, expected {scores.shape}"
-    assert not np.any(np.isnan(p)), "NaN probabilities"
-    assert np.all(p >= 0), "negative probabilities"
-    attend = np.ones(scores.shape, dtype=bool)
-    if mask is not None:
-        attend &= np.broadcast_to(mask, scores.shape)
-    if bias is not None:
-        attend &= np.broadcast_to(np.asarray(bias) != -np.inf, scores.shape)
-    assert np.all(p[~attend] == 0), "masked entries have non-zero probability"
-    sums = p.sum(axis=-1)
-    live = attend.any(axis=-1)
     tol = 2 * (scores.shape[-1] + 1) * eps_of(scores.dtype)
-    np.testing.assert_allclose(sums[live], 1.0, rtol=0, atol=tol, err_msg="rows do not sum to 1")
-    assert np.all(sums[~live] == 0), "fully masked rows are not all zero"
+    b = None if bias is None else xp.asarray(bias)
+    m = None if mask is None else xp.asarray(mask)
+    opts = {"mask": m, "scale": scale, "placement": placement, "atol": tol}
+    shared.probabilities(impl.biased_softmax, xp.asarray(scores), b, **opts).require()
 
 
 # -- property 6: KV cache / suffix consistency ------------------------------------------------------------------
@@ -449,21 +392,17 @@ def check_kv_cache_suffix(
     suffix = 1 is a decoding step against a KV cache; larger suffixes are chunked prefill. Bound: rounding_bound.
     """
     sq = q.shape[2]
-    kw = {"causal": True, "align": "bottom_right", "placement": placement, "scale": scale, "return_lse": True}
     full_bias = None if spec is None else spec.build(xp, impl)
     part_bias = None if spec is None else spec.rows(sq - suffix, sq).build(xp, impl)
-    o_full, l_full = impl.attention(xp.asarray(q), xp.asarray(k), xp.asarray(v), bias=full_bias, **kw)
-    o_part, l_part = impl.attention(
-        xp.asarray(q[:, :, sq - suffix :]), xp.asarray(k), xp.asarray(v), bias=part_bias, **kw
-    )
     bias_np = None
     if full_bias is not None:
         qp, kp = rp.positions(sq, k.shape[2], xp=xp)
         bias_np = to_numpy(full_bias.bias(qp, kp))[None]
     r = _finite_abs_max(_logits_np(q, k, bias_np, scale, placement))
     tol = rounding_bound(eps_of(q.dtype), d=q.shape[-1], sk=k.shape[2], logit_max=r, v_max=_finite_abs_max(v))
-    _assert_close(o_part, to_numpy(o_full)[:, :, sq - suffix :], tol, f"last {suffix} queries differ from full run")
-    _assert_close(l_part, to_numpy(l_full)[:, :, sq - suffix :], tol, f"lse of last {suffix} queries differs")
+    q_x, k_x, v_x = (xp.asarray(a) for a in (q, k, v))
+    opts = {"bias": full_bias, "suffix_bias": part_bias, "atol": tol, "placement": placement, "scale": scale}
+    shared.kv_cache_suffix(impl.attention, q_x, k_x, v_x, suffix, **opts).require()
 
 
 # -- property 7: heads ------------------------------------------------------------------------------------------
@@ -543,23 +482,16 @@ def check_heads_subset(family: Any, xp: Any, q_pos: np.ndarray, k_pos: np.ndarra
     magnitudes of the terms (|w2| relu(w1 x + b1) summed over the hidden units, plus |b2|): each of the two
     evaluations is within (W + 1) u S of the exact sum.
     """
-    qp = xp.asarray(np.asarray(q_pos, dtype=np.int64))
-    kp = xp.asarray(np.asarray(k_pos, dtype=np.int64))
-    full = to_numpy(family.bias(qp, kp))
-    part = to_numpy(family.bias(qp, kp, heads=list(heads)))
-    sel = full[np.asarray(heads)]
-    what = f"{family!r}: heads={heads}"
-    if not isinstance(family, rp.FIRE):
-        np.testing.assert_array_equal(part, sel, err_msg=what)
-        return
-    prm = {k: to_numpy(v).astype(np.float64) for k, v in family.parameters().items()}
-    x = to_numpy(family.interpolant(qp, kp)).astype(np.float64)
-    hidden = np.maximum(prm["w1"][:, 0, None, None] * x[None] + prm["b1"][:, None, None], 0.0)
-    terms = np.tensordot(np.abs(prm["w2"]), hidden, axes=1) + np.abs(prm["b2"])[:, None, None]
-    tol = 2 * (family.width + 1) * eps_of(full.dtype) * terms[np.asarray(heads)]
-    assert part.shape == sel.shape, f"{what}: shape {part.shape}, expected {sel.shape}"
-    diff = np.abs(part.astype(np.float64) - sel.astype(np.float64))
-    assert np.all(diff <= tol), f"{what}: max difference {diff.max()} exceeds the bound {tol.max()}"
+    qp, kp = _int(xp, q_pos), _int(xp, k_pos)
+    tol: Any = 0.0
+    if isinstance(family, rp.FIRE):
+        host = {k: to_numpy(v) for k, v in family.parameters().items()}
+        prm = {k: v.astype(np.float64) for k, v in host.items()}
+        x = to_numpy(family.interpolant(qp, kp)).astype(np.float64)
+        hidden = np.maximum(prm["w1"][:, 0, None, None] * x[None] + prm["b1"][:, None, None], 0.0)
+        terms = np.tensordot(np.abs(prm["w2"]), hidden, axes=1) + np.abs(prm["b2"])[:, None, None]
+        tol = xp.asarray(2 * (family.width + 1) * eps_of(host["w2"].dtype) * terms[np.asarray(heads)])
+    _require(family, shared.heads_subset(family.bias, qp, kp, heads, atol=tol))
 
 
 # -- property 8: placement --------------------------------------------------------------------------------------

@@ -6,13 +6,15 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import array_api_compat.numpy as np_xp
 import numpy as np
 
 from .. import _checks
 from .._host import abs_errors
 from ..conventions import EQUIVALENCES, FLOAT_DTYPES
-from ..families import FIRE, ALiBi, BiasFamily, KerpleLog, KerplePower, OffsetBias, T5Bias, TensorBias
+from ..families import BiasFamily, T5Bias, TensorBias
 from ..positions import causal_mask, positions
+from ..properties import offset_only, offset_only_horizon, penalty_monotone
 from . import _repro, diagnose
 from ._core import (
     CandidateError,
@@ -30,10 +32,6 @@ from .report import CheckResult, Report
 from .tolerance import bias_tolerance, rule_text
 
 __all__ = ["bias_checks", "check_bias"]
-
-
-_MONOTONE = (ALiBi, KerplePower, KerpleLog)
-_NOT_OFFSET_ONLY = (TensorBias,)
 
 
 class _BiasSuite(_Suite):
@@ -121,6 +119,10 @@ class _BiasSuite(_Suite):
             err.reproduction = self.snippet(q_pos, k_pos, None)  # type: ignore[attr-defined]
             raise err
         return arr, dt
+
+    def bias_values(self, q_pos: np.ndarray, k_pos: np.ndarray) -> np.ndarray:
+        """The candidate's bias as a ``bias(q_pos, k_pos)`` callable for :mod:`relpos_ref.properties`."""
+        return self.evaluate(q_pos, k_pos)[0]
 
     def _shape_diagnosis(self, got: tuple[int, ...], want: tuple[int, int, int]) -> list[str]:
         h, sq, sk = want
@@ -316,12 +318,18 @@ class _BiasSuite(_Suite):
     def offset_only_check(self, shift: int) -> CheckResult:
         q, k = self.main_positions()
         c1, dt = self.evaluate(q, k)
-        c2, _ = self.evaluate(q + shift, k + shift)
         keep = self.keep(q, k)
-        cmp = self.compare(c2, c1, keep, dt)
+        cmp: dict[str, Any] = {}
+
+        def violations(shifted: np.ndarray, base: np.ndarray) -> np.ndarray:
+            cmp.update(self.compare(shifted, base, keep, dt))
+            return cmp["bad"]
+
+        prop = offset_only(self.bias_values, q, k, shift, violations=violations)
+        c2, _ = self.evaluate(q + shift, k + shift)
         res = CheckResult(
             f"{self.label}.offset_only",
-            cmp["passed"],
+            prop.passed,
             summary=f"candidate(q_pos + {shift}, k_pos + {shift}) vs candidate(q_pos, k_pos) "
             f"(equivalence={self.equivalence})",
             max_abs=cmp["max_abs"],
@@ -330,7 +338,8 @@ class _BiasSuite(_Suite):
             tolerance=cmp["tol"].text,
         )
         if not res.passed:
-            idx = cmp["index"]
+            idx = prop.index
+            assert idx is not None
             h, i, j = idx
             res.mismatch = {
                 "index": idx,
@@ -356,23 +365,12 @@ class _BiasSuite(_Suite):
         k = np.arange(0, 2 * p + 1, dtype=np.int64)
         cand, dt = self.evaluate(q, k)
         row = cand[:, 0, :]
-        past = row[:, p::-1]  # |delta| = 0..p, keys at or before the query
-        sides = [("past keys", past)]
-        if not self.causal:
-            sides.append(("future keys", row[:, p:]))
         mag = max(1.0, float(np.max(np.abs(row[np.isfinite(row)]), initial=0.0)))
         tol = bias_tolerance(self.tol_dtype(dt), mag, rtol=self.rtol, atol=self.atol)
         slack = tol.atol + tol.rtol * mag
-        worst, where = 0.0, None
-        for side, vals in sides:
-            with np.errstate(invalid="ignore"):
-                inc = np.diff(vals, axis=-1)
-            inc = np.where(np.isnan(inc), np.inf, inc)
-            if inc.size and float(inc.max()) > worst:
-                worst = float(inc.max())
-                h, d = np.unravel_index(int(np.argmax(inc)), inc.shape)
-                where = (side, int(h), int(d))
-        ok = worst <= slack
+        sides = ("past",) if self.causal else ("past", "future")  # keys at or before the query, and after it
+        prop = penalty_monotone(self.bias_values, p, xp=np_xp, sides=sides, slack=slack)
+        worst, ok = prop.worst, prop.passed
         res = CheckResult(
             f"{self.label}.monotone",
             ok,
@@ -382,16 +380,18 @@ class _BiasSuite(_Suite):
             bound=slack,
             tolerance=f"an increase of at most {slack:.3g} between neighbours ({tol.text})",
         )
-        if not ok and where is not None:
-            side, h, d = where
-            vals = past if side == "past keys" else row[:, p:]
+        if not ok and prop.index is not None:
+            # The entry that rose is key j, |i - j| = d + 1; its nearer neighbour (|i - j| = d) is one key closer.
+            h, _, j = prop.index
+            side = "past keys" if j < p else "future keys"
+            d = abs(j - p) - 1
             res.mismatch = {
                 "index": (h, 0, d),
                 "head": h,
                 "side": side,
                 "|delta|": f"{d} -> {d + 1}",
-                "candidate": _f(vals[h, d + 1]),
-                "reference": f"<= {_f(vals[h, d])}",
+                "candidate": _f(row[h, j]),
+                "reference": f"<= {_f(row[h, j + 1 if side == 'past keys' else j - 1])}",
             }
             if side == "future keys":
                 res.diagnosis.append(
@@ -482,15 +482,16 @@ def bias_checks(
         values("chunk", chunk, f"chunked prefill: queries at {kl + 5}..{kl + 7} against keys 0..{kl + 7}")
         values("offsets", probe, f"one query at {radius} against keys 0..{2 * radius}: offsets -{radius}..{radius}")
     shift = 37
-    if isinstance(ref, _NOT_OFFSET_ONLY):
-        s.notes.append("offset_only: a TensorBias is not a function of i - j")
-    elif isinstance(ref, FIRE) and float(np.asarray(ref.parameters()["L"])) < max(s.k_len, s.q_len) + shift:
+    horizon = offset_only_horizon(ref)  # the family's offset_only trait (FIRE: only up to query position L)
+    if horizon == -math.inf:
+        s.notes.append(f"offset_only: a {type(ref).__name__} is not a function of i - j")
+    elif horizon < max(s.k_len, s.q_len) + shift:
         s.notes.append("offset_only: FIRE depends on the absolute query position once it exceeds L")
     else:
         checks.append(
             Check(f"{label}.offset_only", "bias depends only on i - j", lambda: s.offset_only_check(shift), s)
         )
-    if isinstance(ref, _MONOTONE):
+    if ref.monotone:
         checks.append(Check(f"{label}.monotone", "penalty non-increasing in |i - j|", lambda: s.monotone_check(64), s))
     else:
         s.notes.append(f"monotone: {type(ref).__name__} does not promise a monotone penalty")
@@ -498,15 +499,17 @@ def bias_checks(
     return checks
 
 
+_PROBE_RADIUS: dict[str, Callable[[Any], int]] = {
+    "t5": lambda ref: max(2 * ref.options()["max_distance"], 64),
+    "offset": lambda ref: ref.max_offset + 5,
+    "fire": lambda ref: int(min(4096, max(64, math.ceil(1.25 * float(np.asarray(ref.parameters()["L"])))))),
+}
+
+
 def _probe_radius(ref: BiasFamily) -> int:
-    if isinstance(ref, T5Bias):
-        md = ref.options()["max_distance"]
-        return max(2 * md, 64)
-    if isinstance(ref, OffsetBias):
-        return ref.max_offset + 5
-    if isinstance(ref, FIRE):
-        return int(min(4096, max(64, math.ceil(1.25 * float(np.asarray(ref.parameters()["L"]))))))
-    return 300
+    """Largest |i - j| of the offset probe: past every bucket, clip or normaliser branch of the family."""
+    radius = _PROBE_RADIUS.get(type(ref).name)
+    return 300 if radius is None else radius(ref)
 
 
 def check_bias(

@@ -20,10 +20,8 @@ from ..families import (
     BiasFamily,
     KerpleLog,
     KerplePower,
-    OffsetBias,
     Sandwich,
     T5Bias,
-    TensorBias,
     alibi_slopes,
     t5_bucket,
     t5_bucket_thresholds,
@@ -43,6 +41,9 @@ def _abs_delta(q_pos: np.ndarray, k_pos: np.ndarray) -> np.ndarray:
     return np.abs(np.asarray(relative_offsets(q_pos, k_pos))).astype(np.float64)
 
 
+AddFn = Callable[[str, Callable[[], np.ndarray]], None]
+
+
 def bias_hypotheses(
     ref: BiasFamily, q_pos: np.ndarray, k_pos: np.ndarray, *, positions: bool = True
 ) -> list[tuple[str, np.ndarray]]:
@@ -54,7 +55,8 @@ def bias_hypotheses(
     out: list[tuple[str, np.ndarray]] = []
     h = ref.num_heads
     sq, sk = len(q_pos), len(k_pos)
-    base = _np(ref.bias(q_pos, k_pos)) if not isinstance(ref, TensorBias) else None
+    kind = type(ref).name
+    base = _np(ref.bias(q_pos, k_pos)) if kind != "tensor" else None
 
     def add(label: str, fn: Callable[[], np.ndarray]) -> None:
         try:
@@ -64,7 +66,7 @@ def bias_hypotheses(
         if arr.shape == (h, sq, sk) and (base is None or not np.array_equal(arr, base)):
             out.append((label, arr))
 
-    if isinstance(ref, TensorBias):
+    if kind == "tensor":
         arr = _np(ref.bias(q_pos, k_pos))
         add("bias negated (sign of the whole bias flipped)", lambda: -arr)
         if h > 1:
@@ -88,7 +90,7 @@ def bias_hypotheses(
             lambda: ref.bias(bottom_right, k_pos),
         )
     # -- signs ----------------------------------------------------------------------------------------------
-    if not isinstance(ref, FIRE):
+    if ref.offset_only:  # b(k, q) transposed is b(j - i) only for a function of i - j (not FIRE)
         add(
             "offset sign flipped: the bias of j - i was used for i - j (T5 code's memory - query vs query - key)",
             lambda: np.transpose(_np(ref.bias(k_pos, q_pos)), (0, 2, 1)),
@@ -100,88 +102,113 @@ def bias_hypotheses(
     )
     if h > 1:
         add("head order reversed (head h got the parameters of head H-1-h)", lambda: base[::-1])
-    # -- family-specific ----------------------------------------------------------------------------------
-    if isinstance(ref, ALiBi):
-        slopes = _np(ref.parameters()["slopes"])
-        dist = _abs_delta(q_pos, k_pos)
-
-        def with_slopes(m: np.ndarray) -> Callable[[], np.ndarray]:
-            return lambda: -(m[:, None, None] * dist[None])
-
-        closed = 2.0 ** (-8.0 * np.arange(1, h + 1) / h)
-        add(
-            f"slopes of the closed form 2^(-8h/H) for all {h} heads instead of the official rule for a "
-            "non-power-of-two head count (interleaved extra slopes; Press et al. get_slopes, BLOOM, MPT)",
-            with_slopes(closed),
-        )
-        add(
-            "slopes off by one head: 2^(-8h/H) with h = 0..H-1 (first slope 1.0) instead of h = 1..H",
-            with_slopes(2.0 ** (-8.0 * np.arange(0, h) / h)),
-        )
-        if np.allclose(slopes, _np(alibi_slopes(h)), rtol=0, atol=0):
-            add(
-                "slopes sorted in decreasing order instead of the official interleaved order",
-                with_slopes(np.sort(slopes)[::-1]),
-            )
-    elif isinstance(ref, KerplePower):
-        p = ref.parameters()
-        r1, r2 = _np(p["r1"]), _np(p["r2"])
-        dist = _abs_delta(q_pos, k_pos)
-        add(
-            "KERPLE parameters swapped: r1 used as the exponent and r2 as the multiplier (the official code names "
-            "them bias_a/bias_p with roles that differ between the power and log classes)",
-            lambda: -(r2[:, None, None] * dist[None] ** r1[:, None, None]),
-        )
-    elif isinstance(ref, KerpleLog):
-        p = ref.parameters()
-        r1, r2 = _np(p["r1"]), _np(p["r2"])
-        dist = _abs_delta(q_pos, k_pos)
-        add(
-            "KERPLE parameters swapped: r1 used as the rate inside log1p and r2 as the multiplier (the official "
-            "code names them bias_p/bias_a with roles that differ between the log and power classes)",
-            lambda: -(r2[:, None, None] * np.log1p(r1[:, None, None] * dist[None])),
-        )
-    elif isinstance(ref, T5Bias):
-        table = _np(ref.parameters()["table"])
-        opts = ref.options()
-        nb = table.shape[1]
-        if table.shape[0] == nb:
-            add(
-                "T5 table layout transposed: the (heads, buckets) table was read as (buckets, heads)",
-                lambda: T5Bias(table.T, **opts).bias(q_pos, k_pos),
-            )
-        else:
-            add(
-                "T5 table layout transposed: the (heads, buckets) buffer was read as (buckets, heads)",
-                lambda: T5Bias(np.reshape(table, (nb, h)).T, **opts).bias(q_pos, k_pos),
-            )
-        add(
-            f"T5 mode swapped: bidirectional={not opts['bidirectional']} buckets instead of "
-            f"bidirectional={opts['bidirectional']}",
-            lambda: T5Bias(table, bidirectional=not opts["bidirectional"], max_distance=opts["max_distance"]).bias(
-                q_pos, k_pos
-            ),
-        )
-    elif isinstance(ref, OffsetBias):
-        pass  # the offset-sign hypothesis above is the reversed table
-    elif isinstance(ref, FIRE):
-        add(
-            "FIRE normaliser uses the row index 0..Sq-1 instead of the absolute query position (wrong under a KV "
-            "cache or chunked prefill)",
-            lambda: _fire(ref, q_pos, k_pos, norm_pos=np.arange(sq, dtype=np.float64)),
-        )
-        add(
-            "FIRE without the abs: keys after the query get psi of a negative offset",
-            lambda: _fire(ref, q_pos, k_pos, signed=True),
-        )
-    elif isinstance(ref, Sandwich):
-        d = ref.options()["head_dim"]
-        add(
-            "Sandwich frequencies 10000^(-2(k-1)/d), k = 1..d/2 (sinusoidal-embedding indexing) instead of "
-            "10000^(-2k/d)",
-            lambda: _sandwich(h, d, q_pos, k_pos, shift=1),
-        )
+    # -- family-specific (the offset family has none: the offset-sign hypothesis above is the reversed table) ----
+    family_specific = _FAMILY_HYPOTHESES.get(kind)
+    if family_specific is not None:
+        family_specific(ref, q_pos, k_pos, add)
     return out
+
+
+def _alibi_hypotheses(ref: ALiBi, q_pos: np.ndarray, k_pos: np.ndarray, add: AddFn) -> None:
+    h = ref.num_heads
+    slopes = _np(ref.parameters()["slopes"])
+    dist = _abs_delta(q_pos, k_pos)
+
+    def with_slopes(m: np.ndarray) -> Callable[[], np.ndarray]:
+        return lambda: -(m[:, None, None] * dist[None])
+
+    closed = 2.0 ** (-8.0 * np.arange(1, h + 1) / h)
+    add(
+        f"slopes of the closed form 2^(-8h/H) for all {h} heads instead of the official rule for a "
+        "non-power-of-two head count (interleaved extra slopes; Press et al. get_slopes, BLOOM, MPT)",
+        with_slopes(closed),
+    )
+    add(
+        "slopes off by one head: 2^(-8h/H) with h = 0..H-1 (first slope 1.0) instead of h = 1..H",
+        with_slopes(2.0 ** (-8.0 * np.arange(0, h) / h)),
+    )
+    if np.allclose(slopes, _np(alibi_slopes(h)), rtol=0, atol=0):
+        add(
+            "slopes sorted in decreasing order instead of the official interleaved order",
+            with_slopes(np.sort(slopes)[::-1]),
+        )
+
+
+def _kerple_power_hypotheses(ref: KerplePower, q_pos: np.ndarray, k_pos: np.ndarray, add: AddFn) -> None:
+    p = ref.parameters()
+    r1, r2 = _np(p["r1"]), _np(p["r2"])
+    dist = _abs_delta(q_pos, k_pos)
+    add(
+        "KERPLE parameters swapped: r1 used as the exponent and r2 as the multiplier (the official code names "
+        "them bias_a/bias_p with roles that differ between the power and log classes)",
+        lambda: -(r2[:, None, None] * dist[None] ** r1[:, None, None]),
+    )
+
+
+def _kerple_log_hypotheses(ref: KerpleLog, q_pos: np.ndarray, k_pos: np.ndarray, add: AddFn) -> None:
+    p = ref.parameters()
+    r1, r2 = _np(p["r1"]), _np(p["r2"])
+    dist = _abs_delta(q_pos, k_pos)
+    add(
+        "KERPLE parameters swapped: r1 used as the rate inside log1p and r2 as the multiplier (the official "
+        "code names them bias_p/bias_a with roles that differ between the log and power classes)",
+        lambda: -(r2[:, None, None] * np.log1p(r1[:, None, None] * dist[None])),
+    )
+
+
+def _t5_hypotheses(ref: T5Bias, q_pos: np.ndarray, k_pos: np.ndarray, add: AddFn) -> None:
+    h = ref.num_heads
+    table = _np(ref.parameters()["table"])
+    opts = ref.options()
+    nb = table.shape[1]
+    if table.shape[0] == nb:
+        add(
+            "T5 table layout transposed: the (heads, buckets) table was read as (buckets, heads)",
+            lambda: T5Bias(table.T, **opts).bias(q_pos, k_pos),
+        )
+    else:
+        add(
+            "T5 table layout transposed: the (heads, buckets) buffer was read as (buckets, heads)",
+            lambda: T5Bias(np.reshape(table, (nb, h)).T, **opts).bias(q_pos, k_pos),
+        )
+    add(
+        f"T5 mode swapped: bidirectional={not opts['bidirectional']} buckets instead of "
+        f"bidirectional={opts['bidirectional']}",
+        lambda: T5Bias(table, bidirectional=not opts["bidirectional"], max_distance=opts["max_distance"]).bias(
+            q_pos, k_pos
+        ),
+    )
+
+
+def _fire_hypotheses(ref: FIRE, q_pos: np.ndarray, k_pos: np.ndarray, add: AddFn) -> None:
+    add(
+        "FIRE normaliser uses the row index 0..Sq-1 instead of the absolute query position (wrong under a KV "
+        "cache or chunked prefill)",
+        lambda: _fire(ref, q_pos, k_pos, norm_pos=np.arange(len(q_pos), dtype=np.float64)),
+    )
+    add(
+        "FIRE without the abs: keys after the query get psi of a negative offset",
+        lambda: _fire(ref, q_pos, k_pos, signed=True),
+    )
+
+
+def _sandwich_hypotheses(ref: Sandwich, q_pos: np.ndarray, k_pos: np.ndarray, add: AddFn) -> None:
+    d = ref.options()["head_dim"]
+    add(
+        "Sandwich frequencies 10000^(-2(k-1)/d), k = 1..d/2 (sinusoidal-embedding indexing) instead of 10000^(-2k/d)",
+        lambda: _sandwich(ref.num_heads, d, q_pos, k_pos, shift=1),
+    )
+
+
+#: Family-specific hypotheses by registry name (``type(ref).name``), each appending through ``add``.
+_FAMILY_HYPOTHESES: dict[str, Callable[[Any, np.ndarray, np.ndarray, AddFn], None]] = {
+    "alibi": _alibi_hypotheses,
+    "kerple_power": _kerple_power_hypotheses,
+    "kerple_log": _kerple_log_hypotheses,
+    "t5": _t5_hypotheses,
+    "fire": _fire_hypotheses,
+    "sandwich": _sandwich_hypotheses,
+}
 
 
 def _span(pos: np.ndarray) -> str:
@@ -274,7 +301,8 @@ def row_shift_text(shift: np.ndarray, q_pos: np.ndarray, ref: BiasFamily | None,
             a[hh], c = np.polyfit(qp, shift[hh], 1)
             affine &= bool(np.max(np.abs(a[hh] * qp + c - shift[hh])) <= max(atol, 1e-12))
         if affine:
-            if isinstance(ref, ALiBi) and np.allclose(a, _np(ref.parameters()["slopes"]), rtol=1e-3, atol=0):
+            alibi = getattr(type(ref), "name", None) == "alibi"  # ref may be None
+            if alibi and np.allclose(a, _np(ref.parameters()["slopes"]), rtol=1e-3, atol=0):
                 text += (
                     "; shift = m_h * q_pos + c_h with m_h the ALiBi slopes: the key-only form m_h * (j + const) of "
                     "the official code, BLOOM, MPT and FlashAttention's causal path, whose lse moves by the shift"
