@@ -42,9 +42,18 @@ class PeerCase:
     expect_text: str | None
     meaning: str
     run: Callable[[], Report]
+    #: Why the verdict may differ on another host, or None when it must be the recorded one everywhere.
+    host_dependent: str | None = None
 
 
 # -- the cases ------------------------------------------------------------------------------------------------
+
+
+_BLAS_DEPENDENT = (
+    "float32 large-logits bound: k x the plain NumPy float32 baseline, whose error depends on the host's OpenBLAS "
+    "sgemm kernel (PASS with the Sandybridge/Prescott kernels, FAIL with Haswell/Zen: dk error 1.44e-3 against a "
+    "bound of 1.12e-3); the rule is to stop depending on the host BLAS"
+)
 
 
 def cases() -> list[PeerCase]:
@@ -381,6 +390,7 @@ def _backward_cases(enc: Any, dec: Any, w_enc: np.ndarray, w_dec: np.ndarray) ->
                     dtype=dtype,
                     xp="torch",
                 ),
+                host_dependent=_BLAS_DEPENDENT if dtype == "float32" else None,
             )
         )
     out.append(
@@ -486,6 +496,7 @@ def _backward_cases(enc: Any, dec: Any, w_enc: np.ndarray, w_dec: np.ndarray) ->
                     xp="torch",
                     expected_failures=no_qkv_full,
                 ),
+                host_dependent=_BLAS_DEPENDENT if dtype == "float32" else None,
             )
         )
     plain = "Materialised attention in PyTorch (`torch.softmax`) + autograd, ALiBi slopes with `requires_grad`"
