@@ -39,7 +39,7 @@ flagged and left out of the targets' "best".
 Each record names its kernel (``kernel``) and a short ``path`` label ("warp 32x8", "block 1024x16", "stream 1024x8",
 "cluster 4x256x16": the template arguments between the storage type and the vector width).
 
-Targets (issue 6, reported, not asserted): float32, Sk >= 4096: fused effective bandwidth >= 85 % of the copy's,
+Bandwidth targets (reported, not asserted): float32, Sk >= 4096: fused effective bandwidth >= 85 % of the copy's,
 >= 2x faster than ``cupy_unfused`` and than ``torch``. For each causal ALiBi prefill shape the markdown gives the
 one-block figure, the best cluster figure (its path and policy string) and the better of the two; speed-ups of
 cluster rows are the one-block row's baseline times over the cluster kernel's time.
@@ -487,7 +487,7 @@ def _met(ok: bool) -> str:
 
 
 def _targets(recs: list[dict], baselines: dict) -> list[str]:
-    """The issue 6 targets per float32 causal ALiBi prefill shape: the one-block row, the best cluster row whose
+    """The bandwidth targets per float32 causal ALiBi prefill shape: the one-block row, the best cluster row whose
     output agrees with the one-block kernel's, the better of the two against 85 % of copy bandwidth."""
     lines = [
         "",

@@ -182,7 +182,7 @@ def test_required_coverage():
 
 
 def test_gradient_coverage():
-    """Issue 7's list for the gradient vectors, checked on the committed data."""
+    """The required list of gradient vector cases, checked on the committed data."""
     grads = DOCS["gradients.json"]["cases"]
     fams = [c["family"] for c in grads if c["family"] is not None]
     names = {f["name"] for f in fams}

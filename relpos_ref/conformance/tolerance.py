@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .._host import numpy_dtype, round_to
+from ..tolerances import ATTENTION_FLOORS, ATTENTION_K, BIAS_TOLERANCES
 
 __all__ = [
     "ATTENTION_FLOORS",
@@ -48,18 +49,6 @@ __all__ = [
     "plain_attention_vjp",
     "rule_text",
 ]
-
-#: Normwise tolerance of bias tensors per dtype: max|c - r| <= t * max(1, max|r|). float32 and float16 match
-#: ``relpos-ref verify``; bfloat16 is PyTorch's default rtol for it (test_transformers.py); float64 leaves room for
-#: pow/log1p/cos differing by an ulp between libraries and for sums over a few dozen terms (FIRE, Sandwich).
-BIAS_TOLERANCES = {"float64": 1e-13, "float32": 5e-6, "float16": 2e-3, "bfloat16": 1.6e-2}
-
-#: FlashAttention's multiplier of the plain same-dtype error.
-ATTENTION_K = 2.0
-
-#: Absolute floors of the attention rule, multiplied by max(1, max|reference|). 1e-5 for float16/bfloat16 is the
-#: slack FlashAttention's tests add; the float32 and float64 floors are about 8 and 450 machine epsilons.
-ATTENTION_FLOORS = {"float64": 1e-13, "float32": 1e-6, "float16": 1e-5, "bfloat16": 1e-5}
 
 
 @dataclasses.dataclass(frozen=True)
