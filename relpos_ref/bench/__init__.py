@@ -82,6 +82,7 @@ from .config import (
     min_bytes,
 )
 from .measure import (
+    Runner,
     cpu_roofline,
     gpu_roofline,
     loadavg,
@@ -93,7 +94,7 @@ from .measure import (
 )
 from .probe import memory_probe
 from .report import Progress, markdown_report, write_outputs
-from .runners import Runner, make_runner
+from .runners import make_runner
 from .targets import run_targets
 
 __all__ = [

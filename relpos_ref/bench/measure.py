@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import importlib.metadata
 import os
@@ -12,7 +13,7 @@ import sys
 import time
 import tracemalloc
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -20,10 +21,8 @@ from .._host import dtype_name, max_errors
 from .backends import UnavailableError, import_cupy, import_torch
 from .config import MiB
 
-if TYPE_CHECKING:
-    from .runners import Runner
-
 __all__ = [
+    "Runner",
     "cpu_roofline",
     "cupy_events",
     "cupy_peak",
@@ -54,6 +53,18 @@ def torch_events(torch: Any) -> Events:
     """(start, end, seconds between them) of a pair of torch CUDA events."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     return start, end, lambda s, e: s.elapsed_time(e) / 1e3
+
+
+@dataclasses.dataclass
+class Runner:
+    """One backend on one problem: the timed call, where it runs, how to read its output and its peak memory."""
+
+    fn: Callable[[], Any]
+    device: str  # "cpu" or "cuda"
+    to_host: Callable[[Any], np.ndarray]
+    peak_memory: Callable[[], tuple[int | None, str]]
+    sync: Callable[[], None] = lambda: None
+    events: Callable[[], Events] | None = None
 
 
 def time_call(runner: Runner) -> tuple[float, Any]:

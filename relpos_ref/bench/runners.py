@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -15,21 +13,9 @@ from ..families import FIRE
 from ..positions import causal_mask, positions
 from .backends import UnavailableError, import_cupy, import_torch
 from .config import BACKENDS, Shape
-from .measure import Events, cupy_events, cupy_peak, torch_cuda_peak, torch_events, tracemalloc_peak
+from .measure import Runner, cupy_events, cupy_peak, torch_cuda_peak, torch_events, tracemalloc_peak
 
-__all__ = ["Runner", "host_copy", "make_runner"]
-
-
-@dataclasses.dataclass
-class Runner:
-    """One backend on one problem: the timed call, where it runs, how to read its output and its peak memory."""
-
-    fn: Callable[[], Any]
-    device: str  # "cpu" or "cuda"
-    to_host: Callable[[Any], np.ndarray]
-    peak_memory: Callable[[], tuple[int | None, str]]
-    sync: Callable[[], None] = lambda: None
-    events: Callable[[], Events] | None = None
+__all__ = ["host_copy", "make_runner"]
 
 
 def host_copy(x: Any) -> np.ndarray:

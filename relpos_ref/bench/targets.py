@@ -20,9 +20,9 @@ from .config import (
     make_inputs,
     target_checks,
 )
-from .measure import output_errors, time_call
+from .measure import Runner, output_errors, time_call
 from .probe import memory_probe
-from .runners import Runner, make_runner
+from .runners import make_runner
 
 __all__ = ["run_targets"]
 
