@@ -7,23 +7,29 @@ positive) synchronise a GPU array once; they run in constructors, never inside p
 
 from __future__ import annotations
 
+import importlib
 import math
 import numbers
 import warnings
 from typing import Any
 
-from array_api_compat import array_namespace, is_array_api_obj
+# The only module that imports array-api-compat: the rest of the package takes these names from here (F401).
+from array_api_compat import array_namespace, is_array_api_obj, is_cupy_array, to_device  # noqa: F401
+from array_api_compat import device as array_device  # noqa: F401
 
 from ._host import host_numpy
 
 __all__: list[str] = []
 
 
+def compat_namespace(library: str) -> Any:
+    """The array-api-compat namespace of ``library`` ("numpy", "cupy", "torch", ...), imported on first use."""
+    return importlib.import_module(f"array_api_compat.{library}")
+
+
 def default_namespace() -> Any:
     """The namespace used when nothing else decides one: NumPy through array-api-compat."""
-    import array_api_compat.numpy as np_compat
-
-    return np_compat
+    return compat_namespace("numpy")
 
 
 def namespace_arg(xp: Any) -> Any:

@@ -6,10 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from array_api_compat import device as array_device
-from array_api_compat import is_cupy_array
-
 from . import _checks
+from ._checks import array_device, is_cupy_array
 from .conventions import ALIGNMENTS, BACKENDS, FULLY_MASKED, PLACEMENTS, Alignment, FullyMasked, Placement
 from .families.tiles import BiasTiles, tile
 from .positions import causal_mask, positions

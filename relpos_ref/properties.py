@@ -6,9 +6,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
-from array_api_compat import array_namespace
-from array_api_compat import device as array_device
-
+from ._checks import array_device, array_namespace
 from ._host import host_numpy
 from .positions import positions
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _checks
 from .attention import attention
 from .families import BiasFamily, example_family, t5_bucket
 from .gradients import attention_vjp
@@ -62,7 +63,7 @@ class Row:
 
 def available_backends() -> list[tuple[str, Any, str | None]]:
     """(name, namespace or None, reason when unavailable) for numpy, array_api_strict and cupy."""
-    import array_api_compat.numpy as np_xp
+    np_xp = _checks.default_namespace()
 
     out: list[tuple[str, Any, str | None]] = [("numpy", np_xp, None)]
     try:
@@ -75,7 +76,7 @@ def available_backends() -> list[tuple[str, Any, str | None]]:
         import cupy
 
         if cupy.is_available():
-            import array_api_compat.cupy as cp_xp
+            cp_xp = _checks.compat_namespace("cupy")
 
             out.append(("cupy", cp_xp, None))
         else:
@@ -107,7 +108,7 @@ def _convert_family(fam: BiasFamily, xp: Any, dtype_name: str) -> BiasFamily:
 
 
 def _as64(fam_low: BiasFamily) -> BiasFamily:
-    import array_api_compat.numpy as np_xp
+    np_xp = _checks.default_namespace()
 
     return fam_low.astype(np_xp.float64, xp=np_xp)
 
@@ -160,7 +161,7 @@ def _props_attention(fam: BiasFamily, xp: Any, rng: np.random.Generator) -> list
 
 def _cases(rng: np.random.Generator) -> list[tuple[str, Callable[[Any, str], tuple[Any, Any]]]]:
     """(name, fn(xp, dtype) -> (value on backend, float64 NumPy value on the same rounded inputs))."""
-    import array_api_compat.numpy as np_xp
+    np_xp = _checks.default_namespace()
 
     fams = _families(rng)
     cases: list[tuple[str, Callable[[Any, str], tuple[Any, Any]]]] = []

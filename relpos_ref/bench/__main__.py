@@ -4,4 +4,5 @@ import sys
 
 from .probe import main_probe
 
-sys.exit(main_probe(sys.argv))
+if __name__ == "__main__":
+    sys.exit(main_probe(sys.argv))

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import array_namespace, compat_namespace
 from .._host import to_host
 from ..attention import attention
 from ..families import FIRE
@@ -32,10 +33,8 @@ def _numpy_runner(fam: Any, q: Any, k: Any, v: Any, shape: Shape, attn_kwargs: d
 
 def _cupy_runner(name: str, fam: Any, q: Any, k: Any, v: Any, shape: Shape, attn_kwargs: dict) -> Runner:
     cupy = import_cupy()
-    import array_api_compat
-
     qc, kc, vc = (cupy.asarray(x) for x in (q, k, v))
-    xp = array_api_compat.array_namespace(qc)
+    xp = array_namespace(qc)
     fam_c = None if fam is None else fam.astype(xp=xp)
     b, h, hkv, sq, sk, d = shape.batch, shape.heads, shape.kv_heads, shape.q_len, shape.k_len, shape.head_dim
     scale = 1.0 / math.sqrt(d)
@@ -74,7 +73,7 @@ _COMPILED_FLEX: dict[str, Any] = {}
 
 def _torch_runner(name: str, fam: Any, q: Any, k: Any, v: Any, shape: Shape, attn_kwargs: dict) -> Runner:
     torch = import_torch()
-    import array_api_compat.torch as xt
+    xt = compat_namespace("torch")
 
     dev = "cuda" if name.endswith("cuda") else "cpu"
     qt, kt, vt = (torch.from_numpy(np.ascontiguousarray(x)).to(dev) for x in (q, k, v))

@@ -7,9 +7,9 @@ import weakref
 from typing import Any
 
 import numpy as np
-from array_api_compat import is_array_api_obj, is_cupy_array
 
 from .. import _checks
+from .._checks import is_array_api_obj, is_cupy_array
 from .._host import host_numpy
 from ..conventions import ALIGNMENTS, FULLY_MASKED, PLACEMENTS
 from ..families import FAMILIES, BiasFamily, t5_bucket_thresholds
@@ -202,7 +202,7 @@ class _Backend:
 
 
 def _cupy_backend() -> _Backend:
-    import array_api_compat.cupy as xp
+    xp = _checks.compat_namespace("cupy")
     import cupy as cp
 
     return _Backend(

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from array_api_compat import device as array_device
-from array_api_compat import is_array_api_obj, to_device
-
 from .. import _checks
+from .._checks import array_device, is_array_api_obj, to_device
 from .._host import dtype_name, host_numpy
 from ..positions import _positions_pair, relative_offsets
 

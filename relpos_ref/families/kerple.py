@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from array_api_compat import device as array_device
-
 from .. import _checks
+from .._checks import array_device
 from .base import BiasFamily
 
 __all__ = ["KerpleLog", "KerplePower"]

@@ -13,9 +13,8 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from array_api_compat import device as array_device
-
 from .. import _checks
+from .._checks import array_device
 from ..conventions import LAYOUTS
 from .base import BiasFamily, scatter_columns
 

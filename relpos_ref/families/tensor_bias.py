@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from array_api_compat import device as array_device
-
 from .. import _checks
+from .._checks import array_device
 from ..positions import _positions_pair
 from .base import BiasFamily, _head_indices
 
