@@ -110,7 +110,7 @@ WARN=(-W default::UserWarning -W default::DeprecationWarning -W default::FutureW
 stage fused_tests "$T_FUSED" "$PY" -m pytest -m gpu tests/test_fused_gpu.py tests/test_fused_api.py -p no:cacheprovider -q -rs "${WARN[@]}" \
     --junitxml="$OUT/pytest-fused.xml" -o junit_family=xunit2
 
-stage verify "$T_VERIFY" bash -c "'$PY' -m relpos_ref.cli verify --backend numpy --backend cupy && '$PY' -m relpos_ref.bounds --backends cupy"
+stage verify "$T_VERIFY" bash -c "'$PY' -m relpos_ref.cli verify --backend numpy --backend cupy && '$PY' -m tools.bounds_table --backends cupy"
 
 stage bench "$T_BENCH" "$PY" bench/bench_fused.py --out "$OUT/bench.json" --md "$OUT/bench.md" \
     --budget $(( T_BENCH - 25 ))

@@ -134,7 +134,25 @@ def test_all_files_regenerate_identically():
         assert {k: v for k, v in fresh.items() if k != "cases"} == head, name
         assert len(fresh["cases"]) == len(committed["cases"]), name
         for a, b in zip(fresh["cases"], committed["cases"]):
+            a, b = _negligible_atol_as_zero(a), _negligible_atol_as_zero(b)
             assert a == b, f"{name}: case {b['id']} differs from a fresh generation"
+
+
+# A fitted atol below this is far under every case's rtol * |expected|; its exact value comes from underflow-level
+# arithmetic in the bound evaluation and differs between hosts (measured: sandwich-d64-H8-short, float32 atol
+# 1.41e-45 on one x86-64 host and 5.43e-20 on another, bfloat16 6.94e-18 and 4.60e-41), so it is compared as zero.
+_NEGLIGIBLE_ATOL = 1e-15
+
+
+def _negligible_atol_as_zero(case: dict) -> dict:
+    tol = case.get("tolerance")
+    if not isinstance(tol, dict):
+        return case
+    fixed = {
+        dt: {**t, "atol": "0"} if isinstance(t, dict) and float(t.get("atol", 1)) < _NEGLIGIBLE_ATOL else t
+        for dt, t in tol.items()
+    }
+    return {**case, "tolerance": fixed}
 
 
 def test_required_coverage():

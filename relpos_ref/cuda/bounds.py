@@ -3,9 +3,9 @@ r"""Documented error bounds of the in-kernel bias (``bias.cuh``) against the flo
 The kernel evaluates :math:`b_h(i, j)` in its accumulation precision (float32 for float16/float32 scores, float64
 for float64 scores) from parameters rounded once to that precision. :func:`bias_error_bound` returns, elementwise, a
 bound on :math:`|b^{\text{kernel}} - b^{\text{ref}}|` where :math:`b^{\text{ref}}` is the family's ``.bias`` in
-NumPy float64 on the float64 parameters. With :math:`u` the unit roundoff (:math:`2^{-24}` float32; :math:`2^{-52}`
-for float64, twice the unit roundoff because the float64 reference has rounding errors of the same size),
-:math:`n = |i - j|`:
+NumPy float64 on the float64 parameters. With :math:`u` = :func:`kernel_roundoff` (the unit roundoff
+:math:`2^{-24}` for float32; :math:`2^{-52}` for float64, twice the unit roundoff because the float64 reference has
+rounding errors of the same size), :math:`n = |i - j|`:
 
 =================  ===============================================================================================
 family             bound
@@ -41,29 +41,31 @@ They are first-order forward error bounds, written to be tight within a small fa
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["bias_error_bound", "unit_roundoff"]
+from .._host import host_numpy
+from ..bounds.model import unit_roundoff as _unit_roundoff
+
+__all__ = ["bias_error_bound", "kernel_roundoff"]
 
 _FLOOR = {"float32": 2.0**-100, "float64": 2.0**-1000}
 
 
-def unit_roundoff(precision: str) -> float:
-    """:math:`u` used in the bounds: ``"float32"`` -> 2**-24, ``"float64"`` -> 2**-52 (see module docstring)."""
+def kernel_roundoff(precision: str) -> float:
+    """:math:`u` of the bounds above: ``"float32"`` -> 2**-24, ``"float64"`` -> 2**-52 (see module docstring).
+
+    Not the unit roundoff :math:`2^{-p}` of :func:`relpos_ref.bounds.unit_roundoff` in float64, where it is twice it.
+    """
     if precision == "float32":
-        return 2.0**-24
+        return _unit_roundoff("float32")  # 2**-24, the unit roundoff of the kernel's float32 arithmetic
     if precision == "float64":
-        return 2.0**-52
+        # Twice the unit roundoff 2**-53: the float64 reference rounds as much as the float64 kernel does.
+        return 2 * _unit_roundoff("float64")
     msg = f"precision: expected 'float32' or 'float64', got {precision!r}"
     raise ValueError(msg)
-
-
-def _host(value: Any) -> np.ndarray:
-    from array_api_compat import to_device
-
-    return np.asarray(value if isinstance(value, np.ndarray) else to_device(value, "cpu"), dtype=np.float64)
 
 
 def bias_error_bound(family: Any, q_pos: Any, k_pos: Any, precision: str) -> np.ndarray:
@@ -77,44 +79,67 @@ def bias_error_bound(family: Any, q_pos: Any, k_pos: Any, precision: str) -> np.
     precision : {"float32", "float64"}
         The kernel's accumulation precision.
     """
-    from ..families import FIRE, ALiBi, KerpleLog, KerplePower, OffsetBias, Sandwich, T5Bias, TensorBias
-
-    u = unit_roundoff(precision)
-    q = np.asarray(_host(q_pos), dtype=np.int64)
-    k = np.asarray(_host(k_pos), dtype=np.int64)
+    u = kernel_roundoff(precision)
+    q = np.asarray(host_numpy(q_pos), dtype=np.int64)
+    k = np.asarray(host_numpy(k_pos), dtype=np.int64)
     n = np.abs(q[:, None] - k[None, :]).astype(np.float64)
     ref64 = family.astype(np.float64, xp=_np_ns())
     b = np.abs(np.asarray(ref64.bias(_np_ns().asarray(q), _np_ns().asarray(k)), dtype=np.float64))
-    params = {key: _host(v) for key, v in ref64.parameters().items()}
-    kind = type(family)
-    if kind is ALiBi:
-        out = 4 * u * b
-    elif kind is KerplePower:
-        r2 = params["r2"][:, None, None]
-        out = (10 + r2 * np.log(np.maximum(n, 1.0))[None]) * u * b
-    elif kind is KerpleLog:
-        out = 10 * u * b
-    elif kind in (T5Bias, OffsetBias):
-        out = u * b
-    elif kind is TensorBias:  # -inf entries (masks) stay exactly -inf: no error
-        out = np.where(np.isinf(b), 0.0, u * b)
-    elif kind is Sandwich:
-        opts = ref64.options()
-        heads, d = opts["num_heads"], opts["head_dim"]
-        omega = np.array([10000.0 ** (-2.0 * kk / d) for kk in range(1, d // 2 + 1)])
-        absolute = (1.0 + n[..., None] * omega).sum(axis=-1) * 2.0**-50
-        factor = np.array([heads / (8.0 * h) for h in range(1, heads + 1)])[:, None, None]
-        out = (5 * u + d * 2.0**-54) * b + factor * absolute[None]
-    elif kind is FIRE:
-        w1, b1, w2, b2 = params["w1"][:, 0], params["b1"], params["w2"], params["b2"]
-        x = np.asarray(ref64.interpolant(_np_ns().asarray(q), _np_ns().asarray(k)), dtype=np.float64)
-        hidden_mag = np.abs(w1)[:, None, None] * x[None] + np.abs(b1)[:, None, None]  # (W, Sq, Sk)
-        mag = np.tensordot(np.abs(w2), hidden_mag, axes=1) + np.abs(b2)[:, None, None]
-        out = 2 * (w1.shape[0] + 16) * u * mag
-    else:
-        msg = f"family: no documented bound for {kind.__name__}"
+    params = {key: np.asarray(host_numpy(v), dtype=np.float64) for key, v in ref64.parameters().items()}
+    rule = _BOUNDS.get(getattr(family, "name", ""))
+    if rule is None:
+        msg = f"family: no documented bound for {type(family).__name__}"
         raise TypeError(msg)
+    out = rule(_Inputs(ref64, params, q, k, n, b, u))
     return out + _FLOOR[precision]
+
+
+class _Inputs(NamedTuple):
+    """What the per-family rules read."""
+
+    ref64: Any  # the family with float64 NumPy parameters
+    params: dict[str, np.ndarray]  # its parameters, host float64
+    q: np.ndarray  # query positions, int64
+    k: np.ndarray  # key positions, int64
+    n: np.ndarray  # |i - j|, float64 (Sq, Sk)
+    b: np.ndarray  # |reference bias|, float64 (H, Sq, Sk)
+    u: float  # kernel_roundoff(precision)
+
+
+def _kerple_power(a: _Inputs) -> np.ndarray:
+    r2 = a.params["r2"][:, None, None]
+    return (10 + r2 * np.log(np.maximum(a.n, 1.0))[None]) * a.u * a.b
+
+
+def _sandwich(a: _Inputs) -> np.ndarray:
+    opts = a.ref64.options()
+    heads, d = opts["num_heads"], opts["head_dim"]
+    omega = np.array([10000.0 ** (-2.0 * kk / d) for kk in range(1, d // 2 + 1)])
+    absolute = (1.0 + a.n[..., None] * omega).sum(axis=-1) * 2.0**-50
+    factor = np.array([heads / (8.0 * h) for h in range(1, heads + 1)])[:, None, None]
+    return (5 * a.u + d * 2.0**-54) * a.b + factor * absolute[None]
+
+
+def _fire(a: _Inputs) -> np.ndarray:
+    w1, b1, w2, b2 = a.params["w1"][:, 0], a.params["b1"], a.params["w2"], a.params["b2"]
+    x = np.asarray(a.ref64.interpolant(_np_ns().asarray(a.q), _np_ns().asarray(a.k)), dtype=np.float64)
+    hidden_mag = np.abs(w1)[:, None, None] * x[None] + np.abs(b1)[:, None, None]  # (W, Sq, Sk)
+    mag = np.tensordot(np.abs(w2), hidden_mag, axes=1) + np.abs(b2)[:, None, None]
+    return 2 * (w1.shape[0] + 16) * a.u * mag
+
+
+#: The bound of each family before the floor, by registry name (``family.name``; a subclass that registers no
+#: name of its own inherits its parent's, and its bound).
+_BOUNDS: dict[str, Callable[[_Inputs], np.ndarray]] = {
+    "alibi": lambda a: 4 * a.u * a.b,
+    "kerple_power": _kerple_power,
+    "kerple_log": lambda a: 10 * a.u * a.b,
+    "t5": lambda a: a.u * a.b,
+    "offset": lambda a: a.u * a.b,
+    "tensor": lambda a: np.where(np.isinf(a.b), 0.0, a.u * a.b),  # -inf entries (masks) stay exactly -inf: no error
+    "sandwich": _sandwich,
+    "fire": _fire,
+}
 
 
 def _np_ns() -> Any:
