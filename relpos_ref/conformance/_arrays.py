@@ -6,6 +6,7 @@ type's module and converted through the library's own host-copy method, DLPack o
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import numpy as np
@@ -13,43 +14,29 @@ import numpy as np
 __all__: list[str] = []
 
 
+#: The namespaces ``xp`` may name: kind by name (the module is imported under that name).
+_KINDS = {"numpy": "numpy", "torch": "torch", "cupy": "cupy", "array_api_strict": "array_api"}
+#: The modules recognised as the three libraries (array_api_compat's wrappers too): library by module name.
+_MODULES = {m: n for n in ("numpy", "torch", "cupy") for m in (n, f"array_api_compat.{n}")}
+
+
 def resolve_namespace(xp: Any) -> tuple[str, Any]:
     """(kind, module) for ``xp`` given as None, a module or a name ("numpy", "torch", "cupy", "array_api_strict")."""
     if xp is None:
         return "numpy", np
     if isinstance(xp, str):
-        name = xp
-        if name == "numpy":
-            return "numpy", np
-        if name == "torch":
-            import torch
-
-            return "torch", torch
-        if name == "cupy":
-            import cupy
-
-            return "cupy", cupy
-        if name == "array_api_strict":
-            import array_api_strict
-
-            return "array_api", array_api_strict
-        msg = f"xp: expected a namespace module or one of 'numpy', 'torch', 'cupy', 'array_api_strict', got {xp!r}"
-        raise ValueError(msg)
-    name = getattr(xp, "__name__", "")
-    if name in ("numpy", "array_api_compat.numpy"):
-        return "numpy", np
-    if name in ("torch", "array_api_compat.torch"):
-        import torch
-
-        return "torch", torch
-    if name in ("cupy", "array_api_compat.cupy"):
-        import cupy
-
-        return "cupy", cupy
-    if hasattr(xp, "asarray"):
+        if xp not in _KINDS:
+            msg = f"xp: expected a namespace module or one of 'numpy', 'torch', 'cupy', 'array_api_strict', got {xp!r}"
+            raise ValueError(msg)
+        kind, name = _KINDS[xp], xp
+    elif getattr(xp, "__name__", "") in _MODULES:
+        kind = name = _MODULES[xp.__name__]
+    elif hasattr(xp, "asarray"):
         return "array_api", xp
-    msg = f"xp: expected an array namespace (module with asarray), got {xp!r}"
-    raise TypeError(msg)
+    else:
+        msg = f"xp: expected an array namespace (module with asarray), got {xp!r}"
+        raise TypeError(msg)
+    return kind, np if name == "numpy" else importlib.import_module(name)
 
 
 def from_host(arr: np.ndarray, kind: str, module: Any, device: Any = None) -> Any:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import fnmatch
 import traceback
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import fields
+from typing import Any, ClassVar, Self
 
 import numpy as np
 
@@ -71,10 +72,36 @@ class Check:
         return f"Check({self.name!r})"
 
 
+class _Options:
+    """Base of the frozen dataclasses a suite is built with (``AttentionOptions``, ``BiasOptions``)."""
+
+    @classmethod
+    def of(cls, keywords: Mapping[str, Any]) -> Self:
+        """The options named in ``keywords`` (a public function's ``locals()``); the others keep their defaults."""
+        return cls(**{f.name: keywords[f.name] for f in fields(cls) if f.init and f.name in keywords})
+
+    def _put(self, name: str, value: Any) -> None:
+        """Set a field of the frozen object while it validates itself."""
+        object.__setattr__(self, name, value)
+
+
 class _Suite:
-    candidate: Any
-    target: str | None
-    notes: list[str]
+    #: What the candidate is called with, for the error on a candidate that is not callable.
+    signature: ClassVar[str]
+
+    def __init__(self, candidate: Any, target: str | None, label: str) -> None:
+        """What every suite holds: the candidate (callable), its target, the check label, notes and a cache."""
+        self.check_candidate(candidate)
+        self.candidate, self.target, self.label = candidate, target, label
+        self.notes: list[str] = []
+        self._cache: dict[Any, Any] = {}
+
+    @classmethod
+    def check_candidate(cls, candidate: Any) -> None:
+        """TypeError unless ``candidate`` is callable; run before the options are built, so this error comes first."""
+        if not callable(candidate):
+            msg = f"candidate: expected a callable {cls.signature}, got {type(candidate).__name__}"
+            raise TypeError(msg)
 
     def header(self) -> dict[str, Any]:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -168,6 +195,11 @@ def _max_rel(err: np.ndarray, ref: np.ndarray, sel: np.ndarray) -> float:
 def _first(mask: np.ndarray) -> tuple[int, ...] | None:
     idx = np.argwhere(mask)
     return tuple(int(i) for i in idx[0]) if len(idx) else None
+
+
+def _identical(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bitwise the same values (NaN where the other has NaN): what two calls of a deterministic candidate give."""
+    return a.shape == b.shape and bool(np.all((a == b) | (np.isnan(a) & np.isnan(b))))
 
 
 def _f(x: float) -> float:

@@ -6,11 +6,14 @@ from typing import Any
 
 import numpy as np
 
-from ..families import BiasFamily, alibi_slopes
+from ..families import BiasFamily, T5Bias, alibi_slopes
 
 __all__: list[str] = []
 
 _MAX_INLINE = 4096  # parameter elements written out in full; beyond that the snippet asks for the object
+
+#: The gradients every attention backward returns, in the order of its tuple.
+GRADS = ("dq", "dk", "dv")
 
 
 def candidate_source(candidate: Any, target: str | None) -> str:
@@ -59,6 +62,16 @@ def family_source(fam: BiasFamily | None) -> str:
     return f"rp.{name}({', '.join(s for s in (args, kw) if s)})"
 
 
+def _preamble(candidate: Any, target: str | None, names: str, *, mapping: bool = False) -> list[str]:
+    """The imports and the candidate's binding that start every snippet."""
+    head = [
+        "import numpy as np",
+        "import relpos_ref as rp",
+        *(["from collections.abc import Mapping"] if mapping else []),
+    ]
+    return [*head, f"from relpos_ref.conformance import {names}", candidate_source(candidate, target)]
+
+
 def bias_snippet(
     candidate: Any,
     target: str | None,
@@ -68,10 +81,7 @@ def bias_snippet(
     index: tuple[int, ...] | None,
 ) -> str:
     lines = [
-        "import numpy as np",
-        "import relpos_ref as rp",
-        "from relpos_ref.conformance import as_numpy",
-        candidate_source(candidate, target),
+        *_preamble(candidate, target, "as_numpy"),
         f"reference = {family_source(reference)}",
         f"q_pos = {positions_source(q_pos)}",
         f"k_pos = {positions_source(k_pos)}",
@@ -87,10 +97,7 @@ def bucket_snippet(candidate: Any, target: str | None, delta: np.ndarray, opts: 
     kw = ", ".join(f"{k}={v!r}" for k, v in opts.items())
     return "\n".join(
         [
-            "import numpy as np",
-            "import relpos_ref as rp",
-            "from relpos_ref.conformance import as_numpy",
-            candidate_source(candidate, target),
+            *_preamble(candidate, target, "as_numpy"),
             f"delta = np.array({np.asarray(delta).tolist()!r}, dtype=np.int64)  # query minus key",
             "print(as_numpy(candidate(delta)))",
             f"print(rp.t5_bucket(delta, {kw}))",
@@ -109,29 +116,40 @@ def attention_snippet(
     xp_name: str,
     options: dict[str, Any],
     index: tuple[int, ...] | None,
-    with_lse: bool,
-    lse: bool = False,
+    with_lse: bool = False,
+    what: str = "output",
 ) -> str:
-    hand = "candidate(q, k, v)" if xp_name == "numpy" else f"candidate(*hand_over((q, k, v), xp={xp_name!r}))"
+    """Python that recomputes one array of the candidate and of the reference: ``what`` is the forward's "output" or
+    "lse", or the name of a gradient of the backward (dq, dk, dv or a bias parameter)."""
+    grad = what not in ("output", "lse")
+    args, make = ("q, k, v, d_out", "backward_inputs") if grad else ("q, k, v", "attention_inputs")
+    hand = f"candidate({args})" if xp_name == "numpy" else f"candidate(*hand_over(({args}), xp={xp_name!r}))"
     opts = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    ref = f"rp.{'attention_vjp' if grad else 'attention'}(*(a.astype(np.float64) for a in ({args})), bias=bias, {opts}"
+    if not grad:
+        pos = int(what == "lse")
+        got, want = (f"result[{pos}]" if with_lse else "result"), f"{ref}, return_lse=True)[{pos}]"
+    elif what in GRADS:
+        got, want = (
+            f"result[{what!r}] if isinstance(result, Mapping) else result[{GRADS.index(what)}]",
+            f"{ref}).{what}",
+        )
+    else:
+        got, want = (
+            f"result[{what!r}] if isinstance(result, Mapping) else result[3][{what!r}]",
+            f"{ref}).dbias[{what!r}]",
+        )
+        if what == "table" and isinstance(bias, T5Bias) and bias._layout == "buckets_heads":
+            want += ".T  # the reference below is built (heads, buckets); the candidate's layout is (buckets, heads)"
     lines = [
-        "import numpy as np",
-        "import relpos_ref as rp",
-        "from relpos_ref.conformance import AttentionShape, as_numpy, attention_inputs, hand_over",
-        candidate_source(candidate, target),
+        *_preamble(candidate, target, f"AttentionShape, as_numpy, {make}, hand_over", mapping=grad),
         f"bias = {family_source(bias)}",
         f"shape = {shape!r}",
-        f"q, k, v = attention_inputs(shape, dtype={dtype!r}, seed={seed})",
+        f"{args} = {make}(shape, dtype={dtype!r}, seed={seed})",
         f"result = {hand}",
+        f"got = as_numpy({got})",
+        f"want = {want}",
     ]
-    if with_lse:
-        lines.append(f"got = as_numpy(result[{1 if lse else 0}])")
-    else:
-        lines.append("got = as_numpy(result)")
-    lines.append(
-        f"want = rp.attention(*(a.astype(np.float64) for a in (q, k, v)), bias=bias, {opts}, "
-        f"return_lse=True)[{1 if lse else 0}]"
-    )
     if index is not None:
         sel = ", ".join(map(str, index[:3]))
         lines.append(f"print(got[{sel}].tolist())")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
@@ -32,14 +32,16 @@ from ._core import (
     _as_float_array,
     _f,
     _first,
+    _identical,
     _max_rel,
+    _Options,
     _Suite,
     _target_name,
     _to_numpy64,
     run_checks,
 )
 from .report import CheckResult, Report
-from .tolerance import ATTENTION_FLOORS, attention_tolerance, plain_attention, rule_text
+from .tolerance import ATTENTION_FLOORS, _header_rule, _Plain, _plain_forward, _plain_outputs, attention_tolerance
 
 __all__ = ["AttentionShape", "attention_checks", "attention_inputs", "check_attention", "hand_over"]
 
@@ -93,7 +95,7 @@ class _Case(NamedTuple):
 
 
 @dataclass(frozen=True)
-class AttentionOptions:
+class AttentionOptions(_Options):
     """What an attention suite (forward or backward) is built with, validated once, when the object is made.
 
     The fields are the keywords of :func:`check_attention` that describe the comparison (all but the candidate,
@@ -124,15 +126,8 @@ class AttentionOptions:
     xp_module: Any = field(init=False, repr=False, compare=False)
     xp_name: str = field(init=False, repr=False, compare=False)
 
-    @classmethod
-    def of(cls, keywords: Mapping[str, Any]) -> AttentionOptions:
-        """The options named in ``keywords`` (a public function's ``locals()``); the others keep their defaults."""
-        return cls(**{f.name: keywords[f.name] for f in fields(cls) if f.init and f.name in keywords})
-
     def __post_init__(self) -> None:
-        def put(name: str, value: Any) -> None:
-            object.__setattr__(self, name, value)
-
+        put = self._put
         bias = self.bias
         if bias is not None and not isinstance(bias, BiasFamily):
             msg = f"bias: expected None or a relpos_ref bias family, got {type(bias).__name__}"
@@ -161,32 +156,21 @@ class AttentionOptions:
 
 
 class _AttentionSuite(_Suite):
-    #: What the candidate is called with, for the error on a candidate that is not callable.
-    signature: ClassVar[str] = "candidate(q, k, v)"
+    signature = "candidate(q, k, v)"
+    #: The ``rule_text`` kind of the header, and the array a candidate's error reproduces.
+    rule: ClassVar[str] = "attention"
+    first: ClassVar[str] = "output"
 
     def __init__(self, candidate: Any, options: AttentionOptions, *, label: str) -> None:
-        self.check_candidate(candidate)
-        o = options
-        self.candidate = candidate
-        self.options = o
-        self.target = o.target
+        super().__init__(candidate, options.target, label)
+        o = self.options = options
         self.bias, self.bias64 = o.bias, o.bias64
         self.causal, self.align, self.placement, self.scale = o.causal, o.align, o.placement, o.scale
         self.dtype, self.with_lse, self.fully_masked = o.dtype, o.with_lse, o.fully_masked
         self.xp_kind, self.xp_mod, self.xp_name, self.device = o.xp_kind, o.xp_module, o.xp_name, o.device
         self.rtol, self.atol = o.rtol, o.atol
         self.seed = o.seed
-        self.label = label
-        self.notes: list[str] = []
-        self._cache: dict[Any, Any] = {}
         self.cases = self._make_cases(o.shapes)
-
-    @classmethod
-    def check_candidate(cls, candidate: Any) -> None:
-        """TypeError unless ``candidate`` is callable; run before the options are built, so this error comes first."""
-        if not callable(candidate):
-            msg = f"candidate: expected a callable {cls.signature}, got {type(candidate).__name__}"
-            raise TypeError(msg)
 
     def _make_cases(self, shapes: Any) -> dict[str, _Case]:
         fixed = self.bias64.shape[1:] if isinstance(self.bias64, TensorBias) else None
@@ -237,9 +221,7 @@ class _AttentionSuite(_Suite):
                 f"inputs {self.dtype} as {self.xp_name} arrays, seed={self.seed}"
             ),
             "cases": "; ".join(f"{c.name} {tuple(c.shape)}" for c in self.cases.values()),
-            "tolerance rule": rule_text("attention")
-            if self.rtol is None and self.atol is None
-            else f"user override: |cand - ref| <= atol + rtol |ref| with rtol={self.rtol}, atol={self.atol}",
+            "tolerance rule": _header_rule(self.rule, self.rtol, self.atol),
         }
 
     # -- data ----------------------------------------------------------------------------------------------
@@ -253,6 +235,14 @@ class _AttentionSuite(_Suite):
             v[:, :, perturb_after:, :] -= 4.0
             k, v = k.astype(nd), v.astype(nd)
         return q, k, v
+
+    def call_inputs(self, case: _Case) -> tuple[np.ndarray, ...]:
+        """The arrays the candidate is called with for ``case``."""
+        return self.inputs(case)
+
+    def hand(self, inputs: Sequence[np.ndarray]) -> tuple[Any, ...]:
+        """Host NumPy ``inputs`` as arrays of the suite's namespace, on its device."""
+        return tuple(from_host(a, self.xp_kind, self.xp_mod, self.device) for a in inputs)
 
     def positions(self, shape: AttentionShape) -> tuple[np.ndarray, np.ndarray]:
         q, k = positions(shape.q_len, shape.k_len, align=self.align)
@@ -270,15 +260,29 @@ class _AttentionSuite(_Suite):
     def ref_options(self) -> dict[str, Any]:
         return {"causal": self.causal, "align": self.align, "placement": self.placement, "scale": self.scale}
 
+    def reference_options(self) -> dict[str, Any]:
+        """The keywords but the bias of the suite's reference function (``relpos_ref.attention`` here)."""
+        return self.ref_options()
+
     def reference(self, case: _Case, inputs: tuple[np.ndarray, ...], **over: Any) -> tuple[np.ndarray, np.ndarray]:
         q, k, v = (a.astype(np.float64) for a in inputs)
         opts = {"bias": self.bias64, **self.ref_options(), **over}
         out, lse = ref_attention(q, k, v, return_lse=True, **opts)
         return np.asarray(out), np.asarray(lse)
 
+    def plain(
+        self, case: _Case, inputs: Sequence[np.ndarray], q_pos: np.ndarray, k_pos: np.ndarray, dtype: str | None = None
+    ) -> _Plain:
+        """The plain materialised forward of ``inputs[:3]`` (q, k, v in float64) in ``dtype`` (default: the suite's)."""
+        q, k, v = (a.astype(np.float64) for a in inputs[:3])
+        bias = None if self.bias64 is None else np.asarray(self.bias64.bias(q_pos, k_pos))[None]
+        sh = case.shape
+        return _plain_forward(
+            q, k, v, bias, self.keep(sh), scale=self.scale_of(sh), placement=self.placement, dtype=dtype or self.dtype
+        )
+
     def call(self, inputs: tuple[np.ndarray, ...], shape: AttentionShape) -> tuple[np.ndarray, np.ndarray | None]:
-        args = tuple(from_host(a, self.xp_kind, self.xp_mod, self.device) for a in inputs)
-        result = self._call(*args)
+        result = self._call(*self.hand(inputs))
         lse = None
         if self.with_lse:
             if not isinstance(result, tuple | list) or len(result) != 2:
@@ -307,24 +311,31 @@ class _AttentionSuite(_Suite):
         return out, lse
 
     def evaluate(self, case: _Case) -> dict[str, Any]:
-        """Candidate, float64 reference and plain same-dtype baseline for one case (cached)."""
-        if case.name in self._cache:
-            return self._cache[case.name]
+        """Candidate, float64 reference and plain same-dtype baseline for one case (cached); an error of the
+        candidate is kept as ``"error"``, with the reproduction of its call."""
+        if case.name not in self._cache:
+            entry = self._expected(case)
+            try:
+                entry.update(self._got(case, entry))
+            except CandidateError as exc:
+                exc.reproduction = self.snippet(case, None, self.first)  # type: ignore[attr-defined]
+                entry["error"] = exc
+            self._cache[case.name] = entry
+        return self._cache[case.name]
+
+    def evaluated(self, case: _Case) -> dict[str, Any]:
+        """:meth:`evaluate`, raising the candidate's error."""
+        e = self.evaluate(case)
+        if "error" in e:
+            raise e["error"]
+        return e
+
+    def _expected(self, case: _Case) -> dict[str, Any]:
         inputs = self.inputs(case)
         ref_out, ref_lse = self.reference(case, inputs)
         q_pos, k_pos = self.positions(case.shape)
-        bias_arr = None
-        if self.bias64 is not None:
-            bias_arr = np.asarray(self.bias64.bias(q_pos, k_pos))[None]
-        base_out, base_lse = plain_attention(
-            *(a.astype(np.float64) for a in inputs),
-            bias_arr,
-            self.keep(case.shape),
-            scale=self.scale_of(case.shape),
-            placement=self.placement,
-            dtype=self.dtype,
-        )
-        entry: dict[str, Any] = {
+        base_out, base_lse = _plain_outputs(self.plain(case, inputs, q_pos, k_pos))
+        return {
             "inputs": inputs,
             "ref_out": ref_out,
             "ref_lse": ref_lse,
@@ -334,15 +345,12 @@ class _AttentionSuite(_Suite):
             "q_pos": q_pos,
             "k_pos": k_pos,
         }
-        try:
-            entry["out"], entry["lse"] = self.call(inputs, case.shape)
-        except CandidateError as exc:
-            exc.reproduction = self.snippet(case, None, lse=False)  # type: ignore[attr-defined]
-            entry["error"] = exc
-        self._cache[case.name] = entry
-        return entry
 
-    def snippet(self, case: _Case, index: tuple[int, ...] | None, *, lse: bool) -> str:
+    def _got(self, case: _Case, e: dict[str, Any]) -> dict[str, Any]:
+        out, lse = self.call(e["inputs"], case.shape)
+        return {"out": out, "lse": lse}
+
+    def snippet(self, case: _Case, index: tuple[int, ...] | None, what: str = "output") -> str:
         return _repro.attention_snippet(
             self.candidate,
             self.target,
@@ -351,24 +359,62 @@ class _AttentionSuite(_Suite):
             dtype=self.dtype,
             seed=self.seed,
             xp_name=self.xp_name,
-            options=self.ref_options(),
+            options=self.reference_options(),
             index=index,
             with_lse=self.with_lse,
-            lse=lse,
+            what=what,
         )
 
     # -- checks --------------------------------------------------------------------------------------------
-    def _tol(self, ref: np.ndarray, base: np.ndarray, rows: np.ndarray) -> tuple[Any, float]:
+    def _tol(self, ref: np.ndarray, bases: Iterable[np.ndarray], rows: np.ndarray) -> Any:
+        """The attention rule on the entries ``rows`` selects, with the largest error of the plain ``bases``."""
         sel = np.broadcast_to(rows, ref.shape) if rows.ndim < ref.ndim else rows
-        base_err = float(np.max(abs_errors(base, ref)[sel], initial=0.0))
+        base_err = max(float(np.max(abs_errors(base, ref)[sel], initial=0.0)) for base in bases)
         mag = max(1.0, float(np.max(np.abs(ref[sel & np.isfinite(ref)]), initial=0.0)))
-        return attention_tolerance(self.dtype, base_err, mag, rtol=self.rtol, atol=self.atol), base_err
+        return attention_tolerance(self.dtype, base_err, mag, rtol=self.rtol, atol=self.atol)
+
+    def _where(self, what: str, idx: tuple[int, ...], e: dict[str, Any]) -> dict[str, Any]:
+        """The context of a mismatch at ``idx`` of the array ``what`` (the query position of an output row)."""
+        return {"q_pos": int(e["q_pos"][idx[2]])}
+
+    def _compared(
+        self,
+        name: str,
+        summary: str,
+        e: dict[str, Any],
+        what: str,
+        cand: np.ndarray,
+        ref: np.ndarray,
+        sel: Any,
+        tol: Any,
+    ) -> tuple[CheckResult, np.ndarray]:
+        """The result of ``cand`` (the array ``what`` of evaluation ``e``) against ``ref`` on ``sel`` under ``tol``,
+        with its first mismatch when it fails; and the elementwise bound."""
+        err = np.where(sel, abs_errors(cand, ref), 0.0)
+        bound = tol.atol + tol.rtol * np.abs(np.where(np.isfinite(ref), ref, 0.0))
+        bad = sel & (err > bound)
+        res = CheckResult(
+            name,
+            not bool(bad.any()),
+            summary=summary,
+            max_abs=float(np.max(err, initial=0.0)),
+            max_rel=_max_rel(err, ref, sel),
+            bound=float(np.max(np.where(sel, bound, 0.0), initial=0.0)),
+            tolerance=tol.text,
+        )
+        if not res.passed:
+            idx = _first(bad)
+            res.mismatch = {
+                "index": idx,
+                **self._where(what, idx, e),
+                "candidate": _f(cand[idx]),
+                "reference": _f(ref[idx]),
+            }
+        return res, bound
 
     def values_check(self, case: _Case, *, lse: bool) -> CheckResult:
         name = f"{self.label}.{'lse' if lse else 'output'}.{case.name}"
-        e = self.evaluate(case)
-        if "error" in e:
-            raise e["error"]
+        e = self.evaluated(case)
         rows = ~e["empty"]
         if lse:
             cand, ref, base, sel = e["lse"], e["ref_lse"], e["base_lse"], rows
@@ -379,33 +425,15 @@ class _AttentionSuite(_Suite):
                 e["base_out"],
                 np.broadcast_to(rows[..., None], e["ref_out"].shape),
             )
-        tol, _ = self._tol(ref, base, sel)
-        err = np.where(sel, abs_errors(cand, ref), 0.0)
-        bound = tol.atol + tol.rtol * np.abs(np.where(np.isfinite(ref), ref, 0.0))
-        bad = sel & (err > bound)
         n_empty = int(e["empty"].sum())
-        what = "log-sum-exp" if lse else "output"
-        res = CheckResult(
-            name,
-            not bool(bad.any()),
-            summary=f"{what} of case {case.name} {tuple(case.shape)}"
-            + (f"; {n_empty} fully masked rows left to the fully_masked check" if n_empty else ""),
-            max_abs=float(np.max(err, initial=0.0)),
-            max_rel=_max_rel(err, ref, sel),
-            bound=float(np.max(np.where(sel, bound, 0.0), initial=0.0)),
-            tolerance=tol.text,
+        summary = f"{'log-sum-exp' if lse else 'output'} of case {case.name} {tuple(case.shape)}" + (
+            f"; {n_empty} fully masked rows left to the fully_masked check" if n_empty else ""
         )
+        what = "lse" if lse else "output"
+        res, bound = self._compared(name, summary, e, what, cand, ref, sel, self._tol(ref, [base], sel))
         if not res.passed:
-            idx = _first(bad)
-            qi = idx[2]
-            res.mismatch = {
-                "index": idx,
-                "q_pos": int(e["q_pos"][qi]),
-                "candidate": _f(cand[idx]),
-                "reference": _f(ref[idx]),
-            }
             res.diagnosis = self.diagnose(case, e, cand, sel, bound, lse=lse)
-            res.reproduction = self.snippet(case, idx, lse=lse)
+            res.reproduction = self.snippet(case, res.mismatch["index"], what)
         return res
 
     def hypotheses(self, case: _Case, e: dict[str, Any]) -> list[tuple[str, Callable[[], tuple[np.ndarray, ...]]]]:
@@ -413,59 +441,42 @@ class _AttentionSuite(_Suite):
         inputs = e["inputs"]
         q_pos, k_pos = e["q_pos"], e["k_pos"]
         hyps: list[tuple[str, Callable[[], tuple[np.ndarray, ...]]]] = []
+
+        def under(label: str, **over: Any) -> None:
+            """The hypothesis ``label``: the reference with the options ``over``."""
+            hyps.append((label, lambda: self.reference(case, inputs, **over)))
+
         other = "top_left" if self.align == "bottom_right" else "bottom_right"
         # Bias-level hypotheses first: attention is blind to a per-row constant, so a wrong bias can also look like a
         # shifted query position; the bias explanation is the more specific one.
         if self.bias64 is not None:
             for label, alt in diagnose.bias_hypotheses(self.bias64, q_pos, k_pos, positions=False):
-                hyps.append((label, lambda alt=alt: self.reference(case, inputs, bias=alt[None])))
+                under(label, bias=alt[None])
         if sh.q_len != sh.k_len:
             what = (
                 "top-left (PyTorch SDPA is_causal=True, xformers LowerTriangularMask)"
                 if other == "top_left"
                 else "bottom-right (FlashAttention >= 2.1, KV-cache decoding)"
             )
-            hyps.append(
-                (
-                    f"{what} alignment instead of {self.align} for Sq != Sk",
-                    lambda: self.reference(case, inputs, align=other),
-                )
-            )
+            under(f"{what} alignment instead of {self.align} for Sq != Sk", align=other)
         if self.bias64 is not None and self.scale_of(sh) != 1.0:
             op = "pre_scale" if self.placement == "post_scale" else "post_scale"
-            hyps.append(
-                (
-                    f"bias on the wrong side of the scale: {op} (softmax("
-                    + ("(QK^T + b) * scale" if op == "pre_scale" else "QK^T * scale + b")
-                    + f")) instead of {self.placement}",
-                    lambda: self.reference(case, inputs, placement=op),
-                )
+            form = "(QK^T + b) * scale" if op == "pre_scale" else "QK^T * scale + b"
+            under(
+                f"bias on the wrong side of the scale: {op} (softmax({form})) instead of {self.placement}", placement=op
             )
         if self.causal:
-            qn = np.asarray(q_pos) + 1
-            next_mask = np.asarray(causal_mask(qn, k_pos))
-            hyps.append(
-                (
-                    "causal mask lets in the next key (k_pos <= q_pos + 1: off by one)",
-                    lambda: self.reference(case, inputs, causal=False, mask=next_mask),
-                )
-            )
-            hyps.append(("no causal mask applied", lambda: self.reference(case, inputs, causal=False)))
+            next_mask = np.asarray(causal_mask(np.asarray(q_pos) + 1, k_pos))
+            under("causal mask lets in the next key (k_pos <= q_pos + 1: off by one)", causal=False, mask=next_mask)
+            under("no causal mask applied", causal=False)
         else:
-            hyps.append(
-                ("a causal mask was applied although causal=False", lambda: self.reference(case, inputs, causal=True))
-            )
+            under("a causal mask was applied although causal=False", causal=True)
         if self.bias64 is not None:
-            hyps.append(("bias ignored", lambda: self.reference(case, inputs, bias=None)))
+            under("bias ignored", bias=None)
         if self.scale is None:
-            hyps.append(("no 1/sqrt(d) scale (scale = 1, as T5)", lambda: self.reference(case, inputs, scale=1.0)))
+            under("no 1/sqrt(d) scale (scale = 1, as T5)", scale=1.0)
         elif abs(self.scale - 1 / math.sqrt(sh.head_dim)) > 1e-12:
-            hyps.append(
-                (
-                    f"default scale 1/sqrt(d) used instead of scale={self.scale}",
-                    lambda: self.reference(case, inputs, scale=None),
-                )
-            )
+            under(f"default scale 1/sqrt(d) used instead of scale={self.scale}", scale=None)
         if sh.kv_heads < sh.heads:
 
             def interleaved() -> tuple[np.ndarray, ...]:
@@ -516,12 +527,10 @@ class _AttentionSuite(_Suite):
         else:
             shape = AttentionShape(1, base.heads, base.heads, 16, 16, 16)
         case = _Case("identity_v", shape, identity_v=True)
-        e = self.evaluate(case)
-        if "error" in e:
-            raise e["error"]
+        e = self.evaluated(case)
         p = e["out"]
         rows = ~e["empty"]
-        tol, _ = self._tol(e["ref_out"], e["base_out"], np.broadcast_to(rows[..., None], p.shape))
+        tol = self._tol(e["ref_out"], [e["base_out"]], np.broadcast_to(rows[..., None], p.shape))
         slack = tol.atol
         sums = np.sum(p, axis=-1)
         dev = np.where(rows, np.abs(sums - 1.0), 0.0)
@@ -549,7 +558,7 @@ class _AttentionSuite(_Suite):
                 res.diagnosis.append("probability mass on keys the causal mask removes")
             else:
                 res.diagnosis.append("negative probabilities")
-            res.reproduction = self.snippet(case, None, lse=False).replace(
+            res.reproduction = self.snippet(case, None).replace(
                 f"seed={self.seed})", f"seed={self.seed}, identity_v=True)"
             )
         return res
@@ -563,23 +572,28 @@ class _AttentionSuite(_Suite):
                 return case, r
         return None
 
-    def causal_future_check(self) -> CheckResult:
+    def _future(self) -> tuple[_Case, int, np.ndarray, np.ndarray, int, dict[str, Any]]:
+        """For causal_future_keys: the case and row of :meth:`future_case`, the positions, the first key position
+        after the row's query, and the case's evaluation."""
         found = self.future_case()
         assert found is not None  # the check is only generated when a case has future keys
         case, r = found
-        sh = case.shape
-        q_pos, k_pos = self.positions(sh)
-        cut = int(q_pos[r]) + 1
-        e = self.evaluate(case)
-        if "error" in e:
-            raise e["error"]
-        pert = self.inputs(case, perturb_after=cut)
-        out2, _ = self.call(pert, sh)
+        q_pos, k_pos = self.positions(case.shape)
+        return case, r, q_pos, k_pos, int(q_pos[r]) + 1, self.evaluated(case)
+
+    def _future_slack(self, refs: Iterable[np.ndarray]) -> float:
+        """The bound of causal_future_keys: the dtype's floor times the magnitude of ``refs`` (plus a user atol)."""
+        mag = max([1.0] + [float(np.max(np.abs(a[np.isfinite(a)]), initial=0.0)) for a in refs])
+        user = 0.0 if self.rtol is None and self.atol is None else (self.atol or 0.0)
+        return user + ATTENTION_FLOORS[self.dtype] * mag
+
+    def causal_future_check(self) -> CheckResult:
+        case, r, q_pos, k_pos, cut, e = self._future()
+        out2, _ = self.call(self.inputs(case, perturb_after=cut), case.shape)
         rows = slice(0, r + 1)
         a, b = e["out"][:, :, rows], out2[:, :, rows]
         diff = float(np.max(abs_errors(a, b), initial=0.0))
-        mag = max(1.0, float(np.max(np.abs(e["ref_out"][np.isfinite(e["ref_out"])]), initial=0.0)))
-        slack = (0.0 if self.rtol is None and self.atol is None else (self.atol or 0.0)) + _floor(self.dtype) * mag
+        slack = self._future_slack([e["ref_out"]])
         res = CheckResult(
             f"{self.label}.causal_future_keys",
             diff <= slack,
@@ -596,16 +610,14 @@ class _AttentionSuite(_Suite):
                 "the output depends on keys after the query: the causal mask lets future keys in"
                 + (" (the next key: k_pos <= q_pos + 1)" if leak.any() else "")
             )
-            res.reproduction = self.snippet(case, None, lse=False) + (
+            res.reproduction = self.snippet(case, None) + (
                 f"\n# then add 4 to k[:, :, {cut}:] and subtract 4 from v[:, :, {cut}:]: rows 0..{r} must not change"
             )
         return res
 
     def alignment_check(self, case: _Case) -> CheckResult:
         sh = case.shape
-        e = self.evaluate(case)
-        if "error" in e:
-            raise e["error"]
+        e = self.evaluated(case)
         m = max(1, sh.q_len // 2)
         q, k, v = e["inputs"]
         if self.align == "bottom_right":
@@ -617,7 +629,7 @@ class _AttentionSuite(_Suite):
         full = e["out"][:, :, rows]
         diff = abs_errors(out_part, full)
         ref_rows = e["ref_out"][:, :, rows]
-        tol, _ = self._tol(ref_rows, e["base_out"][:, :, rows], np.ones(ref_rows.shape, dtype=bool))
+        tol = self._tol(ref_rows, [e["base_out"][:, :, rows]], np.ones(ref_rows.shape, dtype=bool))
         bound = 2 * tol.atol
         worst = float(np.max(diff, initial=0.0))
         res = CheckResult(
@@ -639,41 +651,49 @@ class _AttentionSuite(_Suite):
             )
         return res
 
+    def _masked_mismatch(
+        self, e: dict[str, Any], cand: np.ndarray, full: np.ndarray
+    ) -> tuple[tuple[int, ...] | None, dict[str, Any] | None]:
+        """The first entry of ``cand`` on rows that see no key (``full``) that breaks the fully_masked convention."""
+        zero = self.fully_masked == "zero"
+        idx = _first(full & ~((cand == 0) if zero else np.isnan(cand)))
+        if idx is None:
+            return None, None
+        ref = 0.0 if zero else "nan"
+        return idx, {"index": idx, "q_pos": int(e["q_pos"][idx[2]]), "candidate": _f(cand[idx]), "reference": ref}
+
+    @staticmethod
+    def _seen_keys(
+        alts: Iterable[tuple[str, np.ndarray | None]], cand: np.ndarray, full: Any, atol: float
+    ) -> list[str]:
+        """The first hypothesis (label, its array) under which the rows that see no key (``full``) match."""
+        for label, alt in alts:
+            if alt is not None and np.isfinite(alt[full]).all() and np.all(abs_errors(cand, alt)[full] <= atol):
+                return [f"these queries see keys in the candidate: {label}"]
+        return []
+
     def fully_masked_check(self, case: _Case) -> CheckResult:
-        e = self.evaluate(case)
-        if "error" in e:
-            raise e["error"]
+        e = self.evaluated(case)
         empty = e["empty"]
+        zero = self.fully_masked == "zero"
         out = e["out"][empty]
-        want = "zeros" if self.fully_masked == "zero" else "NaN"
-        ok_out = np.all(out == 0) if self.fully_masked == "zero" else np.all(np.isnan(out))
+        ok_out = np.all(out == 0) if zero else np.all(np.isnan(out))
         ok_lse = True
         lse_vals = None
         if self.with_lse and e["lse"] is not None:
             lse_vals = e["lse"][empty]
-            ok_lse = (
-                bool(np.all(lse_vals == -np.inf)) if self.fully_masked == "zero" else bool(np.all(np.isnan(lse_vals)))
-            )
+            ok_lse = bool(np.all(lse_vals == -np.inf)) if zero else bool(np.all(np.isnan(lse_vals)))
         n = int(empty.sum())
         res = CheckResult(
             f"{self.label}.fully_masked_rows",
             bool(ok_out and ok_lse),
-            summary=f"case {case.name}: {n} query rows see no key; expected output {want}"
-            + (f" and lse {'-inf' if self.fully_masked == 'zero' else 'NaN'}" if self.with_lse else ""),
+            summary=f"case {case.name}: {n} query rows see no key; expected output {'zeros' if zero else 'NaN'}"
+            + (f" and lse {'-inf' if zero else 'NaN'}" if self.with_lse else ""),
         )
         if not res.passed:
-            idx = _first(
-                np.broadcast_to(empty[..., None], e["out"].shape)
-                & ~((e["out"] == 0) if self.fully_masked == "zero" else np.isnan(e["out"]))
-            )
-            if idx is not None:
-                res.mismatch = {
-                    "index": idx,
-                    "q_pos": int(e["q_pos"][idx[2]]),
-                    "candidate": _f(e["out"][idx]),
-                    "reference": 0.0 if self.fully_masked == "zero" else "nan",
-                }
-            if self.fully_masked == "zero" and np.isnan(out).any():
+            full = np.broadcast_to(empty[..., None], e["out"].shape)
+            idx, res.mismatch = self._masked_mismatch(e, e["out"], full)
+            if zero and np.isnan(out).any():
                 res.diagnosis.append(
                     "NaN instead of zeros for fully masked rows (naive softmax of an all -inf row, as PyTorch SDPA "
                     "before 2.5); fully_masked='nan' describes this convention"
@@ -688,13 +708,9 @@ class _AttentionSuite(_Suite):
                     "uniform over the masked keys instead of empty"
                 )
             if not res.diagnosis and not np.isnan(out).any():
-                rows = np.broadcast_to(empty[..., None], e["out"].shape)
-                tol, _ = self._tol(e["ref_out"], e["base_out"], ~rows)
-                for label, fn in self.hypotheses(case, e):
-                    alt_out = fn()[0]
-                    if np.isfinite(alt_out[rows]).all() and np.all(abs_errors(e["out"], alt_out)[rows] <= tol.atol):
-                        res.diagnosis.append(f"these queries see keys in the candidate: {label}")
-                        break
+                tol = self._tol(e["ref_out"], [e["base_out"]], ~full)
+                alts = ((label, fn()[0]) for label, fn in self.hypotheses(case, e))
+                res.diagnosis += self._seen_keys(alts, e["out"], full, tol.atol)
             if lse_vals is not None and not ok_lse:
                 if np.all(lse_vals == np.inf):
                     res.diagnosis.append(
@@ -703,41 +719,71 @@ class _AttentionSuite(_Suite):
                     )
                 else:
                     res.details.append(f"lse of empty rows: {np.unique(lse_vals)[:4].tolist()}")
-            res.reproduction = self.snippet(case, idx, lse=False)
+            res.reproduction = self.snippet(case, idx)
         return res
+
+    #: The repeatable check's summary (``{names}``: the arrays compared) and its two diagnoses.
+    repeat_texts: ClassVar[tuple[str, str, str]] = (
+        "two calls give bitwise identical outputs and leave q, k, v unchanged",
+        "two calls on the same inputs returned different outputs (non-deterministic reduction order or uninitialised "
+        "memory)",
+        "the candidate modified q, k or v in place",
+    )
+
+    def _two_calls(self, args: tuple[Any, ...]) -> list[dict[str, np.ndarray]]:
+        """The results of two calls by name, converted after both calls."""
+        results = [self._call(*args), self._call(*args)]
+        return [{"output": _as_float_array(r[0] if self.with_lse else r, "candidate output")[0]} for r in results]
 
     def repeatable_check(self) -> CheckResult:
-        case = next(iter(self.cases.values()))
-        inputs = self.inputs(case)
+        inputs = self.call_inputs(next(iter(self.cases.values())))
         copies = tuple(a.copy() for a in inputs)
-        args = tuple(from_host(a, self.xp_kind, self.xp_mod, self.device) for a in inputs)
+        args = self.hand(inputs)
         host_before = [to_host(a)[0] for a in args]
-        r1 = self._call(*args)
-        r2 = self._call(*args)
-        o1 = _as_float_array(r1[0] if self.with_lse else r1, "candidate output")[0]
-        o2 = _as_float_array(r2[0] if self.with_lse else r2, "candidate output")[0]
-        same = o1.shape == o2.shape and bool(np.all((o1 == o2) | (np.isnan(o1) & np.isnan(o2))))
+        g1, g2 = self._two_calls(args)
+        same = set(g1) == set(g2) and all(_identical(g1[n], g2[n]) for n in g1)
         host_after = [to_host(a)[0] for a in args]
-        untouched = all(np.array_equal(a, b) for a, b in zip(host_before, host_after)) and all(
-            np.array_equal(a, b) for a, b in zip(copies, inputs)
+        untouched = all(np.array_equal(a, b) for a, b in zip(host_before, host_after, strict=True)) and all(
+            np.array_equal(a, b) for a, b in zip(copies, inputs, strict=True)
         )
-        res = CheckResult(
-            f"{self.label}.repeatable",
-            same and untouched,
-            summary="two calls give bitwise identical outputs and leave q, k, v unchanged",
-        )
+        summary, differ, modified = self.repeat_texts
+        res = CheckResult(f"{self.label}.repeatable", same and untouched, summary=summary.format(names=", ".join(g1)))
         if not same:
-            res.diagnosis.append(
-                "two calls on the same inputs returned different outputs (non-deterministic "
-                "reduction order or uninitialised memory)"
-            )
+            res.diagnosis.append(differ)
         if not untouched:
-            res.diagnosis.append("the candidate modified q, k or v in place")
+            res.diagnosis.append(modified)
         return res
 
+    # -- the checks that apply ------------------------------------------------------------------------------
+    def future_checks(self, description: str) -> list[Check]:
+        """causal_future_keys, or a note saying why it does not apply."""
+        if self.causal and self.future_case() is not None:
+            return [Check(f"{self.label}.causal_future_keys", description, self.causal_future_check, self)]
+        self.notes.append(
+            "causal_future_keys: " + ("causal=False" if not self.causal else "no case has keys after a query")
+        )
+        return []
 
-def _floor(dtype: str) -> float:
-    return ATTENTION_FLOORS[dtype]
+    def masked_checks(self, description: str) -> list[Check]:
+        """fully_masked_rows on the first case with a query that sees no key, or a note saying there is none."""
+        masked = [c for c in self.cases.values() if self.has_empty_rows(c)]
+        if masked:
+            return [
+                Check(f"{self.label}.fully_masked_rows", description, lambda: self.fully_masked_check(masked[0]), self)
+            ]
+        self.notes.append(
+            "fully_masked_rows: no case has a query that sees no key (needs causal, bottom_right, Sq > Sk)"
+        )
+        return []
+
+    def has_empty_rows(self, case: _Case) -> bool:
+        keep = self.keep(case.shape)
+        if keep is not None and not keep.any(axis=-1).all():
+            return True
+        if isinstance(self.bias64, TensorBias):
+            arr = np.asarray(self.bias64.parameters()["array"])
+            return bool(np.any(np.all(arr == -np.inf, axis=-1)))
+        return False
 
 
 def attention_checks(
@@ -781,10 +827,7 @@ def _attention_checks(candidate: Any, options: AttentionOptions, *, label: str =
                 Check(f"{label}.lse.{case.name}", f"lse of {case.shape}", lambda c=case: s.values_check(c, lse=True), s)
             )
     checks.append(Check(f"{label}.rows_sum_to_one", "probabilities via V = identity", s.rows_sum_check, s))
-    if s.causal and s.future_case() is not None:
-        checks.append(Check(f"{label}.causal_future_keys", "independence from future keys", s.causal_future_check, s))
-    else:
-        s.notes.append("causal_future_keys: " + ("causal=False" if not s.causal else "no case has keys after a query"))
+    checks += s.future_checks("independence from future keys")
     uneven = [c for c in s.cases.values() if c.shape.q_len < c.shape.k_len and c.shape.q_len > 1]
     if uneven and not isinstance(s.bias64, TensorBias):
         checks.append(
@@ -797,30 +840,9 @@ def _attention_checks(candidate: Any, options: AttentionOptions, *, label: str =
         )
     else:
         s.notes.append("alignment_consistency: needs a case with 1 < Sq < Sk and a positional (non-tensor) bias")
-    masked_cases = [c for c in s.cases.values() if _has_empty_rows(s, c)]
-    if masked_cases:
-        checks.append(
-            Check(
-                f"{label}.fully_masked_rows",
-                "rows with no visible key",
-                lambda: s.fully_masked_check(masked_cases[0]),
-                s,
-            )
-        )
-    else:
-        s.notes.append("fully_masked_rows: no case has a query that sees no key (needs causal, bottom_right, Sq > Sk)")
+    checks += s.masked_checks("rows with no visible key")
     checks.append(Check(f"{label}.repeatable", "deterministic, inputs unchanged", s.repeatable_check, s))
     return checks
-
-
-def _has_empty_rows(s: _AttentionSuite, case: _Case) -> bool:
-    keep = s.keep(case.shape)
-    if keep is not None and not keep.any(axis=-1).all():
-        return True
-    if isinstance(s.bias64, TensorBias):
-        arr = np.asarray(s.bias64.parameters()["array"])
-        return bool(np.any(np.all(arr == -np.inf, axis=-1)))
-    return False
 
 
 def check_attention(

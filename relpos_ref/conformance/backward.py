@@ -15,29 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from .._host import abs_errors, numpy_dtype, to_host
-from ..attention import attention as ref_attention
+from .._host import abs_errors, numpy_dtype
 from ..families import BiasFamily, T5Bias
 from ..gradients import attention_vjp
 from ..positions import causal_mask
-from . import _repro
-from ._arrays import from_host
-from ._core import CandidateError, Check, _as_float_array, _f, _first, _max_rel, run_checks
-from .attention import (
-    AttentionOptions,
-    AttentionShape,
-    _AttentionSuite,
-    _Case,
-    _floor,
-    _has_empty_rows,
-    attention_inputs,
-)
+from ._core import CandidateError, Check, _as_float_array, _f, _first, run_checks
+from ._repro import GRADS as _CORE
+from .attention import AttentionOptions, AttentionShape, _AttentionSuite, _Case, attention_inputs
 from .report import CheckResult, Report
-from .tolerance import _plain_backward, attention_tolerance, rule_text
+from .tolerance import _plain_backward
 
 __all__ = ["attention_backward_checks", "backward_inputs", "check_attention_backward"]
-
-_CORE = ("dq", "dk", "dv")
 
 
 def backward_inputs(
@@ -56,6 +44,14 @@ def backward_inputs(
 
 class _BackwardSuite(_AttentionSuite):
     signature = "candidate(q, k, v, d_out)"
+    rule = "backward"
+    first = "dq"
+    repeat_texts = (
+        "two calls give bitwise identical gradients ({names}) and leave q, k, v, d_out unchanged",
+        "two calls on the same inputs returned different gradients (non-deterministic reduction order, atomics, or "
+        "uninitialised memory)",
+        "the candidate modified q, k, v or d_out in place",
+    )
 
     def __init__(self, candidate: Any, options: AttentionOptions, *, label: str) -> None:
         # The candidate returns gradients, never an lse: the forward's with_lse does not apply.
@@ -71,11 +67,16 @@ class _BackwardSuite(_AttentionSuite):
             f" and optionally {', '.join(self.param_names)}" if self.param_names else ""
         )
         head["setup"] = head["setup"].replace("inputs ", "inputs and d_out ")
-        if self.rtol is None and self.atol is None:
-            head["tolerance rule"] = rule_text("backward")
         return head
 
     # -- data ----------------------------------------------------------------------------------------------
+    def call_inputs(self, case: _Case) -> tuple[np.ndarray, ...]:
+        return backward_inputs(case.shape, dtype=self.dtype, seed=self.seed)
+
+    def reference_options(self) -> dict[str, Any]:
+        """The keywords but the bias of ``relpos_ref.attention_vjp``: the forward's and ``fully_masked``."""
+        return {**self.ref_options(), "fully_masked": self.fully_masked}
+
     def reference(self, case: _Case, inputs: tuple[np.ndarray, ...], **over: Any) -> dict[str, Any]:
         """The float64 vjp on ``inputs`` (q, k, v) and the case's d_out, with options overridden by ``over``.
 
@@ -83,7 +84,7 @@ class _BackwardSuite(_AttentionSuite):
         with the mapping h % H_kv; their gradients are folded back onto the key/value heads the same way.
         """
         q, k, v = (a.astype(np.float64) for a in inputs[:3])
-        opts = {"bias": self.bias64, **self.ref_options(), "fully_masked": self.fully_masked, **over}
+        opts = {"bias": self.bias64, **self.reference_options(), **over}
         g = attention_vjp(q, k, v, self._d_out[case.name], **opts)
         dk, dv = np.asarray(g.dk), np.asarray(g.dv)
         nkv = case.shape.kv_heads
@@ -95,8 +96,10 @@ class _BackwardSuite(_AttentionSuite):
         return out
 
     def call(self, inputs: tuple[np.ndarray, ...], shape: AttentionShape) -> dict[str, np.ndarray]:
-        args = tuple(from_host(a, self.xp_kind, self.xp_mod, self.device) for a in inputs)
-        return self._parse(self._call(*args))
+        return self._parse(self._call(*self.hand(inputs)))
+
+    def _two_calls(self, args: tuple[Any, ...]) -> list[dict[str, np.ndarray]]:
+        return [self._parse(self._call(*args)) for _ in range(2)]
 
     def _parse(self, result: Any) -> dict[str, np.ndarray]:
         """The candidate's gradients by name; None entries count as not returned."""
@@ -138,67 +141,39 @@ class _BackwardSuite(_AttentionSuite):
         with np.errstate(over="ignore"):  # a float16 overflow is the plain computation's error, and an infinite one
             return {n: np.asarray(g).astype(nd).astype(np.float64) for n, g in grads.items()}
 
-    def evaluate(self, case: _Case) -> dict[str, Any]:
-        """Candidate, float64 reference and plain same-dtype baseline gradients for one case (cached)."""
-        if case.name in self._cache:
-            return self._cache[case.name]
-        q, k, v, d_out = backward_inputs(case.shape, dtype=self.dtype, seed=self.seed)
+    def _expected(self, case: _Case) -> dict[str, Any]:
+        """The float64 reference gradients and outputs, and the plain same-dtype baseline gradients."""
+        q, k, v, d_out = self.call_inputs(case)
         self._d_out[case.name] = d_out.astype(np.float64)
         inputs = (q, k, v)
         ref = self.reference(case, inputs)
-        q64, k64, v64 = (a.astype(np.float64) for a in inputs)
-        ref_out, ref_lse = ref_attention(q64, k64, v64, bias=self.bias64, return_lse=True, **self.ref_options())
+        ref_out, ref_lse = super().reference(case, inputs)
         q_pos, k_pos = self.positions(case.shape)
-        bias_arr = None if self.bias64 is None else np.asarray(self.bias64.bias(q_pos, k_pos))[None]
-        keep = self.keep(case.shape)
+        forward = self.plain(case, inputs, q_pos, k_pos)
         bases = []
         for recompute in (False, True):
-            base = _plain_backward(
-                q64, k64, v64, self._d_out[case.name], bias_arr, keep, scale=self.scale_of(case.shape),
-                placement=self.placement, dtype=self.dtype, recompute=recompute,
-            )  # fmt: skip
+            base = _plain_backward(forward, self._d_out[case.name], recompute=recompute)
             if self.bias64 is not None:
                 base.update(self._base_params(base["dbias"], q_pos, k_pos))
             bases.append(base)
-        entry: dict[str, Any] = {
+        return {
             "inputs": inputs,
             "d_out": d_out,
             "ref": ref,
-            "ref_out": np.asarray(ref_out),
+            "ref_out": ref_out,
             "bases": bases,
-            "empty": ~np.isfinite(np.asarray(ref_lse)),
+            "empty": ~np.isfinite(ref_lse),
             "q_pos": q_pos,
             "k_pos": k_pos,
         }
-        try:
-            entry["cand"] = self.call((*inputs, d_out), case.shape)
-        except CandidateError as exc:
-            exc.reproduction = self.snippet(case, None, "dq")  # type: ignore[attr-defined]
-            entry["error"] = exc
-        self._cache[case.name] = entry
-        return entry
 
-    def snippet(self, case: _Case, index: tuple[int, ...] | None, name: str) -> str:
-        return backward_snippet(
-            self.candidate,
-            self.target,
-            self.bias64,
-            case.shape,
-            dtype=self.dtype,
-            seed=self.seed,
-            xp_name=self.xp_name,
-            options={**self.ref_options(), "fully_masked": self.fully_masked},
-            name=name,
-            index=index,
-        )
+    def _got(self, case: _Case, e: dict[str, Any]) -> dict[str, Any]:
+        return {"cand": self.call((*e["inputs"], e["d_out"]), case.shape)}
 
     # -- checks --------------------------------------------------------------------------------------------
     def _grad_tol(self, e: dict[str, Any], name: str, sel: np.ndarray) -> Any:
         """The attention rule with the larger error of the two plain backwards (autograd's, FlashAttention-2's)."""
-        ref = e["ref"][name]
-        base_err = max(float(np.max(abs_errors(b[name], ref)[sel], initial=0.0)) for b in e["bases"])
-        mag = max(1.0, float(np.max(np.abs(ref[sel & np.isfinite(ref)]), initial=0.0)))
-        return attention_tolerance(self.dtype, base_err, mag, rtol=self.rtol, atol=self.atol)
+        return self._tol(e["ref"][name], [b[name] for b in e["bases"]], sel)
 
     def _selection(self, name: str, e: dict[str, Any]) -> np.ndarray:
         ref = e["ref"][name]
@@ -207,15 +182,10 @@ class _BackwardSuite(_AttentionSuite):
             sel &= ~e["empty"][..., None]  # queries that see no key belong to the fully_masked_rows check
         return sel
 
-    def _candidate(self, name: str, e: dict[str, Any]) -> np.ndarray | None:
-        if "error" in e:
-            raise e["error"]
-        return e["cand"].get(name)
-
     def values_check(self, case: _Case, name: str) -> CheckResult:  # type: ignore[override]
         check = f"{self.label}.{name if name in _CORE else 'd' + name}.{case.name}"
-        e = self.evaluate(case)
-        cand = self._candidate(name, e)
+        e = self.evaluated(case)
+        cand = e["cand"].get(name)
         if cand is None:
             if name in _CORE:
                 raise CandidateError(f"candidate returned no {name}")
@@ -231,43 +201,24 @@ class _BackwardSuite(_AttentionSuite):
             res.diagnosis = self.shape_diagnosis(case, e, name, cand)
             res.reproduction = self.snippet(case, None, name)
             return res
-        tol = self._grad_tol(e, name, sel)
-        err = np.where(sel, abs_errors(cand, ref), 0.0)
-        bound = tol.atol + tol.rtol * np.abs(np.where(np.isfinite(ref), ref, 0.0))
-        bad = sel & (err > bound)
         n_empty = int(e["empty"].sum())
         extra = ""
         if n_empty and name == "dq":
             extra = f"; {n_empty} queries see no key, left to the fully_masked check"
         elif not sel.all():
             extra = f"; {int((~sel).sum())} entries NaN in the reference (fully_masked='nan') not compared"
-        res = CheckResult(
-            check,
-            not bool(bad.any()),
-            summary=what + extra,
-            max_abs=float(np.max(err, initial=0.0)),
-            max_rel=_max_rel(err, ref, sel),
-            bound=float(np.max(np.where(sel, bound, 0.0), initial=0.0)),
-            tolerance=tol.text,
-        )
+        res, bound = self._compared(check, what + extra, e, name, cand, ref, sel, self._grad_tol(e, name, sel))
         if not res.passed:
-            idx = _first(bad)
-            res.mismatch = {
-                "index": idx,
-                **self._where(name, idx, e),
-                "candidate": _f(cand[idx]),
-                "reference": _f(ref[idx]),
-            }
             res.diagnosis = self.diagnose_grad(case, e, name, cand, sel, bound)
-            res.reproduction = self.snippet(case, idx, name)
+            res.reproduction = self.snippet(case, res.mismatch["index"], name)
         return res
 
-    def _where(self, name: str, idx: tuple[int, ...], e: dict[str, Any]) -> dict[str, Any]:
-        if name == "dq":
+    def _where(self, what: str, idx: tuple[int, ...], e: dict[str, Any]) -> dict[str, Any]:
+        if what == "dq":
             return {"q_pos": int(e["q_pos"][idx[2]])}
-        if name in ("dk", "dv"):
+        if what in ("dk", "dv"):
             return {"k_pos": int(e["k_pos"][idx[2]])}
-        return {"parameter": name}
+        return {"parameter": what}
 
     def _close(self, cand: np.ndarray, alt: np.ndarray, sel: np.ndarray, bound: Any) -> bool:
         if cand.shape != alt.shape:
@@ -296,12 +247,10 @@ class _BackwardSuite(_AttentionSuite):
 
     def _transposed(self, case: _Case, e: dict[str, Any]) -> dict[str, Any]:
         sh = case.shape
-        q, k, v = (a.astype(np.float64) for a in e["inputs"])
-        bias_arr = None if self.bias64 is None else np.asarray(self.bias64.bias(e["q_pos"], e["k_pos"]))[None]
+        q, k, _ = (a.astype(np.float64) for a in e["inputs"])
         parts = _plain_backward(
-            q, k, v, self._d_out[case.name], bias_arr, self.keep(sh), scale=self.scale_of(sh),
-            placement=self.placement, dtype="float64",
-        )  # fmt: skip
+            self.plain(case, e["inputs"], e["q_pos"], e["k_pos"], "float64"), self._d_out[case.name]
+        )
         group = sh.heads // sh.kv_heads
         dzt = np.swapaxes(parts["dz"], -1, -2)
         tau = self.scale_of(sh)
@@ -317,14 +266,15 @@ class _BackwardSuite(_AttentionSuite):
             out.update({n: np.asarray(g) for n, g in self.bias64.bias_vjp(e["q_pos"], e["k_pos"], db).items()})
         return out
 
-    def _hypothesis(self, case: _Case, label: str, fn: Callable[[], Any]) -> dict[str, Any] | None:
+    def _hypothesis(self, case: _Case, label: str, fn: Callable[[], Any], name: str) -> np.ndarray | None:
+        """The gradient ``name`` under one hypothesis (None where it does not apply); the vjp is cached."""
         key = (case.name, label)
         if key not in self._hyp:
             try:
                 self._hyp[key] = fn()
             except (ValueError, TypeError):
                 self._hyp[key] = None
-        return self._hyp[key]
+        return None if self._hyp[key] is None else self._hyp[key].get(name)
 
     def diagnose_grad(
         self, case: _Case, e: dict[str, Any], name: str, cand: np.ndarray, sel: np.ndarray, bound: Any
@@ -382,10 +332,8 @@ class _BackwardSuite(_AttentionSuite):
             return [self._layout_text()]
         hyps = list(self.hypotheses(case, e)) + self.extra_hypotheses(case, e)
         for label, fn in hyps:
-            alt = self._hypothesis(case, label, fn)
-            if alt is None or alt.get(name) is None:
-                continue
-            if self._close(cand, alt[name], sel, bound):
+            alt = self._hypothesis(case, label, fn, name)
+            if alt is not None and self._close(cand, alt, sel, bound):
                 return [label]
         return []
 
@@ -423,27 +371,16 @@ class _BackwardSuite(_AttentionSuite):
         return [f"{name}: shape {cand.shape}, expected {ref.shape}"]
 
     def causal_future_check(self) -> CheckResult:
-        found = self.future_case()
-        assert found is not None  # the check is only generated when a case has future keys
-        case, r = found
-        sh = case.shape
-        q_pos, k_pos = self.positions(sh)
-        cut = int(q_pos[r]) + 1
-        e = self.evaluate(case)
-        if "error" in e:
-            raise e["error"]
+        case, r, q_pos, k_pos, cut, e = self._future()
         d_out = e["d_out"].copy()
         d_out[:, :, r + 1 :] = 0
-        got = self.call((*e["inputs"], d_out), sh)
+        got = self.call((*e["inputs"], d_out), case.shape)
         missing = [n for n in ("dk", "dv") if n not in got]
         if missing:
             raise CandidateError(f"candidate returned no {', '.join(missing)}")
         tails = {n: got[n][:, :, cut:] for n in ("dk", "dv")}
         worst = max(float(np.max(np.where(np.isnan(t), np.inf, np.abs(t)), initial=0.0)) for t in tails.values())
-        refs = [e["ref"][n] for n in ("dk", "dv")]
-        mag = max([1.0] + [float(np.max(np.abs(a[np.isfinite(a)]), initial=0.0)) for a in refs])
-        user = 0.0 if self.rtol is None and self.atol is None else (self.atol or 0.0)
-        slack = user + _floor(self.dtype) * mag
+        slack = self._future_slack([e["ref"][n] for n in ("dk", "dv")])
         res = CheckResult(
             f"{self.label}.causal_future_keys",
             worst <= slack,
@@ -472,8 +409,8 @@ class _BackwardSuite(_AttentionSuite):
         return res
 
     def fully_masked_check(self, case: _Case) -> CheckResult:
-        e = self.evaluate(case)
-        dq = self._candidate("dq", e)
+        e = self.evaluated(case)
+        dq = e["cand"].get("dq")
         if dq is None:
             raise CandidateError("candidate returned no dq")
         empty = e["empty"]
@@ -491,13 +428,7 @@ class _BackwardSuite(_AttentionSuite):
         )
         if not ok:
             full = np.broadcast_to(empty[..., None], dq.shape)
-            idx = _first(full & ~((dq == 0) if zero else np.isnan(dq)))
-            res.mismatch = {
-                "index": idx,
-                "q_pos": int(e["q_pos"][idx[2]]),
-                "candidate": _f(dq[idx]),
-                "reference": 0.0 if zero else "nan",
-            }
+            idx, res.mismatch = self._masked_mismatch(e, dq, full)
             if not zero and np.all(rows == 0):
                 res.diagnosis.append(
                     "dq rows of queries that see no key are 0, not NaN: the 'zero' convention, or a mask applied with "
@@ -517,15 +448,8 @@ class _BackwardSuite(_AttentionSuite):
                         "(finfo.min, -1e4) instead of -inf"
                     )
                 else:
-                    for label, fn in self.hypotheses(case, e):
-                        alt = self._hypothesis(case, label, fn)
-                        if (
-                            alt is not None
-                            and np.isfinite(alt["dq"][full]).all()
-                            and np.all(abs_errors(dq, alt["dq"])[full] <= tol.atol)
-                        ):
-                            res.diagnosis.append(f"these queries see keys in the candidate: {label}")
-                            break
+                    alts = ((label, self._hypothesis(case, label, fn, "dq")) for label, fn in self.hypotheses(case, e))
+                    res.diagnosis += self._seen_keys(alts, dq, full, tol.atol)
             res.reproduction = self.snippet(case, idx, "dq")
         return res
 
@@ -539,78 +463,6 @@ class _BackwardSuite(_AttentionSuite):
         dp = do @ np.swapaxes(vv, -1, -2)
         dz = (dp - np.sum(do * out, axis=-1, keepdims=True)) / k.shape[2]
         return self.scale_of(case.shape) * (dz @ kk)
-
-    def repeatable_check(self) -> CheckResult:
-        case = next(iter(self.cases.values()))
-        inputs = backward_inputs(case.shape, dtype=self.dtype, seed=self.seed)
-        copies = tuple(a.copy() for a in inputs)
-        args = tuple(from_host(a, self.xp_kind, self.xp_mod, self.device) for a in inputs)
-        host_before = [to_host(a)[0] for a in args]
-        g1 = self._parse(self._call(*args))
-        g2 = self._parse(self._call(*args))
-        same = set(g1) == set(g2) and all(
-            g1[n].shape == g2[n].shape and bool(np.all((g1[n] == g2[n]) | (np.isnan(g1[n]) & np.isnan(g2[n]))))
-            for n in g1
-        )
-        host_after = [to_host(a)[0] for a in args]
-        untouched = all(np.array_equal(a, b) for a, b in zip(host_before, host_after, strict=True)) and all(
-            np.array_equal(a, b) for a, b in zip(copies, inputs, strict=True)
-        )
-        res = CheckResult(
-            f"{self.label}.repeatable",
-            same and untouched,
-            summary=f"two calls give bitwise identical gradients ({', '.join(g1)}) and leave q, k, v, d_out unchanged",
-        )
-        if not same:
-            res.diagnosis.append(
-                "two calls on the same inputs returned different gradients (non-deterministic reduction order, "
-                "atomics, or uninitialised memory)"
-            )
-        if not untouched:
-            res.diagnosis.append("the candidate modified q, k, v or d_out in place")
-        return res
-
-
-def backward_snippet(
-    candidate: Any,
-    target: str | None,
-    bias: BiasFamily | None,
-    shape: Any,
-    *,
-    dtype: str,
-    seed: int,
-    xp_name: str,
-    options: dict[str, Any],
-    name: str,
-    index: tuple[int, ...] | None,
-) -> str:
-    """Python that recomputes one gradient of the candidate and of the reference."""
-    args = "q, k, v, d_out"
-    hand = f"candidate({args})" if xp_name == "numpy" else f"candidate(*hand_over(({args}), xp={xp_name!r}))"
-    opts = ", ".join(f"{k}={v!r}" for k, v in options.items())
-    pos = _CORE.index(name) if name in _CORE else 3
-    pick = f"result[{pos}]" if name in _CORE else f"result[3][{name!r}]"
-    want = f".{name}" if name in _CORE else f".dbias[{name!r}]"
-    if name == "table" and isinstance(bias, T5Bias) and bias._layout == "buckets_heads":
-        want += ".T  # the reference below is built (heads, buckets); the candidate's layout is (buckets, heads)"
-    lines = [
-        "import numpy as np",
-        "import relpos_ref as rp",
-        "from collections.abc import Mapping",
-        "from relpos_ref.conformance import AttentionShape, as_numpy, backward_inputs, hand_over",
-        _repro.candidate_source(candidate, target),
-        f"bias = {_repro.family_source(bias)}",
-        f"shape = {shape!r}",
-        f"q, k, v, d_out = backward_inputs(shape, dtype={dtype!r}, seed={seed})",
-        f"result = {hand}",
-        f"got = as_numpy(result[{name!r}] if isinstance(result, Mapping) else {pick})",
-        f"want = rp.attention_vjp(*(a.astype(np.float64) for a in (q, k, v, d_out)), bias=bias, {opts}){want}",
-    ]
-    if index is not None:
-        sel = ", ".join(map(str, index[:3]))
-        lines.append(f"print(got[{sel}].tolist())")
-        lines.append(f"print(want[{sel}].tolist())")
-    return "\n".join(lines)
 
 
 def attention_backward_checks(
@@ -647,24 +499,8 @@ def _backward_checks(candidate: Any, options: AttentionOptions, *, label: str = 
             check = f"{label}.{name if name in _CORE else 'd' + name}.{case.name}"
             desc = f"{name} of {case.shape}" if name in _CORE else f"gradient of {name!r} for {case.shape}"
             checks.append(Check(check, desc, lambda c=case, n=name: s.values_check(c, n), s))
-    if s.causal and s.future_case() is not None:
-        checks.append(
-            Check(f"{label}.causal_future_keys", "zero dk, dv for keys no query sees", s.causal_future_check, s)
-        )
-    else:
-        s.notes.append("causal_future_keys: " + ("causal=False" if not s.causal else "no case has keys after a query"))
-    masked_cases = [c for c in s.cases.values() if _has_empty_rows(s, c)]
-    if masked_cases:
-        checks.append(
-            Check(
-                f"{label}.fully_masked_rows",
-                "dq of queries with no visible key",
-                lambda: s.fully_masked_check(masked_cases[0]),
-                s,
-            )
-        )
-    else:
-        s.notes.append("fully_masked_rows: no case has a query that sees no key (needs causal, bottom_right, Sq > Sk)")
+    checks += s.future_checks("zero dk, dv for keys no query sees")
+    checks += s.masked_checks("dq of queries with no visible key")
     checks.append(Check(f"{label}.repeatable", "deterministic, inputs unchanged", s.repeatable_check, s))
     return checks
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import array_api_compat.numpy as np_xp
@@ -22,68 +23,78 @@ from ._core import (
     _as_float_array,
     _f,
     _first,
+    _identical,
     _max_rel,
+    _Options,
     _Suite,
     _target_name,
     _to_numpy64,
     run_checks,
 )
 from .report import CheckResult, Report
-from .tolerance import bias_tolerance, rule_text
+from .tolerance import _header_rule, bias_tolerance
 
 __all__ = ["bias_checks", "check_bias"]
 
 
-class _BiasSuite(_Suite):
-    def __init__(
-        self,
-        candidate: Any,
-        reference: Any,
-        *,
-        q_len: int,
-        k_len: int,
-        align: str,
-        equivalence: str,
-        causal: bool,
-        dtype: str | None,
-        rtol: float | None,
-        atol: float | None,
-        target: str | None,
-        label: str,
-    ) -> None:
-        if not callable(candidate):
-            msg = f"candidate: expected a callable candidate(q_pos, k_pos), got {type(candidate).__name__}"
-            raise TypeError(msg)
+@dataclass(frozen=True)
+class BiasOptions(_Options):
+    """What a bias suite is built with, validated once, when the object is made.
+
+    The fields are the keywords of :func:`check_bias` that describe the comparison (all but the candidate,
+    ``expected_failures`` and the check ``label``); :func:`bias_checks`, :func:`check_bias` and the CLI make one and
+    hand it to the suite. Invalid values raise ``TypeError`` or ``ValueError`` naming the keyword, checked in the
+    order of the fields; then a TensorBias reference must have the (Sq, Sk) of ``q_len``, ``k_len``. Derived:
+    ``ref64`` (the reference in float64 NumPy).
+    """
+
+    reference: BiasFamily
+    q_len: int
+    k_len: int
+    align: str = "bottom_right"
+    equivalence: str = "exact"
+    causal: bool = False
+    dtype: str | None = None
+    rtol: float | None = None
+    atol: float | None = None
+    target: str | None = None
+    ref64: BiasFamily = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        put, reference = self._put, self.reference
         if not isinstance(reference, BiasFamily):
             msg = (
                 "reference: expected a relpos_ref bias family (ALiBi, T5Bias, KerplePower, ...), "
                 f"got {type(reference).__name__}"
             )
             raise TypeError(msg)
-        self.candidate = candidate
-        self.target = target
-        self.q_len = _checks.integer("q_len", q_len, minimum=1)
-        self.k_len = _checks.integer("k_len", k_len, minimum=1)
-        self.align = _checks.option("align", align, ("bottom_right", "top_left"))
-        self.equivalence = _checks.option("equivalence", equivalence, EQUIVALENCES)
-        self.causal = _checks.boolean("causal", causal)
-        if dtype is not None:
-            _checks.option("dtype", dtype, FLOAT_DTYPES)
-        self.dtype = dtype
-        self.rtol, self.atol = rtol, atol
-        if rtol is not None or atol is not None:
-            bias_tolerance("float64", 1.0, rtol=rtol, atol=atol)  # validates
-        self.reference = reference
-        self.ref64 = _to_numpy64(reference)
-        self.label = label
-        self.notes: list[str] = []
-        self.seen_dtype: str | None = None
-        self._cache: dict[tuple[bytes, bytes], tuple[np.ndarray, str]] = {}
+        put("q_len", _checks.integer("q_len", self.q_len, minimum=1))
+        put("k_len", _checks.integer("k_len", self.k_len, minimum=1))
+        put("align", _checks.option("align", self.align, ("bottom_right", "top_left")))
+        put("equivalence", _checks.option("equivalence", self.equivalence, EQUIVALENCES))
+        put("causal", _checks.boolean("causal", self.causal))
+        if self.dtype is not None:
+            _checks.option("dtype", self.dtype, FLOAT_DTYPES)
+        if self.rtol is not None or self.atol is not None:
+            bias_tolerance("float64", 1.0, rtol=self.rtol, atol=self.atol)  # validates
+        put("ref64", _to_numpy64(reference))
         if isinstance(reference, TensorBias):
             _, sq, sk = reference.shape
             if (sq, sk) != (self.q_len, self.k_len):
                 msg = f"q_len, k_len: expected the TensorBias's (Sq, Sk) = {(sq, sk)}, got {(self.q_len, self.k_len)}"
                 raise ValueError(msg)
+
+
+class _BiasSuite(_Suite):
+    signature = "candidate(q_pos, k_pos)"
+
+    def __init__(self, candidate: Any, options: BiasOptions, *, label: str) -> None:
+        super().__init__(candidate, options.target, label)
+        o = self.options = options
+        self.reference, self.ref64, self.q_len, self.k_len = o.reference, o.ref64, o.q_len, o.k_len
+        self.align, self.equivalence, self.causal = o.align, o.equivalence, o.causal
+        self.dtype, self.rtol, self.atol = o.dtype, o.rtol, o.atol
+        self.seen_dtype: str | None = None
 
     # -- plumbing ------------------------------------------------------------------------------------------
     def header(self) -> dict[str, Any]:
@@ -96,9 +107,7 @@ class _BiasSuite(_Suite):
                 f"causal={self.causal}"
             ),
             "candidate dtype": self.dtype or self.seen_dtype or "(from the candidate's output)",
-            "tolerance rule": rule_text("bias")
-            if self.rtol is None and self.atol is None
-            else f"user override: |cand - ref| <= atol + rtol |ref| with rtol={self.rtol}, atol={self.atol}",
+            "tolerance rule": _header_rule("bias", self.rtol, self.atol),
         }
 
     def main_positions(self) -> tuple[np.ndarray, np.ndarray]:
@@ -210,21 +219,20 @@ class _BiasSuite(_Suite):
             cmp["passed"],
             summary=f"{what}: {n} entries{' kept by the causal mask' if self.causal else ''}, "
             f"equivalence={self.equivalence}, candidate dtype {dt}",
-            max_abs=cmp["max_abs"],
-            max_rel=cmp["max_rel"],
-            bound=cmp["bound"],
-            tolerance=cmp["tol"].text,
+            **_figures(cmp),
         )
         if self.equivalence == "row_shift" and cmp["shift"] is not None:
-            res.details.append(
-                "row shift found: " + diagnose.row_shift_text(cmp["shift"], q_pos, self.ref64, cmp["tol"].atol)
-            )
+            res.details.append("row shift found: " + self._shift_text(cmp, q_pos))
         if not res.passed:
             idx = cmp["index"]
             res.mismatch = self._mismatch(idx, cand, ref, q_pos, k_pos, cmp["shift"])
             res.diagnosis = self.diagnose(cand, ref, keep, dt, q_pos, k_pos, cmp)
             res.reproduction = self.snippet(q_pos, k_pos, idx)
         return res
+
+    def _shift_text(self, cmp: dict[str, Any], q_pos: np.ndarray) -> str:
+        """The row shift a comparison found, in words."""
+        return diagnose.row_shift_text(cmp["shift"], q_pos, self.ref64, cmp["tol"].atol)
 
     def _mismatch(
         self,
@@ -272,7 +280,7 @@ class _BiasSuite(_Suite):
                     *out,
                     "per-row constant: candidate = reference + one constant per (head, query row), which "
                     "leaves the probabilities unchanged; check it with equivalence='row_shift' ["
-                    + diagnose.row_shift_text(alt["shift"], q_pos, self.ref64, alt["tol"].atol)
+                    + self._shift_text(alt, q_pos)
                     + "]",
                 ]
         if not self.causal:
@@ -281,11 +289,7 @@ class _BiasSuite(_Suite):
                 alt = self.compare(cand, ref, causal_keep, dt, equivalence=equiv)
                 if alt["passed"]:
                     how = "" if equiv == "exact" else " up to a per-row constant"
-                    detail = (
-                        ""
-                        if equiv == "exact"
-                        else (" [" + diagnose.row_shift_text(alt["shift"], q_pos, self.ref64, alt["tol"].atol) + "]")
-                    )
+                    detail = "" if equiv == "exact" else f" [{self._shift_text(alt, q_pos)}]"
                     return [
                         *out,
                         f"causal-only form: equals the reference{how} on keys at or before the query and "
@@ -332,10 +336,7 @@ class _BiasSuite(_Suite):
             prop.passed,
             summary=f"candidate(q_pos + {shift}, k_pos + {shift}) vs candidate(q_pos, k_pos) "
             f"(equivalence={self.equivalence})",
-            max_abs=cmp["max_abs"],
-            max_rel=cmp["max_rel"],
-            bound=cmp["bound"],
-            tolerance=cmp["tol"].text,
+            **_figures(cmp),
         )
         if not res.passed:
             idx = prop.index
@@ -408,7 +409,7 @@ class _BiasSuite(_Suite):
         q_in, k_in = q.copy(), k.copy()
         first, _ = _as_float_array(self._call(q_in, k_in), "candidate output")
         second, _ = _as_float_array(self._call(q_in, k_in), "candidate output")
-        same = first.shape == second.shape and bool(np.all((first == second) | (np.isnan(first) & np.isnan(second))))
+        same = _identical(first, second)
         untouched = np.array_equal(q_in, q) and np.array_equal(k_in, k)
         res = CheckResult(
             f"{self.label}.repeatable",
@@ -438,20 +439,13 @@ def bias_checks(
     label: str = "bias",
 ) -> list[Check]:
     """The checks of :func:`check_bias`, unrun (see :func:`check_bias` for the parameters)."""
-    s = _BiasSuite(
-        candidate,
-        reference,
-        q_len=q_len,
-        k_len=k_len,
-        align=align,
-        equivalence=equivalence,
-        causal=causal,
-        dtype=dtype,
-        rtol=rtol,
-        atol=atol,
-        target=target,
-        label=label,
-    )
+    _BiasSuite.check_candidate(candidate)
+    return _bias_checks(candidate, BiasOptions.of(locals()), label=label)
+
+
+def _bias_checks(candidate: Any, options: BiasOptions, *, label: str = "bias") -> list[Check]:
+    """The checks of ``candidate`` under ``options``, unrun."""
+    s = _BiasSuite(candidate, options, label=label)
     ref = s.ref64
     checks = [Check(f"{label}.shape", "output shape (H, Sq, Sk) and dtype", s.shape_check, s)]
 
@@ -497,6 +491,11 @@ def bias_checks(
         s.notes.append(f"monotone: {type(ref).__name__} does not promise a monotone penalty")
     checks.append(Check(f"{label}.repeatable", "deterministic, inputs unchanged", s.repeatable_check, s))
     return checks
+
+
+def _figures(cmp: dict[str, Any]) -> dict[str, Any]:
+    """A comparison's errors, bound and tolerance, as the fields of its CheckResult."""
+    return {"max_abs": cmp["max_abs"], "max_rel": cmp["max_rel"], "bound": cmp["bound"], "tolerance": cmp["tol"].text}
 
 
 _PROBE_RADIUS: dict[str, Callable[[Any], int]] = {
@@ -559,17 +558,5 @@ def check_bias(
     -------
     Report
     """
-    checks = bias_checks(
-        candidate,
-        reference,
-        q_len=q_len,
-        k_len=k_len,
-        align=align,
-        equivalence=equivalence,
-        causal=causal,
-        dtype=dtype,
-        rtol=rtol,
-        atol=atol,
-        target=target,
-    )
-    return run_checks(checks, expected_failures=expected_failures)
+    _BiasSuite.check_candidate(candidate)
+    return run_checks(_bias_checks(candidate, BiasOptions.of(locals())), expected_failures=expected_failures)

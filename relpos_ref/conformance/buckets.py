@@ -19,6 +19,8 @@ __all__ = ["bucket_checks", "check_buckets"]
 
 
 class _BucketSuite(_Suite):
+    signature = "candidate(delta)"
+
     def __init__(
         self,
         candidate: Any,
@@ -29,22 +31,15 @@ class _BucketSuite(_Suite):
         target: str | None,
         label: str,
     ) -> None:
-        if not callable(candidate):
-            msg = f"candidate: expected a callable candidate(delta), got {type(candidate).__name__}"
-            raise TypeError(msg)
-        self.candidate = candidate
-        self.target = target
+        super().__init__(candidate, target, label)
         self.opts = {"bidirectional": bidirectional, "num_buckets": num_buckets, "max_distance": max_distance}
         self.thr = t5_bucket_thresholds(**self.opts)  # validates the configuration
-        self.label = label
-        self.notes: list[str] = []
         radius = max(4 * max_distance, 2 * self.thr[-1] + 8)
         lo = -radius if bidirectional else -radius // 4
         extra = [10**4, 10**5, 10**6, 2**31 - 1]
         self.delta = np.concatenate(
             [np.arange(lo, radius + 1), np.array(extra + ([-e for e in extra] if bidirectional else []))]
         ).astype(np.int64)
-        self._cache: dict[bytes, np.ndarray] = {}
         self.seen_dtype: str | None = None
 
     def header(self) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from ..families import FIRE, ALiBi, BiasFamily, Sandwich, T5Bias, family_class
 from ._core import Check, _match_expected, run_checks
 from .attention import AttentionOptions, _attention_checks, _AttentionSuite
 from .backward import _backward_checks, _BackwardSuite
-from .bias import bias_checks
+from .bias import BiasOptions, _bias_checks, _BiasSuite
 from .buckets import bucket_checks
 from .plugin import load_target
 
@@ -195,42 +195,18 @@ def build_checks(args: argparse.Namespace, candidate: Any = None) -> list[Check]
             target=target,
         )
     ref = _reference(args)
+    # The options' destinations are the suites' keywords (--q-len: q_len, ...); the reference is built above.
+    given = {**vars(args), "reference": ref, "bias": ref, "target": target}
     if args.kind == "bias":
         if ref is None:
             raise ValueError("--family: expected a bias family (or --reference) for --kind bias")
-        return bias_checks(
-            candidate,
-            ref,
-            q_len=args.q_len,
-            k_len=args.k_len,
-            align=args.align,
-            equivalence=args.equivalence,
-            causal=args.causal,
-            dtype=args.dtype,
-            rtol=args.rtol,
-            atol=args.atol,
-            target=target,
-        )
+        _BiasSuite.check_candidate(candidate)  # first, as in the public functions
+        return _bias_checks(candidate, BiasOptions.of(given))
     backward = args.kind == "backward"
     if backward and args.with_lse:
         raise ValueError("--with-lse: applies to --kind attention, not backward")
     (_BackwardSuite if backward else _AttentionSuite).check_candidate(candidate)  # first, as in the public functions
-    options = AttentionOptions(
-        bias=ref,
-        causal=args.causal,
-        align=args.align,
-        placement=args.placement,
-        scale=args.scale,
-        dtype=args.dtype or "float32",
-        with_lse=args.with_lse,
-        fully_masked=args.fully_masked,
-        xp=args.xp,
-        device=args.device,
-        rtol=args.rtol,
-        atol=args.atol,
-        seed=args.seed,
-        target=target,
-    )
+    options = AttentionOptions.of({**given, "dtype": args.dtype or "float32"})
     return (_backward_checks if backward else _attention_checks)(candidate, options)
 
 

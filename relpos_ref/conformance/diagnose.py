@@ -134,26 +134,23 @@ def _alibi_hypotheses(ref: ALiBi, q_pos: np.ndarray, k_pos: np.ndarray, add: Add
         )
 
 
-def _kerple_power_hypotheses(ref: KerplePower, q_pos: np.ndarray, k_pos: np.ndarray, add: AddFn) -> None:
+def _kerple_hypotheses(ref: KerplePower | KerpleLog, q_pos: np.ndarray, k_pos: np.ndarray, add: AddFn) -> None:
+    """The two KERPLE kernels' parameters swapped (r1 takes r2's role in the kernel, r2 the multiplier's)."""
     p = ref.parameters()
-    r1, r2 = _np(p["r1"]), _np(p["r2"])
-    dist = _abs_delta(q_pos, k_pos)
-    add(
-        "KERPLE parameters swapped: r1 used as the exponent and r2 as the multiplier (the official code names "
-        "them bias_a/bias_p with roles that differ between the power and log classes)",
-        lambda: -(r2[:, None, None] * dist[None] ** r1[:, None, None]),
-    )
-
-
-def _kerple_log_hypotheses(ref: KerpleLog, q_pos: np.ndarray, k_pos: np.ndarray, add: AddFn) -> None:
-    p = ref.parameters()
-    r1, r2 = _np(p["r1"]), _np(p["r2"])
-    dist = _abs_delta(q_pos, k_pos)
-    add(
-        "KERPLE parameters swapped: r1 used as the rate inside log1p and r2 as the multiplier (the official "
-        "code names them bias_p/bias_a with roles that differ between the log and power classes)",
-        lambda: -(r2[:, None, None] * np.log1p(r1[:, None, None] * dist[None])),
-    )
+    r1, r2 = _np(p["r1"])[:, None, None], _np(p["r2"])[:, None, None]
+    dist = _abs_delta(q_pos, k_pos)[None]
+    if isinstance(ref, KerplePower):
+        add(
+            "KERPLE parameters swapped: r1 used as the exponent and r2 as the multiplier (the official code names "
+            "them bias_a/bias_p with roles that differ between the power and log classes)",
+            lambda: -(r2 * dist**r1),
+        )
+    else:
+        add(
+            "KERPLE parameters swapped: r1 used as the rate inside log1p and r2 as the multiplier (the official "
+            "code names them bias_p/bias_a with roles that differ between the log and power classes)",
+            lambda: -(r2 * np.log1p(r1 * dist)),
+        )
 
 
 def _t5_hypotheses(ref: T5Bias, q_pos: np.ndarray, k_pos: np.ndarray, add: AddFn) -> None:
@@ -203,8 +200,8 @@ def _sandwich_hypotheses(ref: Sandwich, q_pos: np.ndarray, k_pos: np.ndarray, ad
 #: Family-specific hypotheses by registry name (``type(ref).name``), each appending through ``add``.
 _FAMILY_HYPOTHESES: dict[str, Callable[[Any, np.ndarray, np.ndarray, AddFn], None]] = {
     "alibi": _alibi_hypotheses,
-    "kerple_power": _kerple_power_hypotheses,
-    "kerple_log": _kerple_log_hypotheses,
+    "kerple_power": _kerple_hypotheses,
+    "kerple_log": _kerple_hypotheses,
     "t5": _t5_hypotheses,
     "fire": _fire_hypotheses,
     "sandwich": _sandwich_hypotheses,

@@ -184,14 +184,17 @@ class Report:
             raise ConformanceError(self.text())
 
 
-def _num(x: float | None) -> str:
-    if x is None:
-        return "-"
+def _nonfinite(x: float) -> str | None:
+    """ "nan", "inf" or "-inf" for a non-finite number (as tables and JSON write it), None for a finite one."""
     if math.isnan(x):
         return "nan"
     if math.isinf(x):
         return "inf" if x > 0 else "-inf"
-    return f"{x:.2e}"
+    return None
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else _nonfinite(x) or f"{x:.2e}"
 
 
 def _mismatch_text(m: dict[str, Any]) -> str:
@@ -207,11 +210,7 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [_jsonable(v) for v in obj]
     if isinstance(obj, float):
-        if math.isnan(obj):
-            return "nan"
-        if math.isinf(obj):
-            return "inf" if obj > 0 else "-inf"
-        return obj
+        return _nonfinite(obj) or obj
     if isinstance(obj, bool | int | str) or obj is None:
         return obj
     try:  # NumPy scalars

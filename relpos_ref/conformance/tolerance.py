@@ -149,6 +149,13 @@ def rule_text(kind: str = "all") -> str:
     return text + "; float64 reference on the inputs the candidate saw (spec/tolerances.md, conformance tolerance rule)"
 
 
+def _header_rule(kind: str, rtol: float | None, atol: float | None) -> str:
+    """A report header's tolerance rule: :func:`rule_text` of ``kind``, or the user's override."""
+    if rtol is None and atol is None:
+        return rule_text(kind)
+    return f"user override: |cand - ref| <= atol + rtol |ref| with rtol={rtol}, atol={atol}"
+
+
 def plain_attention(
     q: np.ndarray,
     k: np.ndarray,
@@ -171,14 +178,18 @@ def plain_attention(
     -------
     out (B, H, Sq, Dv), lse (B, H, Sq) as float64 arrays of the rounded values.
     """
-    f = _plain_forward(q, k, v, bias, keep, scale=scale, placement=placement, dtype=dtype)
+    return _plain_outputs(_plain_forward(q, k, v, bias, keep, scale=scale, placement=placement, dtype=dtype))
+
+
+def _plain_outputs(f: _Plain) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`plain_attention`'s output and lse from its materialised forward."""
     rnd, empty = f.rnd, f.empty
     out = rnd(np.matmul(f.p, f.vv))
     out = np.where(empty, 0.0, out)
     lse = (f.m + np.log(f.total))[..., 0].astype(np.float64)
     lse = np.where(empty[..., 0], -np.inf, lse)
-    if dtype in ("float64", "float32"):
-        lse = round_to(lse, dtype)
+    if f.dtype in ("float64", "float32"):
+        lse = round_to(lse, f.dtype)
     return out.astype(np.float64), lse
 
 
@@ -222,35 +233,20 @@ def plain_attention_vjp(
     if method not in ("autograd", "recompute"):
         msg = f"method: expected 'autograd' or 'recompute', got {method!r}"
         raise ValueError(msg)
-    parts = _plain_backward(
-        q, k, v, d_out, bias, keep, scale=scale, placement=placement, dtype=dtype, recompute=method == "recompute"
-    )
+    f = _plain_forward(q, k, v, bias, keep, scale=scale, placement=placement, dtype=dtype)
+    parts = _plain_backward(f, d_out, recompute=method == "recompute")
     return parts["dq"], parts["dk"], parts["dv"], parts["dbias"]
 
 
-def _plain_backward(
-    q: np.ndarray,
-    k: np.ndarray,
-    v: np.ndarray,
-    d_out: np.ndarray,
-    bias: np.ndarray | None,
-    keep: np.ndarray | None,
-    *,
-    scale: float,
-    placement: str,
-    dtype: str,
-    recompute: bool = False,
-) -> dict[str, Any]:
-    """:func:`plain_attention_vjp` with its intermediate ``dz`` (per query head), for the harness's hypotheses."""
-    f = _plain_forward(q, k, v, bias, keep, scale=scale, placement=placement, dtype=dtype)
+def _plain_backward(f: _Plain, d_out: np.ndarray, *, recompute: bool = False) -> dict[str, Any]:
+    """:func:`plain_attention_vjp` from the forward ``f``, with its intermediate ``dz`` (per query head)."""
     acc, rnd, qq, kk, vv, sc, z, m, total, p = f.acc, f.rnd, f.qq, f.kk, f.vv, f.sc, f.z, f.m, f.total, f.p
 
     def tr(x: np.ndarray) -> np.ndarray:
         return np.swapaxes(x, -1, -2)
 
-    nb, nh = q.shape[:2]
-    nkv = k.shape[1]
-    group = nh // nkv
+    nb, nh = qq.shape[:2]
+    group, nkv = f.group, nh // f.group
     do = d_out.astype(acc)
     dp = rnd(do @ tr(vv))
     if recompute:
@@ -263,7 +259,7 @@ def _plain_backward(
     dv_h = rnd(tr(p) @ do)
     dz = rnd(p * rnd(dp - row))
     ds = rnd(dz * sc)
-    db = dz if placement == "post_scale" else ds
+    db = dz if f.placement == "post_scale" else ds
     dq = rnd(ds @ kk)
     dk_h = rnd(tr(ds) @ qq)
 
@@ -276,12 +272,16 @@ def _plain_backward(
         "dq": dq.astype(np.float64),
         "dk": fold(dk_h).astype(np.float64),
         "dv": fold(dv_h).astype(np.float64),
-        "dbias": None if bias is None else rnd(np.sum(db, axis=0, dtype=acc)).astype(np.float64),
+        "dbias": rnd(np.sum(db, axis=0, dtype=acc)).astype(np.float64) if f.biased else None,
         "dz": dz.astype(np.float64),
     }
 
 
 class _Plain(NamedTuple):
+    dtype: str
+    placement: str
+    biased: bool
+    group: int
     acc: Any
     rnd: Any
     qq: np.ndarray
@@ -331,4 +331,6 @@ def _plain_forward(
     m = np.where(empty, 0.0, m).astype(acc)
     e = rnd(np.exp(rnd(z - m)))
     total = np.where(empty, 1.0, rnd(np.sum(e, axis=-1, keepdims=True, dtype=acc))).astype(acc)
-    return _Plain(acc, rnd, qq, kk, vv, sc, z, m, empty, total, rnd(e / total))
+    return _Plain(
+        dtype, placement, bias is not None, group, acc, rnd, qq, kk, vv, sc, z, m, empty, total, rnd(e / total)
+    )
