@@ -12,7 +12,7 @@
 # Stages have their own time limits (seconds, overridable through the environment) and the script goes on after a
 # failing stage; it exits non-zero if any stage failed. Default total: under 8 minutes.
 #   T_WARM=90    parallel pre-compilation of the kernels into CuPy's cache (python -m relpos_ref.cuda._warm)
-#   T_FUSED=200  pytest -m gpu tests/test_fused_gpu.py tests/test_fused_api.py (the thread-block cluster kernels
+#   T_FUSED=200  pytest -m gpu tests/cuda/test_fused_gpu.py tests/cuda/test_fused_api.py (the thread-block cluster kernels
 #                included, on compute capability 9.0+: they are otherwise off by default)
 #   T_BENCH=80   bench/bench_fused.py
 #   T_VERIFY=40  relpos-ref verify on numpy + cupy, then the oracle error-bound table on cupy
@@ -107,7 +107,7 @@ stage warm "$T_WARM" "$PY" -m relpos_ref.cuda._warm --jobs "$(nproc)" --deadline
 # CPU CI): a one-off hardware run should not be lost to, say, a CuPy environment warning.
 WARN=(-W default::UserWarning -W default::DeprecationWarning -W default::FutureWarning -W default::RuntimeWarning)
 
-stage fused_tests "$T_FUSED" "$PY" -m pytest -m gpu tests/test_fused_gpu.py tests/test_fused_api.py -p no:cacheprovider -q -rs "${WARN[@]}" \
+stage fused_tests "$T_FUSED" "$PY" -m pytest -m gpu tests/cuda/test_fused_gpu.py tests/cuda/test_fused_api.py -p no:cacheprovider -q -rs "${WARN[@]}" \
     --junitxml="$OUT/pytest-fused.xml" -o junit_family=xunit2
 
 stage verify "$T_VERIFY" bash -c "'$PY' -m relpos_ref.cli verify --backend numpy --backend cupy && '$PY' -m tools.bounds_table --backends cupy"
@@ -116,8 +116,8 @@ stage bench "$T_BENCH" "$PY" bench/bench_fused.py --out "$OUT/bench.json" --md "
     --budget $(( T_BENCH - 25 ))
 
 stage cupy_suite "$T_SUITE" env RELPOS_REF_BACKENDS=cupy HYPOTHESIS_PROFILE=quick "$PY" -m pytest tests -p no:cacheprovider -q -rs -k cupy "${WARN[@]}" \
-    --ignore=tests/test_fused_gpu.py --ignore=tests/test_cuda_emulated.py --ignore=tests/test_cuda_host.py \
-    --ignore=tests/test_cuda_compile.py --ignore=tests/test_fused_api.py --junitxml="$OUT/pytest-cupy-suite.xml" -o junit_family=xunit2
+    --ignore=tests/cuda/test_fused_gpu.py --ignore=tests/cuda/test_emulated.py --ignore=tests/cuda/test_host.py \
+    --ignore=tests/cuda/test_compile.py --ignore=tests/cuda/test_fused_api.py --junitxml="$OUT/pytest-cupy-suite.xml" -o junit_family=xunit2
 
 stage relpos_bench "$T_RPBENCH" "$PY" -m relpos_ref.cli bench --quick --gpu --no-progress --out "$OUT/relpos-bench"
 
@@ -125,7 +125,7 @@ if command -v compute-sanitizer > /dev/null 2>&1 && [ $(( $(date +%s) - START ))
     # CuPy's memory pool suballocates large blocks, which would hide out-of-bounds accesses from memcheck:
     # RELPOS_REF_NO_POOL=1 makes test_fused_gpu.py allocate every array with cudaMalloc.
     stage sanitizer "$T_SANITIZER" env RELPOS_REF_NO_POOL=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
-        "$PY" -m pytest -m gpu tests/test_fused_gpu.py -p no:cacheprovider -q -x "${WARN[@]}" \
+        "$PY" -m pytest -m gpu tests/cuda/test_fused_gpu.py -p no:cacheprovider -q -x "${WARN[@]}" \
         -k "alibi-2x3x5x37-float32 or sandwich-1x2x3x4099 or t5_causal-1x2x2x40000-float32 or fire-2x4x1x1-float16 or small-alibi-1x2x3x999 or default-alibi-1x2x2x65536-float32"
 else
     echo "| sanitizer | skipped (compute-sanitizer not found or no time left) | - | 0 | - |" >> "$SUMMARY"

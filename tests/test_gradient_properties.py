@@ -1,7 +1,7 @@
 """Hypothesis properties of the gradients (``rp.attention_vjp`` and ``BiasFamily.bias_vjp``), on every backend.
 
 The bodies follow ``test_properties.py``: ``body_x(xp, impl, data)`` draws inputs and checks ``impl``; the mutants
-of ``tests/mutants.py`` (the "backward" section) must fail them (``tests/test_mutants.py``).
+of ``tests/support/mutants.py`` (the "backward" section) must fail them (``tests/test_mutants.py``).
 
 G1  every gradient equals the central difference of the forward ``rp.attention`` along a random direction (float64);
 G2  causal: keys after every query get exactly zero dk and dv, masked entries a zero bias gradient, and queries
@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 import pytest
 from hypothesis import strategies as st
-from properties import REAL, FamilySpec, Impl
-from test_properties import Body, draw_attention_inputs, draw_family, draw_rng, draw_scale, run
 
 import relpos_ref as rp
 from relpos_ref.testing import to_numpy
+from tests.support.properties import REAL, FamilySpec, Impl
+from tests.test_properties import Body, draw_attention_inputs, draw_family, draw_rng, draw_scale, run
 
 
 def _xp_arrays(xp: Any, *arrays: np.ndarray) -> tuple[Any, ...]:

@@ -15,9 +15,16 @@ import array_api_compat.numpy as np_xp
 import array_api_strict
 import pytest
 from hypothesis import Phase, settings
-from mutants import MUTANTS, NAIVE_CONTROL, NAIVE_CONTROL_BODIES, NAIVE_VJP_CONTROL, NAIVE_VJP_CONTROL_BODIES
-from test_gradient_properties import GRAD_BODIES
-from test_properties import BODIES, run, run_alibi_slopes
+
+from tests.support.mutants import (
+    MUTANTS,
+    NAIVE_CONTROL,
+    NAIVE_CONTROL_BODIES,
+    NAIVE_VJP_CONTROL,
+    NAIVE_VJP_CONTROL_BODIES,
+)
+from tests.test_gradient_properties import GRAD_BODIES
+from tests.test_properties import BODIES, run, run_alibi_slopes
 
 pytestmark = pytest.mark.meta
 

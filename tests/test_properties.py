@@ -1,8 +1,8 @@
-"""Hypothesis tests: every property of ``tests/properties.py`` on the real relpos_ref, on every backend fixture.
+"""Hypothesis tests: every property of ``tests/support/properties.py`` on the real relpos_ref, on every backend fixture.
 
 Each property is a *body* ``body_x(xp, impl, data)`` that draws its inputs from ``data`` and runs the checks on the
 implementation ``impl``. :func:`run` turns a body into a Hypothesis test. ``tests/test_mutants.py`` runs the same
-bodies with the broken implementations of ``tests/mutants.py`` and requires an ``AssertionError``.
+bodies with the broken implementations of ``tests/support/mutants.py`` and requires an ``AssertionError``.
 
 Inputs are small (at most 12 positions, 6 heads, head dim 6) so that every example runs in milliseconds; random
 arrays come from a NumPy generator seeded by a drawn integer (Hypothesis explores seeds and shapes, NumPy fills the
@@ -17,14 +17,14 @@ from typing import Any
 
 import array_api_compat.numpy as np_xp
 import numpy as np
-import properties as props
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from properties import REAL, FamilySpec, Impl
 
 import relpos_ref as rp
 from relpos_ref.testing import to_numpy
+from tests.support import properties as props
+from tests.support.properties import REAL, FamilySpec, Impl
 
 Body = Callable[[Any, Impl, Any], None]
 

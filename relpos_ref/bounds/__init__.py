@@ -16,7 +16,7 @@ from .measure import (
     to_host,
     xp_dtype,
 )
-from .measure import _measure as _measure  # private; tests/test_error_bounds.py calls it
+from .measure import _measure as _measure  # private; tests/bounds/test_error_bounds.py calls it
 from .model import (
     DTYPES,
     FORMATS,

@@ -1,9 +1,9 @@
 r"""The documented forward error-bound model: every family, the biased softmax and attention, per dtype, as code.
 
-``spec/tolerances.md`` derives these bounds in prose; this module is the single source of the numbers, read by the
-tests (``tests/test_error_bounds.py``), by the golden-vector generator (``spec/vectors/generate.py``, which stores
-per-case tolerances) and, through :mod:`relpos_ref.bounds.measure`, by ``relpos-ref verify``, which measures the
-implementation against the mpmath oracle and prints the measured error next to these bounds.
+``spec/tolerances.md`` derives these bounds in prose; this module is the single source of the numbers, read by
+the tests (``tests/bounds/test_error_bounds.py``), by the golden-vector generator (``spec/vectors/generate.py``,
+which stores per-case tolerances) and, through :mod:`relpos_ref.bounds.measure`, by ``relpos-ref verify``, which
+measures the implementation against the mpmath oracle and prints the measured error next to these bounds.
 
 Model
 -----

@@ -36,7 +36,7 @@ FIRE               :math:`2 (W + 16)\,u\,\big(|b_{2,h}| + \sum_k |w_{2,hk}| (|w_
 All bounds also get an absolute floor, :math:`2^{-100}` (float32) or :math:`2^{-1000}` (float64), which covers
 parameters and intermediate products below the normal range (flushed to zero or made subnormal when rounded).
 They are first-order forward error bounds, written to be tight within a small factor; the host check
-(``tests/test_cuda_host.py``) and the GPU tests measure the ratio error / bound and require it to be at most 1.
+(``tests/cuda/test_host.py``) and the GPU tests measure the ratio error / bound and require it to be at most 1.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ FlexAttention in eager mode on CPU with a ``score_mod``); only the glue that tur
 into the peer's arguments is written in ``tools/peers/adapters.py``. Backward candidates are ``torch.autograd.grad``
 through those peers (and through a plain materialised attention), with the bias parameters as leaf tensors that require
 grad. Each case in ``tools/peers/cases.py`` records the verdict it is expected to get (``expect_pass`` and a phrase of
-the diagnosis), which ``tests/test_peers.py`` asserts, so the table in ``spec/peers.md`` cannot drift from what the
-harness says.
+the diagnosis), which ``tests/tools/test_peers.py`` asserts, so the table in ``spec/peers.md`` cannot drift from what
+the harness says.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def markdown(results: list[tuple[PeerCase, Report, float]], elapsed: float) -> s
         "The conformance harness (`relpos_ref.conformance`) run on real implementations. Every candidate calls the",
         "peer's own function; only the glue from the harness's positions or q, k, v to the peer's arguments is ours",
         "(`tools/peers/`, not part of the wheel). A FAIL is a convention difference unless the verdict says otherwise;",
-        "the diagnosis is the harness's own. `tests/test_peers.py` (marker `peers`) asserts every verdict below.",
+        "the diagnosis is the harness's own. `tests/tools/test_peers.py` (marker `peers`) asserts every verdict below.",
         "",
         "Regenerate from the repository root with `python -m tools.peers.verdicts --write spec/peers.md` (needs the",
         "`peers` extra).",

@@ -15,12 +15,12 @@ import os
 
 import numpy as np
 import pytest
-from fused_cases import FAMILIES, Case, build, check, family_sweep, special_cases
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import relpos_ref as rp
 from relpos_ref.cuda import fused_biased_softmax
+from tests.support.fused_cases import FAMILIES, Case, build, check, family_sweep, special_cases
 
 pytestmark = pytest.mark.gpu
 

@@ -17,10 +17,11 @@ import warnings
 
 import numpy as np
 from array_api_compat import array_namespace
-from properties import REAL, Impl
 
 import relpos_ref as rp
 from relpos_ref.testing import to_numpy
+
+from .properties import REAL, Impl
 
 # -- family mutants ---------------------------------------------------------------------------------------------
 

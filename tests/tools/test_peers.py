@@ -25,7 +25,7 @@ from tools.peers.cases import cases  # noqa: E402
 from tools.peers.verdicts import run_case  # noqa: E402
 
 CASES = cases()
-SPEC = Path(__file__).resolve().parent.parent / "spec" / "peers.md"
+SPEC = Path(__file__).resolve().parents[2] / "spec" / "peers.md"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.key for c in CASES])

@@ -40,7 +40,9 @@ def test_oracle_imports_nothing_from_the_library_or_numpy():
                 imported |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom):
                 if node.level:  # only the oracle's own submodules, never the rest of relpos_ref
-                    assert node.level == 1 and node.module in own, f"{path.name}: from {'.' * node.level}{node.module}"
+                    where = f"{path.name}: from {'.' * node.level}{node.module}"
+                    assert node.level == 1, where
+                    assert node.module in own, where
                 else:
                     imported.add((node.module or "").split(".")[0])
         assert imported <= {"__future__", "fractions", "math", "mpmath"}, (path.name, imported)

@@ -29,11 +29,11 @@ from pathlib import Path
 import array_api_compat.numpy as npx
 import numpy as np
 import pytest
-from fused_cases import Case, build, check, family_sweep, special_cases
 
 import relpos_ref as rp
 from relpos_ref.cuda._launch import _Backend, _prepare
 from relpos_ref.cuda._source import CLUSTER_POLICIES, ClusterPolicy
+from tests.support.fused_cases import Case, build, check, family_sweep, special_cases
 
 CUDA_DIR = Path(rp.__file__).parent / "cuda"
 

@@ -4,7 +4,7 @@ Every check takes the code it exercises as an argument (a bias family object, or
 ``attention``, ``biased_softmax``, ``t5_bucket``, ``alibi_slopes`` and the family classes) and raises
 ``AssertionError`` when the property does not hold. ``tests/test_properties.py`` drives them with Hypothesis on the
 real implementation; ``tests/test_mutants.py`` drives the very same tests with the broken implementations of
-``tests/mutants.py`` and requires them to fail. ``spec/properties.md`` lists the properties, tests and mutants.
+``tests/support/mutants.py`` and requires them to fail. ``spec/properties.md`` lists the properties, tests and mutants.
 
 The properties that verify and the conformance harness check too are written once, in ``relpos_ref.properties``
 (exported by :mod:`relpos_ref.testing`); their checks here are thin calls that add what only the tests need: host

@@ -1,0 +1,1 @@
+"""Tests of relpos_ref.bounds."""

@@ -1,0 +1,1 @@
+"""Shared test helpers: rounding bounds and property plumbing, deliberately broken implementations, fused cases."""

@@ -1,0 +1,1 @@
+"""Tests of the developer tooling outside the wheel (tools/)."""
