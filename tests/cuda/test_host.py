@@ -362,3 +362,13 @@ def test_bound_is_not_vacuous(lib):
     got = host_bias(lib, bad, q_pos, k_pos, "float32")
     ref = np.asarray(good.bias(q_pos, k_pos))
     assert np.any(np.abs(got - ref) > bias_error_bound(good, q_pos, k_pos, "float32"))
+
+
+def test_kernel_bound_refuses_a_subclass_of_a_family():
+    class Steeper(rp.ALiBi):  # a subclass may change the arithmetic the documented bound was derived for
+        pass
+
+    q = np.arange(4)
+    with pytest.raises(TypeError, match="family: no documented bound for Steeper"):
+        bias_error_bound(Steeper(rp.alibi_slopes(2)), q, q, "float32")
+    assert bias_error_bound(rp.ALiBi(rp.alibi_slopes(2)), q, q, "float32").shape == (2, 4, 4)

@@ -66,7 +66,7 @@ def test_traits(name, offset_only, monotone, zero_at_zero, learned):
 
 
 @pytest.mark.parametrize("name", ORDER)
-def test_example_family_is_seeded_and_independent_of_the_others(name):
+def test_example_family_is_seeded(name):
     kw = {"shape": (5, 7)} if name == "tensor" else {}
     a = example_family(name, 3, seed=4, **kw)
     b = example_family(name, 3, seed=4, **kw)
