@@ -105,7 +105,7 @@ def run(seqs: list[int], reps: int) -> dict:
                 params = np.asarray(fam.parameters()["slopes"])
             else:
                 params = np.random.default_rng(2).standard_normal((8, 32)).astype(np.float32)
-                fam = rp.T5Bias(params, bidirectional=False)
+                fam = rp.T5Bias(params, bidirectional=False, layout="heads_buckets")
             row = _measure(torch, family, fam, params, q, k, v, d_out, reps)
             rows.append({"seq": s, "family": family, **row})
             print(

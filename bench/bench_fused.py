@@ -163,7 +163,7 @@ def make_family(name: str, heads: int):
     if name == "alibi":
         return rp.ALiBi.from_num_heads(heads)
     if name == "t5":
-        return rp.T5Bias(rng.normal(size=(heads, 32)), bidirectional=False)
+        return rp.T5Bias(rng.normal(size=(heads, 32)), bidirectional=False, layout="heads_buckets")
     if name == "kerple_power":
         return rp.KerplePower(rng.uniform(0.1, 1, heads), rng.uniform(0.5, 2, heads))
     if name == "kerple_log":

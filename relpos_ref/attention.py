@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _checks
-from ._checks import array_device, is_cupy_array
+from ._checks import array_device, is_cupy_array, quiet_overflow
 from .conventions import ALIGNMENTS, BACKENDS, FULLY_MASKED, PLACEMENTS, Alignment, FullyMasked, Placement
 from .families.tiles import BiasTiles, tile
 from .positions import causal_mask, positions
@@ -96,6 +96,16 @@ def attention(
     never computed and only tiles crossing the diagonal are masked. float16 inputs are computed in float32. The scale
     multiplies q once per block (``pre_scale``: and the bias tile), which rounds differently from scaling each logit
     by at most an ulp of the logit.
+
+    Finite inputs whose logits or intermediates would overflow (float32 ``q = 1e38`` with ``scale = 10``, float64
+    ``q = k = 1e200``) are computed exactly: from :math:`\max|q|`, :math:`\max|k|` and :math:`\max|v|` (read
+    once, in place of the finiteness check) the call bounds :math:`\tau D \max|q|\max|k|` and, when that bound or
+    a bias array's largest magnitude approaches the dtype's range, computes the tiles on :math:`z / 2^k` and the
+    exponentials as :math:`e^{2^k (z/2^k - m/2^k)}`, which is exact (a power of two scales without rounding) and
+    otherwise bitwise the plain computation. A query block in which a family's bias made every logit of a row
+    overflow, or a row maximum infinite, is recomputed the same way; values are pre-divided by a power of two when
+    :math:`S_k \max|v|` would overflow the running sum. Only the lse can overflow, to :math:`\pm\infty`, when its
+    exact value is outside the dtype's range.
     """
     options = {"causal": causal, "align": align, "scale": scale, "placement": placement, "fully_masked": fully_masked}
     spec = _prepare(q, k, v, bias, mask, xp, options, block_size, kv_block_size)
@@ -109,7 +119,9 @@ def attention(
             raise TypeError(msg)
         outs, lses = _fused(spec, q, kc, vc)
     else:
-        outs, lses = _stream(spec, q, kc, vc, fully_masked=spec.fully_masked)
+        outs, stats, exps = _stream(spec, q, kc, vc, fully_masked=spec.fully_masked)
+        with quiet_overflow():  # an lse whose exact value is beyond the dtype's range is +-inf
+            lses = [m * 2.0**e + log_sum if e else m + log_sum for (m, log_sum), e in zip(stats, exps, strict=True)]
     out = outs[0] if len(outs) == 1 else xp.concat(outs, axis=2)
     if out.dtype != q.dtype:
         out = xp.astype(out, q.dtype)
@@ -138,6 +150,12 @@ class _Spec:
     q_pos: Any  # absolute positions for ``align``
     k_pos: Any
     q_start: int  # absolute position of query 0 (keys are at 0..Sk-1)
+    # Tiles are computed on z / 2^exp_fast (0 unless the magnitudes approach the dtype's range); a query block whose
+    # family bias overflowed its logits is recomputed on z / 2^exp_slow. Values are divided by 2^exp_v.
+    exp_fast: int = 0
+    exp_slow: int = 0
+    exp_v: int = 0
+    abs_max: tuple[float, float, float] = (0.0, 0.0, 0.0)  # max |q|, |k|, |v|
 
 
 def _prepare(q: Any, k: Any, v: Any, bias: Any, mask: Any, xp: Any, options: dict[str, Any], bq: Any, bk: Any) -> _Spec:
@@ -193,11 +211,26 @@ def _prepare(q: Any, k: Any, v: Any, bias: Any, mask: Any, xp: Any, options: dic
     bq, bk = _block_sizes(nb, nh, sq, sk, bq, bk)
     # Value checks last (they read the arrays): a NaN or infinite input has no attention output, and an inf in a
     # logit would surface as inf - inf inside the softmax. -inf in an array bias is a mask, as in TensorBias.
-    for name, arr in (("q", q), ("k", k), ("v", v)):
-        _checks.finite(name, arr, xp)
-    if array_bias is not None and tensor is None and bool(xp.any(xp.isnan(array_bias) | (array_bias == math.inf))):
-        msg = "bias: expected finite values or -inf (a mask), got NaN or +inf"
-        raise ValueError(msg)
+    # The largest magnitudes are the finiteness check (NaN propagates through max) and bound the logits.
+    abs_max = tuple(_checks.abs_max_finite(name, arr, xp) for name, arr in (("q", q), ("k", k), ("v", v)))
+    bias_max = 0.0
+    if array_bias is not None:
+        bias_max = _bias_abs_max(xp, array_bias, check=tensor is None)
+    cdtype = _checks.compute_dtype(xp, q.dtype)
+    emax = _checks.max_exponent(xp, cdtype)
+    e_tau = _checks.log2_ceil(scale)
+    e_q = e_tau + _checks.log2_ceil(abs_max[0])
+    # |tau q . k| < 2^e_qk, every partial sum included
+    e_qk = e_q + _checks.log2_ceil(abs_max[1]) + _checks.log2_ceil(d)
+    e_b = _checks.log2_ceil(bias_max) + (e_tau if placement == "pre_scale" else 0)
+    # |z| / 2^k below 2^(emax - 3): a quarter of the range, so that adding the bias and subtracting the row maximum
+    # cannot overflow either; q times the scale and the scale itself must fit too.
+    exp_fast = int(max(0, max(e_qk, e_b) + 1 + 3 - emax, e_q + 2 - emax, e_tau + 2 - emax))
+    exp_slow = exp_fast
+    if family is not None:  # a family's bias is finite in its dtype: at most its largest finite number
+        e_fam = _family_exponent(xp, family.dtype, cdtype) + (e_tau if placement == "pre_scale" else 0)
+        exp_slow = int(max(exp_fast, max(e_qk, e_fam) + 1 + 3 - emax))
+    exp_v = int(max(0, _checks.log2_ceil(abs_max[2]) + _checks.log2_ceil(sk) + 2 - emax))  # the running sum of p v
     dev = array_device(q)
     q_pos, k_pos = positions(sq, sk, align=align, xp=xp, device=dev)
     tiles = None if family is None and array_bias is None else BiasTiles(family, array_bias, tensor, sq, sk)
@@ -212,12 +245,34 @@ def _prepare(q: Any, k: Any, v: Any, bias: Any, mask: Any, xp: Any, options: dic
         scale=scale,
         bq=bq,
         bk=bk,
-        cdtype=_checks.compute_dtype(xp, q.dtype),
+        cdtype=cdtype,
         dev=dev,
         q_pos=q_pos,
         k_pos=k_pos,
         q_start=sk - sq if align == "bottom_right" else 0,
+        exp_fast=exp_fast,
+        exp_slow=exp_slow,
+        exp_v=exp_v,
+        abs_max=abs_max,
     )
+
+
+def _bias_abs_max(xp: Any, b: Any, *, check: bool) -> float:
+    """Largest finite |b| of a bias array (-inf entries are a mask); NaN and +inf rejected when ``check``."""
+    hi = float(xp.max(b))
+    if check and not hi < math.inf:  # NaN or +inf somewhere (NaN propagates through max)
+        msg = "bias: expected finite values or -inf (a mask), got NaN or +inf"
+        raise ValueError(msg)
+    lo = float(xp.min(xp.where(b == -math.inf, 0.0, b)))
+    return max(abs(lo), hi if math.isfinite(hi) else 0.0)
+
+
+def _family_exponent(xp: Any, dtype: Any, cdtype: Any) -> int:
+    """The exponent bounding a family's (finite) bias: its dtype's largest number (float16: 65504 < 2^16)."""
+    try:
+        return _checks.max_exponent(xp, dtype)
+    except (TypeError, ValueError):  # bfloat16 is unknown to NumPy's finfo; its range is float32's
+        return _checks.max_exponent(xp, cdtype)
 
 
 def _block_sizes(nb: int, nh: int, sq: int, sk: int, bq: int | None, bk: int | None) -> tuple[int, int]:
@@ -233,62 +288,152 @@ def _block_sizes(nb: int, nh: int, sq: int, sk: int, bq: int | None, bk: int | N
     return bq, min(bk, sk)
 
 
-def _stream(spec: _Spec, q: Any, kc: Any, vc: Any, *, fully_masked: FullyMasked) -> tuple[list[Any], list[Any]]:
-    """Online-softmax attention over (query block, key block) tiles; returns per-query-block outputs and lse."""
+def _stream(
+    spec: _Spec, q: Any, kc: Any, vc: Any, *, fully_masked: FullyMasked
+) -> tuple[list[Any], list[Any], list[int]]:
+    """Online-softmax attention over (query block, key block) tiles.
+
+    Returns per-query-block outputs, per-block ``(m, log_sum)`` and exponents e, with lse = m 2^e + log_sum: m the
+    row maximum on the block's scale 2^-e (0 on rows with nothing attended, whose log_sum is the lse fill) and
+    log_sum the log of the row sum. e is 0 unless the magnitudes approach the dtype's range (see
+    :func:`attention`); the backward keeps m and log_sum apart because m + log_sum can lose log_sum to rounding
+    when |m| is large.
+    """
     xp, cdtype, dev = spec.xp, spec.cdtype, spec.dev
-    nb, nh, sq, d = q.shape
-    nkv, sk, dv = kc.shape[1], kc.shape[2], vc.shape[3]
-    group = nh // nkv
-    neg_inf = -math.inf
+    nb, nh, sq, _ = q.shape
+    sk, dv = kc.shape[2], vc.shape[3]
     fill, lse_fill = fully_masked_fill(fully_masked)
     k_g = kc[:, :, None, :, :]  # (B, H_kv, 1, Sk, D): broadcasts over the query heads of each kv head
     v_g = vc[:, :, None, :, :]
-    outs, lses = [], []
-    for qs in range(0, sq, spec.bq):
-        qe = min(sq, qs + spec.bq)
-        rows = qe - qs
-        last_q = spec.q_start + qe - 1  # absolute position (k_pos = arange(Sk))
-        # Under a causal mask no query of this block sees a key after its last query: those tiles are skipped.
-        k_stop = min(sk, last_q + 1) if spec.causal else sk
-        if k_stop <= 0:
-            outs.append(xp.full((nb, nh, rows, dv), fill, dtype=cdtype, device=dev))
-            lses.append(xp.full((nb, nh, rows), lse_fill, dtype=cdtype, device=dev))
-            continue
-        qb = q[:, :, qs:qe, :]
-        qb = xp.astype(qb, cdtype) if qb.dtype != cdtype else qb
-        # The scale is applied to q once per block rather than to every logit; pre_scale scales the bias instead.
-        qb = xp.reshape(qb * spec.scale, (nb, nkv, group, rows, d))
-        run_max = xp.full((nb, nh, rows, 1), neg_inf, dtype=cdtype, device=dev)
-        run_sum = xp.zeros((nb, nh, rows, 1), dtype=cdtype, device=dev)
-        acc = xp.zeros((nb, nkv, group, rows, dv), dtype=cdtype, device=dev)
-        for ks in range(0, k_stop, spec.bk):
-            ke = min(k_stop, ks + spec.bk)
-            cols = ke - ks
-            z = _logits(spec, qb, k_g, qs, qe, ks, ke)
-            new_max = xp.maximum(run_max, xp.max(z, axis=-1, keepdims=True))
-            # A row with nothing attended so far has max -inf; shifting by 0 keeps exp(-inf) = 0, never -inf - -inf.
-            shift = xp.where(new_max == neg_inf, 0.0, new_max)
+    if spec.exp_v:
+        v_g = v_g * 2.0**-spec.exp_v  # exact; the running sum of p v (up to Sk max|v|) then stays finite
+    # Only a family's bias (whose magnitude is not read beforehand) can overflow the logits of a block.
+    check = spec.exp_slow > spec.exp_fast
+    outs, lses, exps = [], [], []
+    with quiet_overflow():
+        for qs in range(0, sq, spec.bq):
+            qe = min(sq, qs + spec.bq)
+            rows = qe - qs
+            last_q = spec.q_start + qe - 1  # absolute position (k_pos = arange(Sk))
+            # Under a causal mask no query of this block sees a key after its last query: those tiles are skipped.
+            k_stop = min(sk, last_q + 1) if spec.causal else sk
+            if k_stop <= 0:
+                outs.append(xp.full((nb, nh, rows, dv), fill, dtype=cdtype, device=dev))
+                lses.append(
+                    (
+                        xp.zeros((nb, nh, rows), dtype=cdtype, device=dev),
+                        xp.full((nb, nh, rows), lse_fill, dtype=cdtype, device=dev),
+                    )
+                )
+                exps.append(0)
+                continue
+            qb = q[:, :, qs:qe, :]
+            qb = xp.astype(qb, cdtype) if qb.dtype != cdtype else qb
+            e = spec.exp_fast
+            acc, run_max, run_sum = _block(spec, qb, k_g, v_g, qs, qe, k_stop, e)
+            if check and _overflowed(spec, run_max, run_sum, qs, qe):
+                e = spec.exp_slow
+                acc, run_max, run_sum = _block(spec, qb, k_g, v_g, qs, qe, k_stop, e)
+                _unrepresentable(spec, run_max, run_sum, qs, qe, k_stop)
+            acc = xp.reshape(acc, (nb, nh, rows, dv))
+            # The largest attended logit contributes exp(0) = 1, so the sum is 0 exactly when nothing was attended.
+            empty = run_sum == 0
+            safe_sum = xp.where(empty, 1.0, run_sum)
+            out = acc / safe_sum
+            if spec.exp_v:
+                out = out * 2.0**spec.exp_v
+            outs.append(xp.where(empty, fill, out))
+            lses.append((xp.where(empty, 0.0, run_max)[..., 0], xp.where(empty, lse_fill, xp.log(safe_sum))[..., 0]))
+            exps.append(e)
+    return outs, lses, exps
+
+
+def _block(spec: _Spec, qb: Any, k_g: Any, v_g: Any, qs: int, qe: int, k_stop: int, e: int) -> tuple[Any, Any, Any]:
+    """The online softmax of one query block over keys 0:k_stop on logits divided by 2^e: (acc, run_max, run_sum),
+    ``run_max`` on that scale, ``acc`` (B, H_kv, group, rows, Dv) and ``run_sum`` unnormalised."""
+    xp, cdtype, dev = spec.xp, spec.cdtype, spec.dev
+    nb, nh, rows, d = qb.shape
+    nkv, dv = v_g.shape[1], v_g.shape[4]
+    group = nh // nkv
+    neg_inf = -math.inf
+    up = 2.0**e
+    # The scale is applied to q once per block rather than to every logit; pre_scale scales the bias instead.
+    qs_ = xp.reshape(qb * (spec.scale * 2.0**-e) if e else qb * spec.scale, (nb, nkv, group, rows, d))
+    run_max = xp.full((nb, nh, rows, 1), neg_inf, dtype=cdtype, device=dev)
+    run_sum = xp.zeros((nb, nh, rows, 1), dtype=cdtype, device=dev)
+    acc = xp.zeros((nb, nkv, group, rows, dv), dtype=cdtype, device=dev)
+    for ks in range(0, k_stop, spec.bk):
+        ke = min(k_stop, ks + spec.bk)
+        cols = ke - ks
+        z = _logits(spec, qs_, k_g, qs, qe, ks, ke, e)
+        new_max = xp.maximum(run_max, xp.max(z, axis=-1, keepdims=True))
+        # A row with nothing attended so far has max -inf; shifting by 0 keeps exp(-inf) = 0, never -inf - -inf.
+        shift = xp.where(new_max == neg_inf, 0.0, new_max)
+        if e:
+            p = xp.exp((z - shift) * up)
+            rescale = xp.exp((run_max - shift) * up)
+        else:
             p = xp.exp(z - shift)
             rescale = xp.exp(run_max - shift)
-            run_sum = run_sum * rescale + xp.sum(p, axis=-1, keepdims=True)
-            pv = xp.reshape(p, (nb, nkv, group, rows, cols)) @ v_g[:, :, :, ks:ke, :]
-            acc = acc * xp.reshape(rescale, (nb, nkv, group, rows, 1)) + pv
-            run_max = new_max
-        acc = xp.reshape(acc, (nb, nh, rows, dv))
-        # The largest attended logit contributes exp(0) = 1, so the sum is 0 exactly when nothing was attended.
-        empty = run_sum == 0
-        safe_sum = xp.where(empty, 1.0, run_sum)
-        outs.append(xp.where(empty, fill, acc / safe_sum))
-        lse = xp.where(empty, lse_fill, xp.where(empty, 0.0, run_max) + xp.log(safe_sum))
-        lses.append(lse[..., 0])
-    return outs, lses
+        run_sum = run_sum * rescale + xp.sum(p, axis=-1, keepdims=True)
+        pv = xp.reshape(p, (nb, nkv, group, rows, cols)) @ v_g[:, :, :, ks:ke, :]
+        acc = acc * xp.reshape(rescale, (nb, nkv, group, rows, 1)) + pv
+        run_max = new_max
+    return acc, run_max, run_sum
 
 
-def _logits(spec: _Spec, qb: Any, k_g: Any, qs: int, qe: int, ks: int, ke: int) -> Any:
-    """Final logits of the tile of query rows qs:qe and keys ks:ke, (B, H, rows, cols), -inf where masked.
+def _overflowed(spec: _Spec, run_max: Any, run_sum: Any, qs: int, qe: int) -> bool:
+    """Whether a family's bias overflowed this block's logits: a row maximum of +inf or NaN, or a row with nothing
+    attended that neither the causal mask (a query before every key) nor a caller's mask or bias array explains.
 
-    ``qb`` is the block of queries already multiplied by the scale and grouped, (B, H_kv, group, rows, D). The
-    forward and the backward both build their tiles here, so the probabilities the backward recomputes are the
+    A caller's mask or bias array can empty a row on purpose; with one, an empty row is recomputed on the slow scale,
+    where the logits cannot overflow, and :func:`_unrepresentable` then tells the two apart.
+    """
+    xp = spec.xp
+    if not bool(xp.all(run_max < math.inf)):
+        return True
+    empty = run_sum == 0
+    if not bool(xp.any(empty)):
+        return False
+    if spec.mask is not None or spec.bias.array is not None:
+        return True
+    if not spec.causal:
+        return True  # every row attends every key
+    # Causal: row i is empty exactly when its absolute position is before key 0.
+    first_live = max(0, min(qe, -spec.q_start) - qs)  # rows qs .. -q_start - 1 are before every key
+    return bool(xp.any(empty[:, :, first_live:, :]))
+
+
+def _unrepresentable(spec: _Spec, run_max: Any, run_sum: Any, qs: int, qe: int, k_stop: int) -> None:
+    """After the slow recompute, where q . k cannot overflow: a row maximum still +inf or NaN, or an empty row with
+    attended keys, comes from the family's bias itself being +-inf (its exact value beyond the family's dtype on
+    every key of a row, as ALiBi's -m|i - j| far from every key). Such a row has no representable softmax: say so."""
+    xp = spec.xp
+    bad = not bool(xp.all(run_max < math.inf))
+    empty = run_sum == 0
+    if not bad and bool(xp.any(empty)):
+        qp, kp = spec.q_pos[qs:qe], spec.k_pos[:k_stop]
+        keep = causal_mask(qp, kp, xp=xp) if spec.causal else xp.ones((qe - qs, k_stop), dtype=xp.bool)
+        if spec.mask is not None:
+            keep = keep & tile(spec.mask, qs, qe, 0, k_stop, int(spec.q_pos.shape[0]), int(spec.k_pos.shape[0]))
+        bad = bool(xp.any(empty & xp.any(keep, axis=-1, keepdims=True)))
+    if bad:
+        fam = spec.bias.family
+        msg = (
+            f"bias: expected a family whose bias is finite on some key of every query, got a bias of "
+            f"{type(fam).__name__} beyond the range of {fam.dtype} (+-inf) on every key of a query among rows "
+            f"{qs}..{qe - 1} (or +inf on one): the exact softmax of that row is not representable from it; a wider "
+            "dtype (or smaller parameters) for the family keeps it finite"
+        )
+        raise ValueError(msg)
+
+
+def _logits(spec: _Spec, qb: Any, k_g: Any, qs: int, qe: int, ks: int, ke: int, e: int = 0) -> Any:
+    """Final logits divided by 2^e of the tile of query rows qs:qe and keys ks:ke, (B, H, rows, cols), -inf where
+    masked.
+
+    ``qb`` is the block of queries already multiplied by the scale (and 2^-e) and grouped, (B, H_kv, group, rows, D).
+    The forward and the backward both build their tiles here, so the probabilities the backward recomputes are the
     forward's.
     """
     xp = spec.xp
@@ -300,7 +445,10 @@ def _logits(spec: _Spec, qb: Any, k_g: Any, qs: int, qe: int, ks: int, ke: int) 
     if spec.bias is not None:
         b = spec.bias.tile(xp, qs, qe, ks, ke, qp, kp)
         b = xp.astype(b, spec.cdtype) if b.dtype != spec.cdtype else b
-        z = z + (b * spec.scale if spec.placement == "pre_scale" else b)
+        f = 2.0**-e
+        # pre_scale: the bias times the scale (and 2^-e); post_scale: the bias (times 2^-e).
+        pre = spec.placement == "pre_scale"
+        z = z + b * (spec.scale * f if e else spec.scale) if pre else z + (b * f if e else b)
     keep = causal_mask(qp, kp, xp=xp) if spec.causal and ke - 1 > spec.q_start + qs else None
     if spec.mask is not None:
         user = tile(spec.mask, qs, qe, ks, ke, sq, sk)

@@ -15,14 +15,18 @@ __all__ = [
     "FLOAT_DTYPES",
     "FULLY_MASKED",
     "LAYOUTS",
+    "LEVELS",
     "PLACEMENTS",
+    "TENSOR_LAYOUTS",
     "Alignment",
     "Backend",
     "Equivalence",
     "FloatDtype",
     "FullyMasked",
     "Layout",
+    "Level",
     "Placement",
+    "TensorLayout",
 ]
 
 #: Where the bias joins the logits: after the 1/sqrt(d) scale (T5 without scale, ALiBi, FlashAttention) or before it.
@@ -39,6 +43,11 @@ Layout = Literal["heads_buckets", "buckets_heads"]
 Equivalence = Literal["exact", "row_shift"]
 #: Floating-point formats the harness and the bound model know by name.
 FloatDtype = Literal["float64", "float32", "float16", "bfloat16"]
+#: The memory layout of q, k, v and the output a kernel takes: PyTorch SDPA's (B, H, S, D) or FlashAttention's,
+#: xformers' and vLLM's (B, S, H, D). The log-sum-exp is (B, H, Sq) in both (FlashAttention's softmax_lse).
+TensorLayout = Literal["bhsd", "bshd"]
+#: How many kernel-shaped cases a conformance check draws: a smoke test, the default, a nightly run.
+Level = Literal["quick", "default", "thorough"]
 
 PLACEMENTS: tuple[Placement, ...] = get_args(Placement)
 FULLY_MASKED: tuple[FullyMasked, ...] = get_args(FullyMasked)
@@ -47,3 +56,5 @@ BACKENDS: tuple[Backend, ...] = get_args(Backend)
 LAYOUTS: tuple[Layout, ...] = get_args(Layout)
 EQUIVALENCES: tuple[Equivalence, ...] = get_args(Equivalence)
 FLOAT_DTYPES: tuple[FloatDtype, ...] = get_args(FloatDtype)
+TENSOR_LAYOUTS: tuple[TensorLayout, ...] = get_args(TensorLayout)
+LEVELS: tuple[Level, ...] = get_args(Level)

@@ -13,6 +13,7 @@ import math
 from typing import Any, NamedTuple
 
 from . import _checks
+from ._checks import quiet_overflow
 from .attention import _logits, _prepare, _stream
 
 __all__ = ["AttentionGrads", "attention_vjp"]
@@ -111,21 +112,27 @@ def attention_vjp(
     if tuple(d_out.shape) != (nb, nh, sq, dv):
         msg = f"d_out: expected the output's shape (B, H, Sq, Dv) = {(nb, nh, sq, dv)}, got {tuple(d_out.shape)}"
         raise ValueError(msg)
-    _checks.finite("d_out", d_out, xp)
+    do_max = _checks.abs_max_finite("d_out", d_out, xp)
+    dl_max = 0.0
     if d_lse is not None:
         _checks.float_array("d_lse", d_lse, xp, ndim=3)
         if tuple(d_lse.shape) != (nb, nh, sq):
             msg = f"d_lse: expected the lse's shape (B, H, Sq) = {(nb, nh, sq)}, got {tuple(d_lse.shape)}"
             raise ValueError(msg)
-        _checks.finite("d_lse", d_lse, xp)
+        dl_max = _checks.abs_max_finite("d_lse", d_lse, xp)
+    # Whether a gradient (or a partial sum of one) could overflow: bounds from the largest magnitudes, in log2.
+    risky = _gradient_may_overflow(spec, (nb, nh, sq, sk, d, dv), do_max, dl_max)
 
     qc, kc, vc = (xp.astype(t, cdtype) if t.dtype != cdtype else t for t in (q, k, v))
     doc = xp.astype(d_out, cdtype) if d_out.dtype != cdtype else d_out
     dlc = None if d_lse is None else (xp.astype(d_lse, cdtype) if d_lse.dtype != cdtype else d_lse)
     # The forward with empty rows as zeros and lse -inf: the recomputed probabilities of such rows are then exactly 0.
-    outs, lses = _stream(spec, q, kc, vc, fully_masked="zero")
+    # Its lse is on each query block's scale 2^exps[block] (0 unless the logits approach the dtype's range).
+    outs, stats, exps = _stream(spec, q, kc, vc, fully_masked="zero")
     out = outs[0] if len(outs) == 1 else xp.concat(outs, axis=2)
-    lse = lses[0] if len(lses) == 1 else xp.concat(lses, axis=2)
+    # Past |m| = 2^(p - 16) (p the precision: 256 in float32, 1.4e11 in float64) m + log_sum would round log_sum by
+    # more than 2^-16: such blocks recompute the probabilities from m and log_sum kept apart (one more subtraction).
+    split_at = 2.0 ** (_checks.precision(xp, cdtype) - 16)
 
     tiles = spec.bias
     family = None if tiles is None else tiles.family
@@ -140,51 +147,56 @@ def attention_vjp(
     param_grads: dict[str, Any] | None = None
     bias_tiles: dict[tuple[int, int], Any] = {}  # array-bias gradient pieces keyed by (query block, key block)
     dq_blocks = []
-    for qi, qs in enumerate(range(0, sq, spec.bq)):
-        qe = min(sq, qs + spec.bq)
-        rows = qe - qs
-        last_q = spec.q_start + qe - 1
-        k_stop = min(sk, last_q + 1) if spec.causal else sk
-        qb = qc[:, :, qs:qe, :]
-        qb_scaled = xp.reshape(qb * spec.scale, (nb, nkv, group, rows, d))
-        qb_g = xp.reshape(qb, (nb, nkv, group, rows, d))
-        qp = spec.q_pos[qs:qe]
-        lse_b = lse[:, :, qs:qe, None]
-        live = lse_b != neg_inf
-        lse_safe = xp.where(live, lse_b, xp.zeros_like(lse_b))
-        do_b = doc[:, :, qs:qe, :]
-        # delta_i = sum_c dO_ic O_ic: the row sum of P * dP, obtained from the output instead of a second row pass.
-        delta = xp.sum(do_b * out[:, :, qs:qe, :], axis=-1, keepdims=True)
-        if dlc is not None:
-            delta = delta - xp.where(live, dlc[:, :, qs:qe, None], xp.zeros_like(lse_b))
-        do_g = xp.reshape(do_b, (nb, nkv, group, rows, dv))
-        dq_b = xp.zeros((nb, nkv, group, rows, d), dtype=cdtype, device=dev)
-        for kb, ks in enumerate(key_blocks):
-            if ks >= k_stop:
-                break
-            ke = min(sk, ks + bk)
-            cols = ke - ks
-            z = _logits(spec, qb_scaled, k_g, qs, qe, ks, ke)
-            # Rows with nothing attended have lse -inf and every z -inf: shifting them by 0 gives exp(-inf) = 0.
-            p = xp.exp(z - lse_safe)
-            p_g = xp.reshape(p, (nb, nkv, group, rows, cols))
-            dp = xp.reshape(do_g @ xp.matrix_transpose(v_g[:, :, :, ks:ke, :]), (nb, nh, rows, cols))
-            dz = p * (dp - delta)
-            dz_g = xp.reshape(dz, (nb, nkv, group, rows, cols))
-            dv_t = xp.sum(xp.matrix_transpose(p_g) @ do_g, axis=2)
-            dk_t = xp.sum(xp.matrix_transpose(dz_g) @ qb_g, axis=2) * spec.scale
-            dq_b = dq_b + (dz_g @ k_g[:, :, :, ks:ke, :]) * spec.scale
-            dk_blocks[kb] = dk_t if dk_blocks[kb] is None else dk_blocks[kb] + dk_t
-            dv_blocks[kb] = dv_t if dv_blocks[kb] is None else dv_blocks[kb] + dv_t
-            if tiles is None:
-                continue
-            db = dz * spec.scale if spec.placement == "pre_scale" else dz
-            if family is not None:
-                tile = tiles.family_vjp(xp, qp, spec.k_pos[ks:ke], xp.sum(db, axis=0))
-                param_grads = tile if param_grads is None else {n: param_grads[n] + tile[n] for n in param_grads}
-            else:
-                bias_tiles[(qi, kb)] = _reduce_to(xp, db, tiles.array, sq, sk)
-        dq_blocks.append(xp.reshape(dq_b, (nb, nh, rows, d)))
+    with quiet_overflow():  # a gradient that overflows is reported below, not warned about on the way
+        for qi, qs in enumerate(range(0, sq, spec.bq)):
+            qe = min(sq, qs + spec.bq)
+            rows = qe - qs
+            last_q = spec.q_start + qe - 1
+            k_stop = min(sk, last_q + 1) if spec.causal else sk
+            qb = qc[:, :, qs:qe, :]
+            e = exps[qi]
+            qb_scaled = xp.reshape(qb * (spec.scale * 2.0**-e) if e else qb * spec.scale, (nb, nkv, group, rows, d))
+            qb_g = xp.reshape(qb, (nb, nkv, group, rows, d))
+            qp = spec.q_pos[qs:qe]
+            m_b, log_sum_b = (t[..., None] for t in stats[qi])
+            live = log_sum_b != neg_inf
+            log_sum_safe = xp.where(live, log_sum_b, xp.zeros_like(log_sum_b))
+            split = bool(e) or float(xp.max(xp.abs(m_b))) >= split_at
+            lse_safe = None if split else m_b + log_sum_safe
+            do_b = doc[:, :, qs:qe, :]
+            # delta_i = sum_c dO_ic O_ic: the row sum of P * dP, obtained from the output instead of a second row pass.
+            delta = xp.sum(do_b * out[:, :, qs:qe, :], axis=-1, keepdims=True)
+            if dlc is not None:
+                delta = delta - xp.where(live, dlc[:, :, qs:qe, None], xp.zeros_like(log_sum_b))
+            do_g = xp.reshape(do_b, (nb, nkv, group, rows, dv))
+            dq_b = xp.zeros((nb, nkv, group, rows, d), dtype=cdtype, device=dev)
+            for kb, ks in enumerate(key_blocks):
+                if ks >= k_stop:
+                    break
+                ke = min(sk, ks + bk)
+                cols = ke - ks
+                z = _logits(spec, qb_scaled, k_g, qs, qe, ks, ke, e)
+                # Rows with nothing attended have lse -inf and every z -inf: shifting them by 0 gives exp(-inf) = 0.
+                # split: (z - m) - log_sum, kept apart; else z - lse, FlashAttention's one subtraction.
+                p = xp.exp(((z - m_b) * 2.0**e if e else z - m_b) - log_sum_safe) if split else xp.exp(z - lse_safe)
+                p_g = xp.reshape(p, (nb, nkv, group, rows, cols))
+                dp = xp.reshape(do_g @ xp.matrix_transpose(v_g[:, :, :, ks:ke, :]), (nb, nh, rows, cols))
+                dz = p * (dp - delta)
+                dz_g = xp.reshape(dz, (nb, nkv, group, rows, cols))
+                dv_t = xp.sum(xp.matrix_transpose(p_g) @ do_g, axis=2)
+                dk_t = xp.sum(xp.matrix_transpose(dz_g) @ qb_g, axis=2) * spec.scale
+                dq_b = dq_b + (dz_g @ k_g[:, :, :, ks:ke, :]) * spec.scale
+                dk_blocks[kb] = dk_t if dk_blocks[kb] is None else dk_blocks[kb] + dk_t
+                dv_blocks[kb] = dv_t if dv_blocks[kb] is None else dv_blocks[kb] + dv_t
+                if tiles is None:
+                    continue
+                db = dz * spec.scale if spec.placement == "pre_scale" else dz
+                if family is not None:
+                    tile = tiles.family_vjp(xp, qp, spec.k_pos[ks:ke], xp.sum(db, axis=0))
+                    param_grads = tile if param_grads is None else {n: param_grads[n] + tile[n] for n in param_grads}
+                else:
+                    bias_tiles[(qi, kb)] = _reduce_to(xp, db, tiles.array, sq, sk)
+            dq_blocks.append(xp.reshape(dq_b, (nb, nh, rows, d)))
 
     dq = dq_blocks[0] if len(dq_blocks) == 1 else xp.concat(dq_blocks, axis=2)
     dk = _assemble(xp, dk_blocks, key_blocks, bk, sk, (nb, nkv), d, cdtype, dev)
@@ -194,17 +206,55 @@ def attention_vjp(
         if param_grads is None:  # no tile computed: every query sees nothing
             zero = xp.zeros((nh, sq, sk), dtype=cdtype, device=dev)
             param_grads = tiles.family_vjp(xp, spec.q_pos, spec.k_pos, zero)
+        if risky:
+            _finite_gradients(xp, cdtype, param_grads.values(), "bias", "of the family's parameters")
         dbias = tiles.family_grads(xp, param_grads)
     elif tiles is not None:
         dbias = _assemble_bias(xp, bias_tiles, tiles.array, sq, sk, spec.bq, bk, cdtype, dev)
+    if risky:
+        grads = (dq, dk, dv_) if family is not None or dbias is None else (dq, dk, dv_, dbias)
+        _finite_gradients(xp, cdtype, grads, "q, k, v, d_out", "dq, dk, dv")
     if spec.fully_masked == "nan":
-        dq, dk, dv_, dbias = _nan_rows(xp, ~(lse != neg_inf), dq, dk, dv_, dbias, family is not None, group)
+        log_sum = xp.concat([t[1] for t in stats], axis=2) if len(stats) > 1 else stats[0][1]
+        dq, dk, dv_, dbias = _nan_rows(xp, ~(log_sum != neg_inf), dq, dk, dv_, dbias, family is not None, group)
     dq, dk, dv_ = (t if t.dtype == q.dtype else xp.astype(t, q.dtype) for t in (dq, dk, dv_))
     if tiles is not None and tiles.tensor is not None:
         dbias = {"array": _as_dtype(xp, xp.reshape(dbias, tuple(tiles.array.shape[1:])), tiles.array.dtype)}
     elif family is None and dbias is not None:
         dbias = xp.reshape(_as_dtype(xp, dbias, bias.dtype), tuple(bias.shape))
     return AttentionGrads(dq, dk, dv_, dbias)
+
+
+def _gradient_may_overflow(spec: Any, sizes: tuple[int, ...], do_max: float, dl_max: float) -> bool:
+    r"""Whether a bound on a gradient or a partial sum of one reaches a quarter of the compute dtype's range.
+
+    With :math:`P` the probabilities (rows summing to 1), :math:`|\bar P|, |\delta| \le D_v \max|\bar O| \max|V|`,
+    so :math:`|\bar z_{ij}| \le P_{ij} C` with :math:`C = 2 D_v \max|\bar O|\max|V| + \max|\bar\ell|`; then
+    :math:`|\bar Q| \le \tau C \max|K|`, :math:`|\bar K| \le \tau n C \max|Q|`, :math:`|\bar V| \le n \max|\bar O|`
+    and :math:`|\bar b| \le N C` (summed over at most :math:`N = B H S_q S_k` entries), :math:`n = H S_q`. When all
+    stay below the range, nothing can overflow and no result is read; otherwise the results are checked.
+    """
+    nb, nh, sq, sk, _, dv = sizes
+    emax = _checks.max_exponent(spec.xp, spec.cdtype)
+    qm, km, vm = (_checks.log2_ceil(x) for x in spec.abs_max)
+    e_c = max(_checks.log2_ceil(dv) + _checks.log2_ceil(do_max) + vm + 1, _checks.log2_ceil(dl_max)) + 1
+    e_tau = _checks.log2_ceil(spec.scale)
+    e_n = _checks.log2_ceil(nh * sq)
+    e_all = _checks.log2_ceil(nb * nh * sq * sk)
+    worst = max(e_c + e_all, e_tau + e_c + km, e_tau + e_n + e_c + qm, e_n + _checks.log2_ceil(do_max))
+    return worst > emax - 2
+
+
+def _finite_gradients(xp: Any, cdtype: Any, grads: Any, names: str, what: str) -> None:
+    """Reject gradients with an infinity or NaN (every input is finite, so an overflow produced it)."""
+    for g in grads:
+        if not bool(xp.all(xp.isfinite(g))):
+            msg = (
+                f"{names}: expected inputs whose gradients {what} fit {cdtype} (the compute dtype), got an overflow "
+                "to infinity: the exact gradient, or a sum inside it, exceeds the largest finite number. The VJP is "
+                "linear in d_out: scale d_out down by a power of two and the gradients up"
+            )
+            raise ValueError(msg)
 
 
 def _as_dtype(xp: Any, x: Any, dtype: Any) -> Any:

@@ -108,7 +108,7 @@ def illustrative_family(name: str, num_heads: int = 8, head_dim: int = 64, *, se
         b = np.arange(16)
         half = -np.outer(1.5 / frac, np.log1p(b)) / 2
         table = np.concatenate([half, 0.7 * half - 0.3], axis=1) + 0.1 * rng.normal(size=(h, 32))
-        return T5Bias(table, bidirectional=True, max_distance=128)
+        return T5Bias(table, bidirectional=True, max_distance=128, layout="heads_buckets")
     if name == "offset":
         # Smooth decay, looking back (Delta > 0) a little cheaper than ahead, plus a little seeded noise.
         d = np.arange(-32, 33)

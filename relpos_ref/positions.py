@@ -28,7 +28,7 @@ def positions(
     Parameters
     ----------
     q_len, k_len : int
-        Numbers of queries and keys, both >= 1.
+        Numbers of queries and keys, both >= 1 and at most ``MAX_ARRAY_BYTES / 8`` (2**30: an int64 array of 8 GiB).
     align : {"bottom_right", "top_left"}
         How the queries sit against the keys when ``q_len != k_len``.
         ``"bottom_right"``: the last query sits at the last key,
@@ -54,23 +54,48 @@ def positions(
     >>> rp.positions(2, 5, align="top_left")[0]
     array([0, 1])
     """
-    q_len = _checks.integer("q_len", q_len, minimum=1)
-    k_len = _checks.integer("k_len", k_len, minimum=1)
+    # The cap keeps every position and offset far inside int64 and fails a typo at once instead of allocating.
+    q_len = _checks.size("q_len", q_len)
+    k_len = _checks.size("k_len", k_len)
     _checks.option("align", align, ALIGNMENTS)
     xp = _checks.namespace_arg(xp)
+    _checks.device_arg(xp, device)
     start = k_len - q_len if align == "bottom_right" else 0
     q_pos = xp.arange(start, start + q_len, dtype=xp.int64, device=device)
     k_pos = xp.arange(0, k_len, dtype=xp.int64, device=device)
     return q_pos, k_pos
 
 
+#: Largest offset magnitude: every :math:`\Delta = q_i - k_j` and :math:`|\Delta|` must be an int64.
+MAX_OFFSET = 2**63 - 1
+
+
 def _positions_pair(q_pos: Any, k_pos: Any, xp: Any = None) -> Any:
+    """Check a pair of position arrays (1-D, integer, non-empty, offsets within int64); return their namespace."""
     xp = _checks.namespace(q_pos, k_pos, xp=xp, names=("q_pos", "k_pos"))
     _checks.integer_array("q_pos", q_pos, xp, ndim=1)
     _checks.integer_array("k_pos", k_pos, xp, ndim=1)
     _checks.nonempty("q_pos", q_pos)
     _checks.nonempty("k_pos", k_pos)
+    _offsets_fit(xp, q_pos, k_pos)
     return xp
+
+
+def _offsets_fit(xp: Any, q_pos: Any, k_pos: Any) -> None:
+    """Reject positions with an offset outside :math:`[-(2^{63}-1), 2^{63}-1]`.
+
+    Offsets are computed in int64, whose subtraction wraps silently: ``[2**62] - [-2**62]`` would give -2**63, and
+    uint64 positions above 2**63 a wrong sign. Four reductions, read exactly as Python integers, decide it; when they
+    pass, the int64 arithmetic below is exact (uint64 positions too: the cast wraps both operands by the same 2**64).
+    """
+    q_lo, q_hi, k_lo, k_hi = (int(f(p)) for p in (q_pos, k_pos) for f in (xp.min, xp.max))
+    lo, hi = q_lo - k_hi, q_hi - k_lo
+    if lo < -MAX_OFFSET or hi > MAX_OFFSET:
+        msg = (
+            "q_pos, k_pos: expected positions whose offsets q_pos[i] - k_pos[j] lie in [-(2**63 - 1), 2**63 - 1] "
+            f"(int64), got offsets from {lo} to {hi}"
+        )
+        raise ValueError(msg)
 
 
 def relative_offsets(q_pos: Any, k_pos: Any, *, xp: Any = None) -> Any:
@@ -90,6 +115,11 @@ def relative_offsets(q_pos: Any, k_pos: Any, *, xp: Any = None) -> Any:
     Returns
     -------
     int64 array of shape (len(q_pos), len(k_pos))
+
+    Raises
+    ------
+    ValueError
+        An offset or its magnitude does not fit int64 (outside :math:`\pm(2^{63}-1)`).
     """
     xp = _positions_pair(q_pos, k_pos, xp)
     return xp.astype(q_pos, xp.int64)[:, None] - xp.astype(k_pos, xp.int64)[None, :]

@@ -13,9 +13,10 @@ __all__ = ["ATTENTION_FLOORS", "ATTENTION_K", "BIAS_TOLERANCES", "VERIFY_TOLERAN
 #: arithmetic with NumPy's.
 VERIFY_TOLERANCES = {"float64": 1e-14, "float32": 5e-6, "float16": 2e-3}
 
-#: Normwise tolerance of bias tensors per dtype: max|c - r| <= t * max(1, max|r|). float32 and float16 match
-#: ``relpos-ref verify``; bfloat16 is PyTorch's default rtol for it (test_transformers.py); float64 leaves room for
-#: pow/log1p/cos differing by an ulp between libraries and for sums over a few dozen terms (FIRE, Sandwich).
+#: Elementwise tolerance of bias tensors per dtype: |c_ij - r_ij| <= t * max(1, m_ij), m_ij the entry's magnitude
+#: (``BiasFamily.bias_magnitude``). float32 and float16 match ``relpos-ref verify``; bfloat16 is PyTorch's default rtol
+#: for it (test_transformers.py); float64 leaves room for pow/log1p/cos differing by an ulp between libraries and for
+#: sums over a few dozen terms (FIRE, Sandwich).
 BIAS_TOLERANCES = {"float64": 1e-13, "float32": 5e-6, "float16": 2e-3, "bfloat16": 1.6e-2}
 
 #: FlashAttention's multiplier of the plain same-dtype error.

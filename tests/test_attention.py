@@ -13,6 +13,8 @@ import mpmath
 import numpy as np
 import pytest
 from array_api_compat import array_namespace
+from hypothesis import given
+from hypothesis import strategies as st
 
 import relpos_ref as rp
 
@@ -90,7 +92,9 @@ def family(name, xp, nh, sq, sk):
     if name == "ALiBi":
         return rp.ALiBi.from_num_heads(nh, xp=xp)
     if name == "T5Bias":
-        return rp.T5Bias(xp.asarray(rng.standard_normal((nh, 16))), bidirectional=True, max_distance=12)
+        return rp.T5Bias(
+            xp.asarray(rng.standard_normal((nh, 16))), bidirectional=True, max_distance=12, layout="heads_buckets"
+        )
     if name == "OffsetBias":
         return rp.OffsetBias(xp.asarray(rng.standard_normal((nh, 7))))
     if name == "KerplePower":
@@ -433,3 +437,232 @@ def test_inputs_not_modified(xp):
     rp.attention(q, k, v, bias=bias, mask=mask, causal=True, return_lse=True, block_size=1)
     for a, c in zip((q, k, v, bias, mask), copies):
         np.testing.assert_array_equal(to_np(a), c)
+
+
+# -- Issue 15: finite inputs whose logits or intermediates overflow -----------------------------------------------
+
+
+def test_scale_after_product_float32_exact():
+    # q * scale = 1e39 is no float32, the logits [10, 0] are: out = e^10 / (1 + e^10), lse = 10 + log(1 + e^-10).
+    q = np.full((1, 1, 1, 1), 1e38, np.float32)
+    k = np.array([1e-38, 0.0], np.float32).reshape(1, 1, 2, 1)
+    v = np.array([1.0, 0.0], np.float32).reshape(1, 1, 2, 1)
+    out, lse = rp.attention(q, k, v, scale=10.0, return_lse=True)
+    z = float(np.float32(1e38)) * float(np.float32(1e-38)) * 10.0
+    np.testing.assert_allclose(float(out[0, 0, 0, 0]), 1.0 / (1.0 + math.exp(-z)), rtol=2e-7)
+    np.testing.assert_allclose(float(lse[0, 0, 0]), z + math.log1p(math.exp(-z)), rtol=2e-7)
+    g = rp.attention_vjp(q, k, v, np.ones((1, 1, 1, 1), np.float32), scale=10.0)
+    p0 = 1.0 / (1.0 + math.exp(-z))
+    np.testing.assert_allclose(np.asarray(g.dv).ravel(), [p0, 1 - p0], rtol=2e-6)
+    assert all(np.isfinite(np.asarray(t)).all() for t in g[:3])
+
+
+def test_logits_beyond_float64_exact_forward_and_backward(xp):
+    # q = k = 1e200: both logits are 1e400 (equal), so p = [1/2, 1/2]: out = 1.5, lse = +inf (its exact value is
+    # beyond float64); dz = p (dp - delta) = [-1/4, 1/4], dq = dz . k = 0, dk = dz q = [-2.5e199, 2.5e199].
+    q = xp.asarray(np.full((1, 1, 1, 1), 1e200))
+    k = xp.asarray(np.full((1, 1, 2, 1), 1e200))
+    v = xp.asarray(np.array([1.0, 2.0]).reshape(1, 1, 2, 1))
+    out, lse = rp.attention(q, k, v, scale=1.0, return_lse=True)
+    assert float(to_np(out)[0, 0, 0, 0]) == 1.5
+    assert float(to_np(lse)[0, 0, 0]) == math.inf
+    g = rp.attention_vjp(q, k, v, xp.asarray(np.ones((1, 1, 1, 1))), scale=1.0)
+    np.testing.assert_array_equal(to_np(g.dv).ravel(), [0.5, 0.5])
+    np.testing.assert_array_equal(to_np(g.dq).ravel(), [0.0])
+    np.testing.assert_allclose(to_np(g.dk).ravel(), [-2.5e199, 2.5e199], rtol=1e-15)
+
+
+def test_backward_keeps_log_sum_apart_from_a_large_maximum():
+    # Logits 1e18 (q = k = 1e9): lse = 1e18 + log 2 rounds to 1e18, and exp(z - lse) would give p = [1, 1].
+    q, k = np.full((1, 1, 1, 1), 1e9), np.full((1, 1, 2, 1), 1e9)
+    v = np.array([1.0, 2.0]).reshape(1, 1, 2, 1)
+    g = rp.attention_vjp(q, k, v, np.ones((1, 1, 1, 1)), scale=1.0)
+    np.testing.assert_array_equal(g.dv.ravel(), [0.5, 0.5])
+    np.testing.assert_allclose(g.dk.ravel(), [-2.5e8, 2.5e8], rtol=1e-15)
+
+
+def test_values_near_the_top_of_the_range():
+    # The running sum of p v reaches Sk max|v| = 2e308 before the division: out is 1e308, not inf.
+    v = np.full((1, 1, 2, 1), 1e308)
+    out = rp.attention(np.zeros((1, 1, 1, 1)), np.zeros((1, 1, 2, 1)), v)
+    assert float(out[0, 0, 0, 0]) == 1e308
+
+
+def test_array_bias_overflowing_the_logit_sum():
+    # q . k = 1e308 plus a bias of 1e308 on key 0: z = [2e308, 0], all the weight on key 0.
+    q = np.full((1, 1, 1, 1), 1e154)
+    k = np.array([1e154, 0.0]).reshape(1, 1, 2, 1)
+    v = np.array([1.0, 0.0]).reshape(1, 1, 2, 1)
+    out = rp.attention(q, k, v, scale=1.0, bias=np.array([1e308, 0.0]).reshape(1, 1, 1, 2))
+    assert float(out[0, 0, 0, 0]) == 1.0
+    # Every logit of the row -2e308: equal, so the mean of v, not an empty row.
+    out = rp.attention(
+        q,
+        -k[:, :, :1].repeat(2, axis=2),
+        np.array([1.0, 3.0]).reshape(1, 1, 2, 1),
+        scale=1.0,
+        bias=np.full((1, 1, 1, 2), -1e308),
+    )
+    assert float(out[0, 0, 0, 0]) == 2.0
+
+
+def test_family_bias_overflow_is_an_error_not_an_empty_row():
+    # -1e308 |i - j| is -inf from |i - j| = 2 on: queries at -3 and -2 (bottom-right, Sq = 4 > Sk = 1) have that on
+    # every key, and came out as empty rows (zeros) although the exact softmax of one key is 1.
+    q, k = np.zeros((1, 1, 4, 2)), np.zeros((1, 1, 1, 2))
+    with pytest.raises(ValueError, match=r"^bias: expected a family whose bias is finite on some key of every query"):
+        rp.attention(q, k, k + 1, bias=rp.ALiBi([1e308]))
+    np.testing.assert_array_equal(rp.attention(q, k, k + 1, bias=rp.ALiBi([1e307])), np.ones((1, 1, 4, 2)))
+    # Causal: those queries see no key at all, which is a fully masked row, not an overflow.
+    out = rp.attention(q, k, k + 1, bias=rp.ALiBi([1e308]), causal=True)
+    np.testing.assert_array_equal(out[0, 0, :, 0], [0.0, 0.0, 0.0, 1.0])
+    # Every query next to its own key: the far keys' -inf are exact roundings whose weight is 0 anyway.
+    out = rp.attention(
+        np.zeros((1, 1, 4, 2)),
+        np.zeros((1, 1, 4, 2)),
+        np.arange(4.0).reshape(1, 1, 4, 1).repeat(2, 3),
+        bias=rp.ALiBi([1e308]),
+    )
+    np.testing.assert_array_equal(out[0, 0, :, 0], [0.0, 1.0, 2.0, 3.0])
+
+
+def _alibi_dense(slopes, sq, sk, align):
+    qp, kp = np_positions(sq, sk, align)
+    return -np.asarray(slopes)[:, None, None] * np.abs(qp[:, None] - kp[None, :])[None]
+
+
+@given(
+    data=st.data(),
+    dtype=st.sampled_from(["float32", "float64"]),
+    causal=st.booleans(),
+    with_bias=st.booleans(),
+    nkv=st.sampled_from([1, 2]),
+    sq=st.integers(1, 5),
+    sk=st.integers(1, 6),
+)
+def test_fuzz_hidden_powers_of_two(data, dtype, causal, with_bias, nkv, sq, sk):
+    """q = q0 2^A near the top of the range, scale 2^T (q * scale overflows), k = k0 2^B with A + B + T = L small,
+    v = v0 2^C near the top (the running sum overflows): with integer q0, k0, v0 every scaled value is exact, the
+    logits are exactly 2^L q0 . k0, and the output is the float64 reference's on (q0, k0, v0) times 2^C."""
+    emax = 128 if dtype == "float32" else 1024
+    nh, d = 2, 3
+    shape = {"q": (1, nh, sq, d), "k": (1, nkv, sk, d), "v": (1, nkv, sk, d)}
+    q0, k0, v0 = (
+        np.array(
+            data.draw(st.lists(st.integers(-3, 3), min_size=int(np.prod(s)), max_size=int(np.prod(s))), label=n),
+            dtype=np.float64,
+        ).reshape(s)
+        for n, s in shape.items()
+    )
+    a = data.draw(st.integers(emax - 6, emax - 3), label="A")
+    t = data.draw(st.integers(0, 6), label="T")
+    lg = data.draw(st.integers(-2, 1), label="L")
+    c = data.draw(st.integers(emax - 4, emax - 3), label="C")
+    slopes = np.array([0.5, 0.25])
+    bias = rp.ALiBi(slopes.astype(dtype)) if with_bias else None
+    q, k, v = (x.astype(dtype) for x in (q0 * 2.0**a, k0 * 2.0 ** (lg - a - t), v0 * 2.0**c))
+    out, lse = rp.attention(q, k, v, bias=bias, causal=causal, scale=2.0**t, return_lse=True)
+    dense = _alibi_dense(slopes, sq, sk, "bottom_right")[None] if with_bias else None
+    want, want_lse = reference(q0, k0, v0, bias=dense, causal=causal, scale=2.0**lg)
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(np.asarray(out, np.float64), want * 2.0**c, rtol=tol, atol=tol * 2.0**c * 3)
+    np.testing.assert_allclose(np.asarray(lse, np.float64), want_lse, rtol=tol, atol=tol)
+
+
+@given(data=st.data(), a=st.integers(300, 700), sk=st.integers(1, 5), causal=st.booleans())
+def test_fuzz_backward_of_huge_logits(data, a, sk, causal):
+    """q = q0 2^a, k = k0 2^a with integer q0, k0: logits 4^a q0 . k0 are integer multiples of a huge power of two
+    (beyond float64 when 2a > 1024), so p is uniform over each row's argmax. Then dv = p^T dO, dz = p (dp - p . dp),
+    dq = dz k and dk = dz^T q, computed here from that p alone."""
+    sq, d = 3, 2
+    ints = st.integers(-2, 2)
+    q0 = np.array(data.draw(st.lists(ints, min_size=sq * d, max_size=sq * d)), float).reshape(1, 1, sq, d)
+    k0 = np.array(data.draw(st.lists(ints, min_size=sk * d, max_size=sk * d)), float).reshape(1, 1, sk, d)
+    v = np.array(data.draw(st.lists(ints, min_size=sk, max_size=sk)), float).reshape(1, 1, sk, 1)
+    d_out = np.array(data.draw(st.lists(ints, min_size=sq, max_size=sq)), float).reshape(1, 1, sq, 1)
+    q, k = q0 * 2.0**a, k0 * 2.0**a
+    g = rp.attention_vjp(q, k, v, d_out, causal=causal, scale=1.0)
+    u = (q0[0, 0] @ k0[0, 0].T).astype(float)
+    keep = np.ones((sq, sk), bool)
+    if causal:
+        qp, kp = np_positions(sq, sk, "bottom_right")
+        keep = kp[None, :] <= qp[:, None]
+    u = np.where(keep, u, -np.inf)
+    top = u.max(axis=1, keepdims=True)
+    hit = (u == top) & keep
+    p = np.where(hit.any(axis=1, keepdims=True), hit / np.maximum(hit.sum(axis=1, keepdims=True), 1), 0.0)
+    dp = d_out[0, 0] @ v[0, 0].T
+    dz = p * (dp - (p * dp).sum(axis=1, keepdims=True))
+    np.testing.assert_array_equal(g.dv[0, 0], p.T @ d_out[0, 0])
+    np.testing.assert_allclose(g.dq[0, 0], dz @ k[0, 0], rtol=1e-14, atol=0)
+    np.testing.assert_allclose(g.dk[0, 0], dz.T @ q[0, 0], rtol=1e-14, atol=0)
+
+
+def test_gradient_overflow_is_an_error_not_inf():
+    # Sixteen queries of 1e308 on two tied keys: dk = sum_i dz_i q_i = +-0.25 * 16 * 1e308 is beyond float64.
+    q = np.full((1, 1, 16, 1), 1e308)
+    k = np.zeros((1, 1, 2, 1))
+    v = np.array([1.0, 2.0]).reshape(1, 1, 2, 1)
+    with pytest.raises(ValueError, match=r"^q, k, v, d_out: expected inputs whose gradients dq, dk, dv fit float64"):
+        rp.attention_vjp(q, k, v, np.ones((1, 1, 16, 1)), scale=1.0)
+    g = rp.attention_vjp(q[:, :, :4], k, v, np.ones((1, 1, 4, 1)), scale=1.0)  # 4 * 0.25e308 fits
+    np.testing.assert_allclose(g.dk.ravel(), [-1e308, 1e308], rtol=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "pattern"),
+    [
+        (
+            lambda: rp.attention(*(np.ones((1, 1, 2, 2)),) * 3, mask=[[True, True], [True, True]]),
+            TypeError,
+            r"^mask: expected an array .*got list$",
+        ),  # was blamed on bias
+        (
+            lambda: rp.attention(*(np.ones((1, 1, 2, 2)),) * 3, scale=10**400),
+            ValueError,
+            r"^scale: expected a finite number within the float64 range .*got about 1\.000e\+400$",
+        ),
+        (
+            lambda: rp.attention_vjp(*(np.ones((1, 1, 2, 2)),) * 3, xs_ones((1, 1, 2, 2))),
+            TypeError,
+            r"^d_out: expected an array of numpy \(the library of the other arguments\), got an array of array_api_st",
+        ),
+        (
+            lambda: rp.attention_vjp(*(np.ones((1, 1, 2, 2)),) * 4, d_lse=xs_ones((1, 1, 2))),
+            TypeError,
+            r"^d_lse: expected an array of numpy .*array_api_strict$",
+        ),
+        (
+            lambda: rp.ALiBi([1.0]).bias_vjp(*rp.positions(2, 2), xs_ones((1, 2, 2))),
+            TypeError,
+            r"^d_bias: expected an array of numpy .*array_api_strict$",
+        ),
+        (
+            lambda: rp.attention(*(np.ones((1, 1, 2, 2), np.longdouble),) * 3),
+            TypeError,
+            r"^q: expected float16, bfloat16, float32 or float64 \(long double is not supported",
+        ),
+    ],
+)
+def test_attention_errors_name_the_argument(call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+def xs_ones(shape):
+    import array_api_strict as xs
+
+    return xs.ones(shape, dtype=xs.float64)
+
+
+def test_nan_error_is_a_count_and_the_first_index():
+    # A (1, 4, 64, 64) array was printed whole (about 50 lines).
+    a = np.zeros((1, 4, 64, 64))
+    a[0, 1, 2, 3] = np.nan
+    a[0, 3, 0, 0] = np.inf
+    with pytest.raises(ValueError) as info:
+        rp.attention(a, np.ones((1, 4, 64, 64)), np.ones((1, 4, 64, 64)))
+    assert str(info.value) == (
+        "q: expected finite values, got NaN or infinity in 2 of 16384 entries of an array of shape (1, 4, 64, 64), "
+        "the first at index (0, 1, 2, 3): nan"
+    )

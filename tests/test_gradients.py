@@ -26,7 +26,7 @@ def _inputs(nb=2, nh=4, nkv=2, sq=6, sk=9, d=5, dv=3, seed=0):
 def test_t5_table_gradient_in_constructor_layout(xp):
     q, k, v, d_out = (xp.asarray(a) for a in _inputs())
     table = np.random.default_rng(1).standard_normal((4, 8))
-    hb = rp.T5Bias(xp.asarray(table), bidirectional=True, max_distance=20)
+    hb = rp.T5Bias(xp.asarray(table), bidirectional=True, max_distance=20, layout="heads_buckets")
     bh = rp.T5Bias(xp.asarray(table.T.copy()), bidirectional=True, max_distance=20, layout="buckets_heads")
     g_hb = to_numpy(rp.attention_vjp(q, k, v, d_out, bias=hb, causal=True).dbias["table"])
     g_bh = to_numpy(rp.attention_vjp(q, k, v, d_out, bias=bh, causal=True).dbias["table"])
@@ -175,7 +175,7 @@ def test_backward_is_streamed():
     # S = 4096, H = 1: one (B, H, Sq, Sk) float64 array is 128 MiB; 256 x 512 tiles are 1 MiB each.
     rng = np.random.default_rng(9)
     q, k, v, d_out = (rng.standard_normal((1, 1, 4096, 16)) for _ in range(4))
-    fam = rp.T5Bias(rng.standard_normal((1, 32)), bidirectional=False)
+    fam = rp.T5Bias(rng.standard_normal((1, 32)), bidirectional=False, layout="heads_buckets")
     tracemalloc.start()
     try:
         rp.attention_vjp(q, k, v, d_out, bias=fam, causal=True, block_size=256, kv_block_size=512)

@@ -166,3 +166,67 @@ def test_positions_explicit_xp_mixed_with_other_backend_rejected(xp):
         rp.relative_offsets(q_pos, k_pos)
     with pytest.raises(TypeError, match="q_pos, k_pos"):
         rp.causal_mask(q_pos, k_pos)
+
+
+# -- Issue 15: offsets that do not fit int64, and sizes that cannot be allocated -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("q_pos", "k_pos", "dtype"),
+    [
+        ([2**62], [-(2**62)], np.int64),  # 2**63 wrapped to -2**63
+        ([-(2**63)], [1], np.int64),
+        ([0], [-(2**63)], np.int64),  # the offset 2**63 itself
+        ([2**63 + 5], [0], np.uint64),  # the cast to int64 wraps: a wrong sign
+        ([2**64 - 1], [0], np.uint64),
+    ],
+)
+def test_offsets_outside_int64_rejected(q_pos, k_pos, dtype):
+    q, k = np.array(q_pos, dtype=dtype), np.array(k_pos, dtype=dtype)
+    for fn in (rp.relative_offsets, rp.causal_mask, rp.ALiBi([1.0]).bias):
+        with pytest.raises(ValueError, match=r"^q_pos, k_pos: expected positions whose offsets .* got offsets from"):
+            fn(q, k)
+
+
+def test_uint64_positions_above_2_63_with_small_offsets_are_exact():
+    q = np.array([2**63 + 5, 2**63], dtype=np.uint64)
+    k = np.array([2**63, 2**63 + 7], dtype=np.uint64)
+    np.testing.assert_array_equal(rp.relative_offsets(q, k), [[5, -2], [0, -7]])
+    np.testing.assert_array_equal(rp.causal_mask(q, k), [[True, False], [True, False]])
+    np.testing.assert_array_equal(rp.ALiBi([1.0]).bias(q, k)[0], [[-5.0, -2.0], [0.0, -7.0]])
+
+
+@given(
+    q=st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=3),
+    k=st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=3),
+    near=st.integers(0, 3),
+)
+def test_fuzz_offsets_exact_or_rejected(q, k, near):
+    """Offsets are exactly the Python integers q_i - k_j when all lie within +-(2**63 - 1), else a ValueError."""
+    if near:  # positions near the two ends, where int64 arithmetic wraps
+        q = [min(2**63 - 1, x // 2**near + 2**62) for x in q]
+        k = [max(-(2**63), x // 2**near - 2**62) for x in k]
+    exact = [[a - b for b in k] for a in q]
+    fits = all(abs(d) <= 2**63 - 1 for row in exact for d in row)
+    qa, ka = np.array(q, dtype=np.int64), np.array(k, dtype=np.int64)
+    if fits:
+        assert rp.relative_offsets(qa, ka).tolist() == exact
+        assert rp.causal_mask(qa, ka).tolist() == [[d >= 0 for d in row] for row in exact]
+    else:
+        with pytest.raises(ValueError, match=r"^q_pos, k_pos: expected positions whose offsets"):
+            rp.relative_offsets(qa, ka)
+
+
+@pytest.mark.parametrize(
+    ("q_len", "k_len", "name"),
+    [(1, 2**63, "k_len"), (2**63 - 1, 1, "q_len"), (1, 2**64, "k_len"), (1, 10**10, "k_len"), (10**10, 1, "q_len")],
+)
+def test_positions_huge_lengths_fail_fast(q_len, k_len, name):
+    # Before: empty arrays (2**63), OverflowError (2**64) or an attempt to allocate 74.5 GiB (10**10).
+    with pytest.raises(ValueError, match=rf"^{name}: expected an integer <= 1073741824 \(.*8 GiB.*\), got "):
+        rp.positions(q_len, k_len)
+
+
+def test_positions_bad_device_names_device():
+    with pytest.raises(ValueError, match=r"^device: expected a device of numpy \(or None\), got 'gpu9'"):
+        rp.positions(2, 2, device="gpu9")

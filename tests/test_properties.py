@@ -60,7 +60,10 @@ def draw_family(
         exact = (nb // 2 if bidirectional else nb) // 2
         md = data.draw(st.integers(exact + 1, exact + 10), label="max_distance")
         return FamilySpec(
-            kind, h, {"table": rng.normal(size=(h, nb))}, {"bidirectional": bidirectional, "max_distance": md}
+            kind,
+            h,
+            {"table": rng.normal(size=(h, nb))},
+            {"bidirectional": bidirectional, "max_distance": md, "layout": "heads_buckets"},
         )
     if kind == "offset":
         kmax = data.draw(st.integers(0, 5), label="K")

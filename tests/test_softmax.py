@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import scipy.special
 from array_api_compat import array_namespace
+from hypothesis import given
+from hypothesis import strategies as st
 
 import relpos_ref as rp
 
@@ -229,7 +231,8 @@ def test_broadcasting(xp, bias_shape, mask_shape):
     want_p, want_lse = scipy_reference(scores, bias, mask)
     assert tuple(p.shape) == scores.shape
     np.testing.assert_allclose(to_np(p), want_p, rtol=1e-14, atol=1e-300)
-    np.testing.assert_allclose(to_np(lse), want_lse, rtol=1e-14)
+    # lse = m + log(sum): its error is a few ulps of m and of the log, absolute where lse is near 0.
+    np.testing.assert_allclose(to_np(lse), want_lse, rtol=1e-14, atol=1e-15)
 
 
 def test_return_dtypes(xp):
@@ -264,3 +267,110 @@ def test_inputs_not_modified(xp):
     rp.biased_softmax(scores, bias, mask=mask, scale=3.0, return_lse=True)
     for a, c in zip((scores, bias, mask), copies):
         np.testing.assert_array_equal(to_np(a), c)
+
+
+# -- Issue 15: finite inputs whose logits or intermediates overflow -----------------------------------------------
+# Expected values here need no softmax implementation: rows of logits that differ by multiples of a huge power of two
+# put all the probability, equally, on the keys of the row maximum.
+
+
+@pytest.mark.parametrize(
+    ("scores", "bias", "scale", "placement", "dtype", "want"),
+    [
+        ([1e308, 0.0], [1e308, 0.0], 1.0, "post_scale", "float64", [1.0, 0.0]),  # z = 2e308 overflows
+        ([-1e308, -1e308], [-1e308, -1e308], 1.0, "post_scale", "float64", [0.5, 0.5]),  # was an "empty" row
+        ([3e38, 0.0], None, 2.0, "post_scale", "float32", [1.0, 0.0]),  # s * scale overflows float32
+        ([1e308, 0.0], [1e308, 0.0], 0.5, "pre_scale", "float64", [1.0, 0.0]),  # s + b overflows, z = 1e308
+        ([-1.5e308, 0.0], [1.7e308, -1.7e308], 2.0, "post_scale", "float64", [1.0, 0.0]),  # s * scale = -inf, z finite
+        ([1e-30, 0.0], None, 1e39, "post_scale", "float32", [1.0, 0.0]),  # the scale itself is no float32
+    ],
+)
+def test_overflowing_logits_exact(xp, scores, bias, scale, placement, dtype, want):
+    dt = getattr(xp, dtype)
+    b = None if bias is None else xp.asarray(bias, dtype=dt)
+    p = rp.biased_softmax(xp.asarray(scores, dtype=dt), b, scale=scale, placement=placement)
+    np.testing.assert_array_equal(to_np(p), np.asarray(want))
+
+
+def test_overflowing_logits_lse_is_the_rounded_exact_value(xp):
+    # lse = max z + log(count): -2e308 + log 2 rounds to -inf in float64 (a row that has entries: probabilities 1/2),
+    # 2e308 + 0 to +inf, and 1e308 + log 2 (pre_scale, no overflow of the logit itself) is finite.
+    p, lse = rp.biased_softmax(
+        xp.asarray([[1e308, 0.0], [1e308, 1e308]]), xp.asarray([[1e308, 0.0], [0.0, 0.0]]), scale=1.0, return_lse=True
+    )
+    np.testing.assert_array_equal(to_np(p), [[1.0, 0.0], [0.5, 0.5]])
+    np.testing.assert_array_equal(to_np(lse)[0], math.inf)
+    assert to_np(lse)[1] == 1e308  # log 2 is below half an ulp of 1e308
+    _, lse = rp.biased_softmax(xp.asarray([-1e308, -1e308]), xp.asarray([-1e308, -1e308]), return_lse=True)
+    assert to_np(lse) == -math.inf
+
+
+def _argmax_rows(u, keep):
+    """Probabilities of logits u * 2^E for a huge E: uniform over each row's attended maximum, 0 elsewhere."""
+    u = np.where(keep, u, -np.inf)
+    top = u.max(axis=-1, keepdims=True)
+    hit = (u == top) & keep
+    count = hit.sum(axis=-1, keepdims=True)
+    return np.where(count > 0, hit / np.maximum(count, 1), 0.0)
+
+
+@given(
+    data=st.data(),
+    dtype=st.sampled_from(["float32", "float64"]),
+    placement=st.sampled_from(["post_scale", "pre_scale"]),
+    rows=st.integers(1, 4),
+    cols=st.integers(1, 6),
+    use_mask=st.booleans(),
+)
+def test_fuzz_overflowing_logits_against_argmax(data, dtype, placement, rows, cols, use_mask):
+    """Scores and biases a * 2^E and c * 2^E (a, c small integers) near the top of the range, whose sums overflow:
+    the result is the exact softmax of (a + c) * 2^E, which is uniform over the argmax of a + c."""
+    ints = st.lists(st.integers(-3, 3), min_size=rows * cols, max_size=rows * cols)
+    a = np.array(data.draw(ints, label="a"), dtype=np.float64).reshape(rows, cols)
+    c = np.array(data.draw(ints, label="c"), dtype=np.float64).reshape(rows, cols)
+    keep = np.ones((rows, cols), bool)
+    if use_mask:
+        keep = np.array(data.draw(st.lists(st.booleans(), min_size=rows * cols, max_size=rows * cols)), bool)
+        keep = keep.reshape(rows, cols)
+    emax = 128 if dtype == "float32" else 1024
+    e = emax - 2  # 3 * 2^e is beyond the range: a * 2^e alone may overflow after the scale
+    t = data.draw(st.integers(1, 3), label="t")
+    if placement == "post_scale":  # z = s * 2^t + b
+        s, b, scale = a * 2.0 ** (e - t), c * 2.0**e, 2.0**t
+    else:  # z = (s + b) * 2^-t, the intermediate s + b overflowing
+        s, b, scale = a * 2.0**e, c * 2.0**e, 2.0**-t
+    p = rp.biased_softmax(
+        np.asarray(s, dtype=dtype),
+        np.asarray(b, dtype=dtype),
+        mask=keep if use_mask else None,
+        scale=scale,
+        placement=placement,
+    )
+    np.testing.assert_array_equal(p, _argmax_rows(a + c, keep).astype(dtype))  # 1 / count, rounded once
+
+
+@given(data=st.data(), a=st.integers(0, 100), cols=st.integers(2, 8))
+def test_fuzz_hidden_scale_against_scipy(data, a, cols):
+    """float32 scores z * 2^-a with scale 2^(a + 100): scale and s * scale are far beyond float32 while the logits
+    z * 2^100 are computed exactly in float64 by SciPy (here they are huge, so the check is the argmax and ties)."""
+    z = np.array(data.draw(st.lists(st.integers(-4, 4), min_size=cols, max_size=cols)), dtype=np.float64)
+    s = (z * 2.0**-a).astype(np.float32)
+    p = rp.biased_softmax(s, scale=2.0 ** (a + 100))
+    want, _ = scipy_reference(z * 2.0**100)
+    np.testing.assert_array_equal(p, want.astype(np.float32))  # 1 / count, rounded once
+
+
+def test_softmax_errors_name_the_argument():
+    with pytest.raises(TypeError, match=r"^mask: expected an array .*got list$"):  # was blamed on bias
+        rp.biased_softmax(np.ones(2), mask=[True, False])
+    with pytest.raises(ValueError, match=r"^scale: expected a finite number within the float64 range"):
+        rp.biased_softmax(np.ones(2), scale=10**400)
+    with pytest.raises(TypeError, match=r"^scores: expected float16, bfloat16, float32 or float64 \(long double"):
+        rp.biased_softmax(np.ones(2, np.longdouble))  # was computed in float32 and labelled float128
+    scores = np.zeros((50, 50))
+    scores[3, 4] = np.nan
+    with pytest.raises(ValueError) as info:
+        rp.biased_softmax(scores)
+    assert str(info.value).endswith(
+        "got NaN or +inf in 1 of 2500 entries of an array of shape (50, 50), the first at index (3, 4): nan"
+    )

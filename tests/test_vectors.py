@@ -121,9 +121,11 @@ def test_case_regenerates_identically(name, case_id):
     assert fresh == committed
 
 
+@pytest.mark.slow
 def test_all_files_regenerate_identically():
-    """The whole generator (about 20 s, half of it the gradients): cases identical to the committed files; header
-    identical except the mpmath version string, which records the generating environment."""
+    """The whole generator (about 20 s, half of it the gradients; the default run regenerates FAST_SUBSET): cases
+    identical to the committed files; header identical except the mpmath version string, which records the
+    generating environment."""
     gen = _generator()
     for name in FILES:
         fresh = json.loads(gen.dumps(gen.build_file(name)))

@@ -263,7 +263,10 @@ def measure_family(
     elif name in ("t5", "offset"):
         if name == "t5":
             fam = T5Bias(
-                p64["table"], bidirectional=options["bidirectional"], max_distance=options.get("max_distance", 128)
+                p64["table"],
+                bidirectional=options["bidirectional"],
+                max_distance=options.get("max_distance", 128),
+                layout="heads_buckets",
             )
             exact = oracle.t5_bias(
                 params["table"].tolist(),

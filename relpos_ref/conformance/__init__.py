@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from .._host import to_host
+from ._arrays import hand_over
 from ._core import Check, run_checks
-from .attention import AttentionShape, attention_checks, attention_inputs, check_attention, hand_over
+from .attention import AttentionShape, attention_checks, attention_inputs, check_attention
 from .backward import attention_backward_checks, backward_inputs, check_attention_backward
 from .bias import bias_checks, check_bias
 from .buckets import bucket_checks, check_buckets

@@ -7,11 +7,15 @@ type's module and converted through the library's own host-copy method, DLPack o
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-__all__: list[str] = []
+from ..cases import to_layout
+from ..conventions import TensorLayout
+
+__all__ = ["hand_over"]
 
 
 #: The namespaces ``xp`` may name: kind by name (the module is imported under that name).
@@ -63,3 +67,12 @@ def from_host(arr: np.ndarray, kind: str, module: Any, device: Any = None) -> An
         msg = f"dtype: the namespace {getattr(module, '__name__', module)} has no {arr.dtype}"
         raise TypeError(msg)
     return module.asarray(arr, dtype=dt) if device is None else module.asarray(arr, dtype=dt, device=device)
+
+
+def hand_over(
+    arrays: Sequence[np.ndarray], *, xp: Any = None, device: Any = None, layout: TensorLayout = "bhsd"
+) -> tuple[Any, ...]:
+    """NumPy (B, H, S, D) arrays in ``layout``, converted to the namespace ``xp`` (module or name: numpy, torch, cupy,
+    array_api_strict) on ``device``: what a reproduction snippet hands to a candidate."""
+    kind, module = resolve_namespace(xp)
+    return tuple(from_host(to_layout(a, layout), kind, module, device) for a in arrays)

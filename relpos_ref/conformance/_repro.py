@@ -93,7 +93,13 @@ def bias_snippet(
     return "\n".join(lines)
 
 
-def bucket_snippet(candidate: Any, target: str | None, delta: np.ndarray, opts: dict[str, Any]) -> str:
+def bucket_snippet(
+    candidate: Any, target: str | None, delta: np.ndarray, opts: dict[str, Any], *, first: int | None = None
+) -> str:
+    """Python that prints the candidate's and the reference's buckets of the offsets ``delta``, led by ``first``
+    (the reported mismatch, so the snippet always shows it)."""
+    if first is not None:
+        delta = np.concatenate([[first], np.asarray(delta)[np.asarray(delta) != first]])
     kw = ", ".join(f"{k}={v!r}" for k, v in opts.items())
     return "\n".join(
         [
@@ -118,12 +124,19 @@ def attention_snippet(
     index: tuple[int, ...] | None,
     with_lse: bool = False,
     what: str = "output",
+    layout: str = "bhsd",
 ) -> str:
     """Python that recomputes one array of the candidate and of the reference: ``what`` is the forward's "output" or
-    "lse", or the name of a gradient of the backward (dq, dk, dv or a bias parameter)."""
+    "lse", or the name of a gradient of the backward (dq, dk, dv or a bias parameter); ``layout`` is the
+    candidate's tensor layout (its arrays are read back as (B, H, S, D))."""
     grad = what not in ("output", "lse")
     args, make = ("q, k, v, d_out", "backward_inputs") if grad else ("q, k, v", "attention_inputs")
-    hand = f"candidate({args})" if xp_name == "numpy" else f"candidate(*hand_over(({args}), xp={xp_name!r}))"
+    over = "" if layout == "bhsd" else f", layout={layout!r}"
+    swap = ".swapaxes(1, 2)  # the candidate's (B, S, H, D) as (B, H, S, D)"
+    if xp_name == "numpy" and not over:
+        hand = f"candidate({args})"
+    else:
+        hand = f"candidate(*hand_over(({args}){'' if xp_name == 'numpy' else f', xp={xp_name!r}'}{over}))"
     opts = ", ".join(f"{k}={v!r}" for k, v in options.items())
     ref = f"rp.{'attention_vjp' if grad else 'attention'}(*(a.astype(np.float64) for a in ({args})), bias=bias, {opts}"
     if not grad:
@@ -147,7 +160,7 @@ def attention_snippet(
         f"shape = {shape!r}",
         f"{args} = {make}(shape, dtype={dtype!r}, seed={seed})",
         f"result = {hand}",
-        f"got = as_numpy({got})",
+        f"got = as_numpy({got})" + (swap if over and what in ("output", *GRADS) else ""),
         f"want = {want}",
     ]
     if index is not None:

@@ -4,28 +4,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
-from .. import _checks
-from .._host import abs_errors, numpy_dtype, to_host
+from .. import effective_bias as eb
+from .._host import abs_errors, round_to, to_host
 from ..attention import attention as ref_attention
-from ..conventions import (
-    ALIGNMENTS,
-    FLOAT_DTYPES,
-    FULLY_MASKED,
-    PLACEMENTS,
-    Alignment,
-    FloatDtype,
-    FullyMasked,
-    Placement,
-)
-from ..families import BiasFamily, TensorBias
+from ..cases import AttentionShape, attention_inputs, from_layout, kernel_cases, to_layout
+from ..families import BiasFamily, T5Bias, TensorBias
 from ..positions import causal_mask, positions
 from . import _repro, diagnose
-from ._arrays import from_host, resolve_namespace
+from ._arrays import from_host
 from ._core import (
     CandidateError,
     Check,
@@ -34,125 +24,28 @@ from ._core import (
     _first,
     _identical,
     _max_rel,
-    _Options,
     _Suite,
     _target_name,
-    _to_numpy64,
     run_checks,
 )
+from .options import AttentionOptions
 from .report import CheckResult, Report
-from .tolerance import ATTENTION_FLOORS, _header_rule, _Plain, _plain_forward, _plain_outputs, attention_tolerance
+from .tolerance import (
+    ATTENTION_FLOORS,
+    _header_rule,
+    _Plain,
+    _plain_forward,
+    _plain_outputs,
+    attention_tolerance,
+    worse_of,
+)
 
-__all__ = ["AttentionShape", "attention_checks", "attention_inputs", "check_attention", "hand_over"]
-
-
-class AttentionShape(NamedTuple):
-    """Sizes of one attention case. ``logit_scale`` multiplies q (large logits)."""
-
-    batch: int
-    heads: int
-    kv_heads: int
-    q_len: int
-    k_len: int
-    head_dim: int
-    logit_scale: float = 1.0
-
-
-def attention_inputs(
-    shape: AttentionShape, *, dtype: str = "float32", seed: int = 0, identity_v: bool = False
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The seeded q, k, v (NumPy, in ``dtype``; bfloat16 via ml_dtypes) the harness hands to a candidate.
-
-    Standard normal entries; q is multiplied by ``shape.logit_scale`` before rounding. ``identity_v`` makes every
-    value head the identity matrix (needs ``head_dim == k_len``), so the output rows are the probabilities.
-    """
-    shape = AttentionShape(*shape)
-    nd = numpy_dtype(dtype)
-    rng = np.random.default_rng([seed, *[int(x) for x in shape[:6]], round(shape.logit_scale * 1000)])
-    b, h, hkv, sq, sk, d = shape[:6]
-    q = rng.standard_normal((b, h, sq, d)) * shape.logit_scale
-    k = rng.standard_normal((b, hkv, sk, d))
-    if identity_v:
-        if d != sk:
-            msg = f"shape: identity_v needs head_dim == k_len, got head_dim {d}, k_len {sk}"
-            raise ValueError(msg)
-        v = np.broadcast_to(np.eye(sk), (b, hkv, sk, sk)).copy()
-    else:
-        v = rng.standard_normal((b, hkv, sk, d))
-    return q.astype(nd), k.astype(nd), v.astype(nd)
-
-
-def hand_over(arrays: Sequence[np.ndarray], *, xp: Any = None, device: Any = None) -> tuple[Any, ...]:
-    """NumPy arrays converted to the namespace ``xp`` (module or name: numpy, torch, cupy, array_api_strict)."""
-    kind, module = resolve_namespace(xp)
-    return tuple(from_host(a, kind, module, device) for a in arrays)
+__all__ = ["AttentionShape", "attention_checks", "attention_inputs", "check_attention"]
 
 
 class _Case(NamedTuple):
     name: str
     shape: AttentionShape
-    identity_v: bool = False
-
-
-@dataclass(frozen=True)
-class AttentionOptions(_Options):
-    """What an attention suite (forward or backward) is built with, validated once, when the object is made.
-
-    The fields are the keywords of :func:`check_attention` that describe the comparison (all but the candidate,
-    ``expected_failures`` and the check ``label``); :func:`attention_checks`, :func:`attention_backward_checks` and
-    the CLI make one and hand it to the suites. Invalid values raise ``TypeError`` or ``ValueError`` naming the
-    keyword, checked in the order of the fields. Derived: ``bias64`` (the bias in float64 NumPy, for the
-    reference), ``xp_kind``, ``xp_module`` and ``xp_name`` (the resolved namespace of the inputs). ``shapes`` is kept
-    as a tuple; the suite checks it against the bias when it builds its cases.
-    """
-
-    bias: BiasFamily | None = None
-    causal: bool = False
-    align: Alignment = "bottom_right"
-    placement: Placement = "post_scale"
-    scale: float | None = None
-    dtype: FloatDtype = "float32"
-    with_lse: bool = False
-    fully_masked: FullyMasked = "zero"
-    xp: Any = None
-    device: Any = None
-    rtol: float | None = None
-    atol: float | None = None
-    seed: int = 0
-    shapes: Sequence[AttentionShape | tuple[int, ...]] | None = None
-    target: str | None = None
-    bias64: BiasFamily | None = field(init=False, repr=False, compare=False)
-    xp_kind: str = field(init=False, repr=False, compare=False)
-    xp_module: Any = field(init=False, repr=False, compare=False)
-    xp_name: str = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        put = self._put
-        bias = self.bias
-        if bias is not None and not isinstance(bias, BiasFamily):
-            msg = f"bias: expected None or a relpos_ref bias family, got {type(bias).__name__}"
-            raise TypeError(msg)
-        put("bias64", _to_numpy64(bias) if bias is not None else None)
-        _checks.boolean("causal", self.causal)
-        _checks.option("align", self.align, ALIGNMENTS)
-        _checks.option("placement", self.placement, PLACEMENTS)
-        if self.scale is not None:
-            put("scale", _checks.real_scalar("scale", self.scale, positive=True))
-        _checks.option("dtype", self.dtype, FLOAT_DTYPES)
-        numpy_dtype(self.dtype)
-        _checks.boolean("with_lse", self.with_lse)
-        _checks.option("fully_masked", self.fully_masked, FULLY_MASKED)
-        kind, module = resolve_namespace(self.xp)
-        put("xp_kind", kind)
-        put("xp_module", module)
-        put(
-            "xp_name", {"numpy": "numpy", "torch": "torch", "cupy": "cupy"}.get(kind, getattr(module, "__name__", "xp"))
-        )
-        if self.rtol is not None or self.atol is not None:
-            attention_tolerance("float64", 0.0, 1.0, rtol=self.rtol, atol=self.atol)
-        put("seed", _checks.integer("seed", self.seed))
-        if self.shapes is not None:
-            put("shapes", tuple(self.shapes))
 
 
 class _AttentionSuite(_Suite):
@@ -164,6 +57,7 @@ class _AttentionSuite(_Suite):
     def __init__(self, candidate: Any, options: AttentionOptions, *, label: str) -> None:
         super().__init__(candidate, options.target, label)
         o = self.options = options
+        self.timeout = o.timeout if o.timeout is not None else getattr(self, "timeout", None)
         self.bias, self.bias64 = o.bias, o.bias64
         self.causal, self.align, self.placement, self.scale = o.causal, o.align, o.placement, o.scale
         self.dtype, self.with_lse, self.fully_masked = o.dtype, o.with_lse, o.fully_masked
@@ -173,9 +67,13 @@ class _AttentionSuite(_Suite):
         self.cases = self._make_cases(o.shapes)
 
     def _make_cases(self, shapes: Any) -> dict[str, _Case]:
+        """The suite's cases: the caller's ``shapes``, or the kernel-shaped set of ``level`` inside the declaration
+        (head dims, maximum lengths, GQA); what the declaration kept out goes to the notes."""
+        o = self.options
         fixed = self.bias64.shape[1:] if isinstance(self.bias64, TensorBias) else None
-        h = self.bias64.num_heads if self.bias64 is not None else 4
+        h = self.bias64.num_heads if self.bias64 is not None else 6
         cases: dict[str, _Case] = {}
+        self.purposes: dict[str, str] = {}
         if shapes is not None:
             for n, sh in enumerate(shapes):
                 sh = AttentionShape(*sh)
@@ -189,25 +87,36 @@ class _AttentionSuite(_Suite):
                     msg = f"shapes: expected kv_heads dividing heads, got {sh}"
                     raise ValueError(msg)
                 cases[f"shape{n}"] = _Case(f"shape{n}", sh)
+                self.purposes[f"shape{n}"] = "given"
             return cases
-        p = next((f for f in (2, 3, 5, 7) if h % f == 0), h if h > 1 else 0)
         if fixed is not None:
             sq, sk = fixed
-            cases["fixed"] = _Case("fixed", AttentionShape(2, h, h, sq, sk, 16))
-            if p:
-                cases["gqa"] = _Case("gqa", AttentionShape(1, h, h // p, sq, sk, 8))
-            cases["large_logits"] = _Case("large_logits", AttentionShape(1, h, h, sq, sk, 16, 40.0))
+            dims = sorted(o.head_dims) if o.head_dims else [64]
+            d = min(dims, key=lambda x: (abs(x - 64), x))
+            g = next((f for f in (2, 3, 5, 7) if h % f == 0), 1) if o.gqa else 1
+            sets = [("fixed", AttentionShape(2, h, h, sq, sk, d), "the TensorBias's (Sq, Sk), batch 2")]
+            if g > 1:
+                sets.append(("gqa", AttentionShape(1, h, h // g, sq, sk, d), "grouped-query heads"))
+            sets.append(("large_logits", AttentionShape(1, h, h, sq, sk, d, 40.0), "logits of order 100"))
+            for name, sh, purpose in sets:
+                cases[name] = _Case(name, sh)
+                self.purposes[name] = purpose
             self.notes.append("q<k, decode and q>k cases: a TensorBias has fixed (Sq, Sk)")
             return cases
-        cases["square"] = _Case("square", AttentionShape(2, h, h, 16, 16, 16))
-        cases["q<k"] = _Case("q<k", AttentionShape(1, h, h, 7, 19, 16))
-        cases["decode"] = _Case("decode", AttentionShape(1, h, h, 1, 23, 16))
-        if p:
-            cases["gqa"] = _Case("gqa", AttentionShape(1, h, h // p, 13, 13, 8))
-        else:
-            self.notes.append("gqa: one query head, no grouping possible")
-        cases["q>k"] = _Case("q>k", AttentionShape(1, h, h, 12, 5, 16))
-        cases["large_logits"] = _Case("large_logits", AttentionShape(1, h, h, 16, 16, 16, 40.0))
+        far = 2 * int(self.bias64.options()["max_distance"]) if isinstance(self.bias64, T5Bias) else 0
+        drawn, notes = kernel_cases(
+            level=o.level,
+            heads=h,
+            head_dims=o.head_dims,
+            max_q_len=o.max_q_len,
+            max_k_len=o.max_k_len,
+            gqa=o.gqa,
+            min_k_len=far,
+        )
+        self.notes += notes
+        for c in drawn:
+            cases[c.name] = _Case(c.name, c.shape)
+            self.purposes[c.name] = c.purpose
         return cases
 
     def header(self) -> dict[str, Any]:
@@ -220,13 +129,14 @@ class _AttentionSuite(_Suite):
                 f"{'1/sqrt(D)' if self.scale is None else self.scale}, fully_masked={self.fully_masked}, "
                 f"inputs {self.dtype} as {self.xp_name} arrays, seed={self.seed}"
             ),
-            "cases": "; ".join(f"{c.name} {tuple(c.shape)}" for c in self.cases.values()),
+            "cases": f"level {self.options.level}, layout {self.options.layout}: "
+            + "; ".join(f"{c.name} {tuple(c.shape)} ({self.purposes.get(c.name, '')})" for c in self.cases.values()),
             "tolerance rule": _header_rule(self.rule, self.rtol, self.atol),
         }
 
     # -- data ----------------------------------------------------------------------------------------------
     def inputs(self, case: _Case, *, perturb_after: int | None = None) -> tuple[np.ndarray, ...]:
-        q, k, v = attention_inputs(case.shape, dtype=self.dtype, seed=self.seed, identity_v=case.identity_v)
+        q, k, v = attention_inputs(case.shape, dtype=self.dtype, seed=self.seed)
         if perturb_after is not None:
             nd = q.dtype
             k = k.astype(np.float64)
@@ -241,8 +151,20 @@ class _AttentionSuite(_Suite):
         return self.inputs(case)
 
     def hand(self, inputs: Sequence[np.ndarray]) -> tuple[Any, ...]:
-        """Host NumPy ``inputs`` as arrays of the suite's namespace, on its device."""
-        return tuple(from_host(a, self.xp_kind, self.xp_mod, self.device) for a in inputs)
+        """Host NumPy (B, H, S, D) ``inputs`` in the candidate's layout, as arrays of the suite's namespace, on its
+        device."""
+        lay = self.options.layout
+        return tuple(from_host(to_layout(a, lay), self.xp_kind, self.xp_mod, self.device) for a in inputs)
+
+    def unlayout(self, x: np.ndarray, name: str, want: tuple[int, ...]) -> np.ndarray:
+        """A candidate's (B, H, S, D)-shaped result ``name`` read back from its layout, checked against ``want``."""
+        lay = self.options.layout
+        expect = want if lay == "bhsd" else (want[0], want[2], want[1], *want[3:])
+        if x.shape != expect:
+            axes = "(B, H, S, D)" if lay == "bhsd" else "(B, S, H, D)"
+            msg = f"candidate {name} has shape {x.shape}, expected {axes} = {expect} (layout={lay!r})"
+            raise CandidateError(msg)
+        return from_layout(x, lay)
 
     def positions(self, shape: AttentionShape) -> tuple[np.ndarray, np.ndarray]:
         q, k = positions(shape.q_len, shape.k_len, align=self.align)
@@ -271,15 +193,36 @@ class _AttentionSuite(_Suite):
         return np.asarray(out), np.asarray(lse)
 
     def plain(
-        self, case: _Case, inputs: Sequence[np.ndarray], q_pos: np.ndarray, k_pos: np.ndarray, dtype: str | None = None
+        self,
+        case: _Case,
+        inputs: Sequence[np.ndarray],
+        q_pos: np.ndarray,
+        k_pos: np.ndarray,
+        dtype: str | None = None,
+        *,
+        sequential: bool = False,
     ) -> _Plain:
-        """The plain materialised forward of ``inputs[:3]`` (q, k, v in float64) in ``dtype`` (default: the suite's)."""
+        """The plain materialised forward of ``inputs[:3]`` (q, k, v in float64) in ``dtype`` (default: the suite's),
+        through BLAS or, with ``sequential``, with term-by-term accumulation."""
         q, k, v = (a.astype(np.float64) for a in inputs[:3])
         bias = None if self.bias64 is None else np.asarray(self.bias64.bias(q_pos, k_pos))[None]
         sh = case.shape
         return _plain_forward(
-            q, k, v, bias, self.keep(sh), scale=self.scale_of(sh), placement=self.placement, dtype=dtype or self.dtype
+            q,
+            k,
+            v,
+            bias,
+            self.keep(sh),
+            scale=self.scale_of(sh),
+            placement=self.placement,
+            dtype=dtype or self.dtype,
+            sequential=sequential,
         )
+
+    def sequential_baseline(self) -> bool:
+        """Whether the baseline also takes the term-by-term plain computation: in float32 and float64, where the
+        summation order is the plain error (in float16 and bfloat16 the rounding of every result to the dtype is)."""
+        return self.dtype in ("float32", "float64")
 
     def call(self, inputs: tuple[np.ndarray, ...], shape: AttentionShape) -> tuple[np.ndarray, np.ndarray | None]:
         result = self._call(*self.hand(inputs))
@@ -298,10 +241,7 @@ class _AttentionSuite(_Suite):
             raise CandidateError(msg)
         out, _ = _as_float_array(result, "candidate output")
         b, h, _, sq, _, _ = shape[:6]
-        dv = inputs[2].shape[-1]
-        if out.shape != (b, h, sq, dv):
-            msg = f"candidate output has shape {out.shape}, expected (B, H, Sq, Dv) = {(b, h, sq, dv)}"
-            raise CandidateError(msg)
+        out = self.unlayout(out, "output", (b, h, sq, inputs[2].shape[-1]))
         if lse is not None and lse.shape != (b, h, sq):
             if lse.shape == (b, h, sq, 1):
                 lse = lse[..., 0]
@@ -335,6 +275,9 @@ class _AttentionSuite(_Suite):
         ref_out, ref_lse = self.reference(case, inputs)
         q_pos, k_pos = self.positions(case.shape)
         base_out, base_lse = _plain_outputs(self.plain(case, inputs, q_pos, k_pos))
+        if self.sequential_baseline():
+            seq_out, seq_lse = _plain_outputs(self.plain(case, inputs, q_pos, k_pos, sequential=True))
+            base_out, base_lse = worse_of(ref_out, base_out, seq_out), worse_of(ref_lse, base_lse, seq_lse)
         return {
             "inputs": inputs,
             "ref_out": ref_out,
@@ -363,6 +306,7 @@ class _AttentionSuite(_Suite):
             index=index,
             with_lse=self.with_lse,
             what=what,
+            layout=self.options.layout,
         )
 
     # -- checks --------------------------------------------------------------------------------------------
@@ -443,14 +387,22 @@ class _AttentionSuite(_Suite):
         hyps: list[tuple[str, Callable[[], tuple[np.ndarray, ...]]]] = []
 
         def under(label: str, **over: Any) -> None:
-            """The hypothesis ``label``: the reference with the options ``over``."""
-            hyps.append((label, lambda: self.reference(case, inputs, **over)))
+            """The hypothesis ``label``: the reference with the options ``over``; with ``rows`` (queries that keep their
+            positions alone) only theirs, or None where the options move them."""
+
+            def run(rows: slice = slice(None)) -> tuple[np.ndarray, ...] | None:
+                if rows != slice(None) and "align" in over:
+                    return None
+                cut = {n: a[..., rows, :] if isinstance(a, np.ndarray) else a for n, a in over.items()}
+                return self.reference(case, (inputs[0][:, :, rows], *inputs[1:]), **cut)
+
+            hyps.append((label, run))
 
         other = "top_left" if self.align == "bottom_right" else "bottom_right"
         # Bias-level hypotheses first: attention is blind to a per-row constant, so a wrong bias can also look like a
         # shifted query position; the bias explanation is the more specific one.
         if self.bias64 is not None:
-            for label, alt in diagnose.bias_hypotheses(self.bias64, q_pos, k_pos, positions=False):
+            for label, alt in diagnose.bias_hypotheses(self.bias64, q_pos, k_pos, positions=False, keep=self.keep(sh)):
                 under(label, bias=alt[None])
         if sh.q_len != sh.k_len:
             what = (
@@ -479,12 +431,13 @@ class _AttentionSuite(_Suite):
             under(f"default scale 1/sqrt(d) used instead of scale={self.scale}", scale=None)
         if sh.kv_heads < sh.heads:
 
-            def interleaved() -> tuple[np.ndarray, ...]:
+            def interleaved(rows: slice = slice(None)) -> tuple[np.ndarray, ...]:
                 q, k, v = inputs
                 sel = [h % sh.kv_heads for h in range(sh.heads)]
-                return self.reference(case, (q, k[:, sel], v[:, sel]))
+                return self.reference(case, (q[:, :, rows], k[:, sel], v[:, sel]))
 
-            hyps.append(("grouped-query heads mapped as h % H_kv instead of h // (H / H_kv)", interleaved))
+            tiled = "grouped-query heads tiled: h % H_kv (as x-transformers' Attend) instead of h // (H / H_kv)"
+            hyps.append((tiled, interleaved))
         return hyps
 
     def diagnose(
@@ -505,62 +458,72 @@ class _AttentionSuite(_Suite):
                     + diagnose.row_shift_text(d[0], e["q_pos"], self.bias64, float(np.max(bound)))
                     + ")"
                 )
-        for label, fn in self.hypotheses(case, e):
-            try:
-                alt_out, alt_lse = fn()
-            except (ValueError, TypeError):
-                continue
-            alt = alt_lse if lse else alt_out
-            ok_rows = sel & np.isfinite(alt)
-            if ok_rows.sum() < 0.5 * sel.sum():
-                continue
-            if np.all((abs_errors(cand, alt) <= bound)[ok_rows]):
-                out.append(label)
-                break  # hypotheses are ordered from the most common; one explanation is enough
-        return out
+
+        def fits(alts: tuple[np.ndarray, ...], rows: slice = slice(None)) -> bool:
+            alt, grow = alts[1 if lse else 0], diagnose.logit_growth(alts[1], e["ref_lse"][:, :, rows])
+            ok, err = sel[:, :, rows] & np.isfinite(alt), abs_errors(cand[:, :, rows], alt)
+            return ok.sum() >= 0.5 * sel[:, :, rows].sum() and bool(np.all((err <= grow * bound[:, :, rows])[ok]))
+
+        def low(lower: str) -> np.ndarray:  # the plain computation from the inputs rounded to the lower dtype
+            rounded = [round_to(a, lower) for a in e["inputs"]]
+            return _plain_outputs(self.plain(case, rounded, e["q_pos"], e["k_pos"], lower))[1 if lse else 0]
+
+        # A hypothesis is first tried on the 8 queries that keep their positions alone, then on the whole case.
+        rows = slice(-8, None) if self.align == "bottom_right" else slice(0, 8)
+        quick = lambda fn: (part := fn(rows)) is None or fits(part, rows)  # noqa: E731
+        memo, one = self._cache.setdefault("diagnosed", {}), case.shape.q_len == 1
+        matched, tried = diagnose.fit(memo, case.name, self.hypotheses(case, e), fits, one=one, quick=quick)
+        if matched:
+            return [*out, diagnose.one_of(matched)]
+        text = diagnose.precision_fit(self.dtype, e["ref_lse" if lse else "ref_out"], cand, sel, low)
+        return [*out, text] if text else out if tried else [*out, diagnose.UNTRIED]
 
     def rows_sum_check(self) -> CheckResult:
-        base = next(iter(self.cases.values())).shape
-        sq, sk = base.q_len, base.k_len
-        if isinstance(self.bias64, TensorBias):
-            shape = AttentionShape(1, base.heads, base.heads, sq, sk, sk)
-        else:
-            shape = AttentionShape(1, base.heads, base.heads, 16, 16, 16)
-        case = _Case("identity_v", shape, identity_v=True)
-        e = self.evaluated(case)
-        p = e["out"]
-        rows = ~e["empty"]
-        tol = self._tol(e["ref_out"], [e["base_out"]], np.broadcast_to(rows[..., None], p.shape))
-        slack = tol.atol
-        sums = np.sum(p, axis=-1)
-        dev = np.where(rows, np.abs(sums - 1.0), 0.0)
-        dev = np.where(np.isnan(dev), np.inf, dev)
-        neg = float(np.max(np.where(rows[..., None], -p, 0.0), initial=0.0))
-        masked_leak = 0.0
-        keep = self.keep(shape)
-        if keep is not None:
-            masked_leak = float(np.max(np.where(rows[..., None] & ~keep, np.abs(p), 0.0), initial=0.0))
-        worst = max(float(dev.max(initial=0.0)), neg, masked_leak)
-        res = CheckResult(
-            f"{self.label}.rows_sum_to_one",
-            worst <= slack,
-            summary="with V = identity the output rows are the probabilities: each row sums to 1, no entry is "
-            "negative" + (", masked keys get 0" if keep is not None else ""),
-            max_abs=worst,
-            bound=slack,
-            tolerance=tol.text,
+        """rows_sum_to_one on the suite's cheapest case, in its own shape and head dim (one-hot V probes at q = 0):
+        rows sum to 1 within the attention rule on the row sums plus 2u, no negative P, masked keys exactly 0."""
+        case = min(self.cases.values(), key=lambda c: (eb.probe_count(c.shape), math.prod(c.shape[:6])))
+        sh, (q, k, v), (q_pos, k_pos) = case.shape, self.inputs(case), self.positions(case.shape)
+        probs = eb.read_probabilities(lambda q, k, v: self.call((q, k, v), sh)[0], sh, dtype=self.dtype, seed=self.seed)
+        seq = {False, self.sequential_baseline()}
+        base = [self.plain(case, (0 * q, k, v), q_pos, k_pos, sequential=o) for o in seq]
+        rows = ~base[0].empty[..., 0]
+        tol = self._tol(np.ones(rows.shape), [np.sum(f.p, axis=-1, dtype=np.float64) for f in base], rows)
+        slack = tol.atol + 2 * eb.UNIT_ROUNDOFF[self.dtype]
+        found = eb.row_sum_faults(probs, np.isneginf(base[0].z), rows, q_pos, k_pos, slack=slack)
+        summary = (
+            f"case {case.name} {tuple(sh)}: P read with {eb.probe_count(sh)} one-hot V probes at q = 0: each row "
+            "sums to 1, no entry is negative, masked keys get exactly 0"
         )
+        text = f"row sums: {tol.text}, plus 2u = {slack - tol.atol:.2g} (a kernel's roundings of P and of O)"
+        name, ok = f"{self.label}.rows_sum_to_one", found.worst <= slack
+        res = CheckResult(name, ok, summary, found.worst, None, slack, text)
         if not res.passed:
-            if dev.max() > slack:
-                idx = _first(dev > slack)
-                res.mismatch = {"index": idx, "what": "row sum", "candidate": _f(sums[idx]), "reference": 1.0}
-            elif masked_leak > slack:
-                res.diagnosis.append("probability mass on keys the causal mask removes")
-            else:
-                res.diagnosis.append("negative probabilities")
-            res.reproduction = self.snippet(case, None).replace(
-                f"seed={self.seed})", f"seed={self.seed}, identity_v=True)"
-            )
+            res.mismatch, res.diagnosis = found.mismatch, found.diagnosis
+            res.reproduction = eb.probe_snippet(self.snippet(case, None), 0, shape=sh, dtype=self.dtype, seed=self.seed)
+        return res
+
+    def effective_bias_check(self) -> CheckResult:
+        """The bias read back through one-hot V probes at q = 0 (``relpos_ref.effective_bias``) on at most two cases
+        and ``MAX_PROBE_CALLS`` calls, against the family elementwise up to a row constant; a PNG per case when the
+        options have a ``plot_dir``."""
+        plan, notes = eb.plan_readout({n: c.shape for n, c in self.cases.items()})
+        plot_dir, results = getattr(self.options, "plot_dir", None), []
+        opts = {"dtype": self.dtype, "seed": self.seed, "causal": self.causal, "rtol": self.rtol, "atol": self.atol}
+        for name, blocks in plan:
+            sh, (q_pos, k_pos) = self.cases[name].shape, self.positions(self.cases[name].shape)
+            call = lambda q, k, v, sh=sh: self.call((q, k, v), sh)[0]  # noqa: E731
+            factor = self.scale_of(sh) if self.placement == "pre_scale" else 1.0
+            r = eb.read_effective_bias(call, sh, self.bias64, q_pos, k_pos, blocks=blocks, bias_scale=factor, **opts)
+            results.append((name, r))
+            if plot_dir is not None:
+                notes.append(eb.save_plot(r, plot_dir, f"{self.label}.effective_bias.{name}"))
+        s = eb.readout_summary(results, notes)
+        res = CheckResult(f"{self.label}.effective_bias", s.passed, s.summary, s.max_error, None, s.bound, s.tolerance)
+        res.mismatch, res.diagnosis, res.details = s.mismatch, s.diagnosis, s.details
+        if s.worst_case is not None and s.mismatch is not None:
+            case, idx = self.cases[s.worst_case], s.mismatch["index"]
+            snippet, block = self.snippet(case, idx[:3]), idx[3] // case.shape.head_dim
+            res.reproduction = eb.probe_snippet(snippet, block, shape=case.shape, dtype=self.dtype, seed=self.seed)
         return res
 
     def future_case(self) -> tuple[_Case, int] | None:
@@ -625,13 +588,13 @@ class _AttentionSuite(_Suite):
         else:
             part, rows, what = q[:, :, :m], slice(0, m), f"the first {m} queries alone"
         sub = AttentionShape(sh.batch, sh.heads, sh.kv_heads, m, sh.k_len, sh.head_dim, sh.logit_scale)
-        out_part, _ = self.call((part, k, v), sub)
-        full = e["out"][:, :, rows]
-        diff = abs_errors(out_part, full)
-        ref_rows = e["ref_out"][:, :, rows]
-        tol = self._tol(ref_rows, [e["base_out"][:, :, rows]], np.ones(ref_rows.shape, dtype=bool))
-        bound = 2 * tol.atol
-        worst = float(np.max(diff, initial=0.0))
+        out_part, again = self.call((part, k, v), sub)[0], self.call((part, k, v), sub)[0]
+        diff = abs_errors(out_part, e["out"][:, :, rows])
+        # Both calls are within the case's rule of the reference, so they differ by at most twice it, plus what two
+        # identical calls of the candidate differ by (atomics, non-deterministic splits).
+        tol = self._tol(e["ref_out"], [e["base_out"]], np.broadcast_to(~e["empty"][..., None], e["ref_out"].shape))
+        spread = float(np.max(abs_errors(out_part, again), initial=0.0))
+        bound, worst = 2 * tol.atol + spread, float(np.max(diff, initial=0.0))
         res = CheckResult(
             f"{self.label}.alignment_consistency",
             worst <= bound,
@@ -639,16 +602,16 @@ class _AttentionSuite(_Suite):
             f"({self.align}: a query keeps its position when the others are dropped, as in KV-cache decoding)",
             max_abs=worst,
             bound=bound,
-            tolerance=f"twice the output bound of case {case.name}: {tol.text}",
+            tolerance=f"twice the output bound of case {case.name} plus the spread of two calls ({spread:.3g}): "
+            + tol.text,
         )
         if not res.passed:
             idx = _first(diff > bound)
-            res.mismatch = {"index": idx, "candidate": _f(out_part[idx]), "reference": _f(full[idx])}
-            other = "top-left" if self.align == "bottom_right" else "bottom-right"
-            res.diagnosis.append(
-                f"rows move when Sq changes: the candidate places queries {other} (from the start of the keys) "
-                f"rather than {self.align.replace('_', '-')}"
-            )
+            res.mismatch = {"index": idx, "candidate": _f(out_part[idx]), "reference": _f(e["out"][:, :, rows][idx])}
+            other = "top_left" if self.align == "bottom_right" else "bottom_right"
+            alt = self.reference(_Case("part", sub), (part, k, v), align=other)[0]
+            fits = bool(np.all(abs_errors(out_part, alt) <= tol.atol + spread))
+            res.diagnosis.append(diagnose.alignment_text(fits, self.align, m, worst))
         return res
 
     def _masked_mismatch(
@@ -702,12 +665,12 @@ class _AttentionSuite(_Suite):
             group = e["out"].shape[1] // v.shape[1]
             mean_v = np.repeat(np.mean(v, axis=2), group, axis=1)  # (B, H, Dv)
             mean_rows = np.broadcast_to(mean_v[:, :, None, :], e["out"].shape)[empty]
-            if out.size and np.allclose(out, mean_rows, rtol=1e-2, atol=1e-2):
+            if not ok_out and out.size and np.allclose(out, mean_rows, rtol=1e-2, atol=1e-2):
                 res.diagnosis.append(
                     "fully masked rows give the mean of V: a finite mask value (finfo.min, -1e4) makes the row "
                     "uniform over the masked keys instead of empty"
                 )
-            if not res.diagnosis and not np.isnan(out).any():
+            if not ok_out and not res.diagnosis and not np.isnan(out).any():  # the output itself is wrong
                 tol = self._tol(e["ref_out"], [e["base_out"]], ~full)
                 alts = ((label, fn()[0]) for label, fn in self.hypotheses(case, e))
                 res.diagnosis += self._seen_keys(alts, e["out"], full, tol.atol)
@@ -735,8 +698,17 @@ class _AttentionSuite(_Suite):
         results = [self._call(*args), self._call(*args)]
         return [{"output": _as_float_array(r[0] if self.with_lse else r, "candidate output")[0]} for r in results]
 
+    def repeat_reference(self, case: _Case, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The reference of the array ``name`` of two repeated calls on ``case``, the entries compared and their
+        bound: those of the values check."""
+        e = self.evaluated(case)
+        ref, sel = e["ref_out"], np.broadcast_to(~e["empty"][..., None], e["ref_out"].shape)
+        tol = self._tol(ref, [e["base_out"]], sel)
+        return ref, sel, tol.atol + tol.rtol * np.abs(np.where(np.isfinite(ref), ref, 0.0))
+
     def repeatable_check(self) -> CheckResult:
-        inputs = self.call_inputs(next(iter(self.cases.values())))
+        case = next(iter(self.cases.values()))
+        inputs = self.call_inputs(case)
         copies = tuple(a.copy() for a in inputs)
         args = self.hand(inputs)
         host_before = [to_host(a)[0] for a in args]
@@ -747,8 +719,25 @@ class _AttentionSuite(_Suite):
             np.array_equal(a, b) for a, b in zip(copies, inputs, strict=True)
         )
         summary, differ, modified = self.repeat_texts
-        res = CheckResult(f"{self.label}.repeatable", same and untouched, summary=summary.format(names=", ".join(g1)))
-        if not same:
+        ok = same
+        details = []
+        if not same and not self.options.deterministic and set(g1) == set(g2):
+            # Not bitwise: still correct when both calls meet the values check's tolerance on this case.
+            ok = True
+            for n in g1:
+                ref, sel, bound = self.repeat_reference(case, n)
+                if g1[n].shape != ref.shape or g2[n].shape != ref.shape:
+                    ok = False
+                    continue
+                worst = max(float(np.max(np.where(sel, abs_errors(g, ref) - bound, -np.inf))) for g in (g1[n], g2[n]))
+                ok &= worst <= 0
+                spread = float(np.max(np.where(sel, abs_errors(g1[n], g2[n]), 0.0), initial=0.0))
+                details.append(f"{n}: two calls differ by up to {spread:.3g}")
+            verdict = f"both calls are within the tolerance of case {case.name}" if ok else "a call is not"
+            details.append(f"not bitwise deterministic; {verdict} (deterministic=True requires the same bits)")
+        res = CheckResult(f"{self.label}.repeatable", ok and untouched, summary=summary.format(names=", ".join(g1)))
+        res.details.extend(details)
+        if not ok:
             res.diagnosis.append(differ)
         if not untouched:
             res.diagnosis.append(modified)
@@ -804,6 +793,15 @@ def attention_checks(
     atol: float | None = None,
     seed: int = 0,
     target: str | None = None,
+    level: str = "default",
+    layout: str = "bhsd",
+    head_dims: Sequence[int] | None = None,
+    max_q_len: int | None = None,
+    max_k_len: int | None = None,
+    gqa: bool = True,
+    timeout: float | None = None,
+    plot_dir: str | None = None,
+    deterministic: bool = False,
     label: str = "attention",
 ) -> list[Check]:
     """The checks of :func:`check_attention`, unrun."""
@@ -826,7 +824,11 @@ def _attention_checks(candidate: Any, options: AttentionOptions, *, label: str =
             checks.append(
                 Check(f"{label}.lse.{case.name}", f"lse of {case.shape}", lambda c=case: s.values_check(c, lse=True), s)
             )
-    checks.append(Check(f"{label}.rows_sum_to_one", "probabilities via V = identity", s.rows_sum_check, s))
+    checks.append(Check(f"{label}.rows_sum_to_one", "probabilities via one-hot V probes", s.rows_sum_check, s))
+    if s.bias64 is not None:
+        checks.append(Check(f"{label}.effective_bias", "the bias read back at q = 0", s.effective_bias_check, s))
+    else:
+        s.notes.append("effective_bias: no bias family to compare with")
     checks += s.future_checks("independence from future keys")
     uneven = [c for c in s.cases.values() if c.shape.q_len < c.shape.k_len and c.shape.q_len > 1]
     if uneven and not isinstance(s.bias64, TensorBias):
@@ -864,6 +866,15 @@ def check_attention(
     seed: int = 0,
     expected_failures: dict[str, str] | None = None,
     target: str | None = None,
+    level: str = "default",
+    layout: str = "bhsd",
+    head_dims: Sequence[int] | None = None,
+    max_q_len: int | None = None,
+    max_k_len: int | None = None,
+    gqa: bool = True,
+    timeout: float | None = None,
+    plot_dir: str | None = None,
+    deterministic: bool = False,
 ) -> Report:
     r"""Check an attention implementation against :func:`relpos_ref.attention` in float64.
 
@@ -878,7 +889,7 @@ def check_attention(
     causal, align, placement, scale
         Semantics of the reference, as in :func:`relpos_ref.attention`.
     shapes : sequence of AttentionShape, optional
-        Replace the default cases (square, Sq < Sk, decode, grouped-query, Sq > Sk, large logits).
+        Replace the kernel-shaped cases of ``level`` (the report's "cases" line lists them, each with its purpose).
     dtype : {"float32", "float64", "float16", "bfloat16"}
         Dtype of the inputs handed to the candidate. The reference is computed in float64 on the same rounded
         values; the tolerance is FlashAttention's rule against a plain computation in this dtype.
@@ -897,6 +908,25 @@ def check_attention(
         Check name (or fnmatch pattern) -> reason for known divergences.
     target : str, optional
         "module:function" of the candidate, for reproduction snippets.
+    level : {"quick", "default", "thorough"}
+        The kernel-shaped case set (:func:`relpos_ref.cases.kernel_cases`): sizes one past or short of multiples of
+        the usual tile widths, several key tiles per row, Sq != Sk both ways, decode against thousands of keys, a
+        chunked prefill, offsets past 2048, grouped-query heads, head dims 64 and 128. "quick" is a smoke test,
+        "thorough" a nightly run.
+    layout : {"bhsd", "bshd"}
+        The candidate's layout of q, k, v and its results: (B, H, S, D) (PyTorch SDPA) or (B, S, H, D)
+        (FlashAttention, xformers, vLLM). A log-sum-exp is (B, H, Sq) in both.
+    head_dims, max_q_len, max_k_len, gqa
+        What the candidate accepts: its head dims, its longest query and key lengths, and whether it takes fewer kv
+        heads than query heads. Cases are drawn inside these; the report's notes say what that left uncovered.
+    timeout : float, optional
+        Seconds one candidate call may take before the check is an error (default: the harness's generous limit).
+    plot_dir : str or path, optional
+        Where the effective-bias check writes its heatmaps (effective minus reference bias per head, PNG).
+    deterministic : bool
+        Require two calls on the same inputs to return the same bits (``repeatable``). By default a second call
+        need only meet the tolerance too, as atomic-add reductions (FlashAttention's backward, FlexAttention's
+        captured-parameter gradients) make correct kernels differ call to call; the report says when they did.
 
     Returns
     -------

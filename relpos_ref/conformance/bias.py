@@ -11,9 +11,9 @@ import array_api_compat.numpy as np_xp
 import numpy as np
 
 from .. import _checks
-from .._host import abs_errors
+from .._host import abs_errors, numpy_dtype, round_to
 from ..conventions import EQUIVALENCES, FLOAT_DTYPES
-from ..families import BiasFamily, T5Bias, TensorBias
+from ..families import ALiBi, BiasFamily, T5Bias, TensorBias
 from ..positions import causal_mask, positions
 from ..properties import offset_only, offset_only_horizon, penalty_monotone
 from . import _repro, diagnose
@@ -32,7 +32,7 @@ from ._core import (
     run_checks,
 )
 from .report import CheckResult, Report
-from .tolerance import _header_rule, bias_tolerance
+from .tolerance import BIAS_TOLERANCES, _header_rule, bias_bound, bias_tolerance
 
 __all__ = ["bias_checks", "check_bias"]
 
@@ -58,6 +58,7 @@ class BiasOptions(_Options):
     rtol: float | None = None
     atol: float | None = None
     target: str | None = None
+    timeout: float | None = None
     ref64: BiasFamily = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -76,7 +77,9 @@ class BiasOptions(_Options):
         if self.dtype is not None:
             _checks.option("dtype", self.dtype, FLOAT_DTYPES)
         if self.rtol is not None or self.atol is not None:
-            bias_tolerance("float64", 1.0, rtol=self.rtol, atol=self.atol)  # validates
+            bias_tolerance("float64", rtol=self.rtol, atol=self.atol)  # validates
+        if self.timeout is not None:
+            put("timeout", _checks.real_scalar("timeout", self.timeout, positive=True))
         put("ref64", _to_numpy64(reference))
         if isinstance(reference, TensorBias):
             _, sq, sk = reference.shape
@@ -89,7 +92,7 @@ class _BiasSuite(_Suite):
     signature = "candidate(q_pos, k_pos)"
 
     def __init__(self, candidate: Any, options: BiasOptions, *, label: str) -> None:
-        super().__init__(candidate, options.target, label)
+        super().__init__(candidate, options.target, label, timeout=options.timeout)
         o = self.options = options
         self.reference, self.ref64, self.q_len, self.k_len = o.reference, o.ref64, o.q_len, o.k_len
         self.align, self.equivalence, self.causal = o.align, o.equivalence, o.causal
@@ -163,13 +166,27 @@ class _BiasSuite(_Suite):
     def snippet(self, q_pos: np.ndarray, k_pos: np.ndarray, index: tuple[int, ...] | None) -> str:
         return _repro.bias_snippet(self.candidate, self.target, self.ref64, q_pos, k_pos, index)
 
+    def magnitude(self, q_pos: np.ndarray, k_pos: np.ndarray) -> np.ndarray:
+        """The reference's entry magnitudes (``bias_magnitude``) at these positions, in float64."""
+        return np.asarray(self.ref64.bias_magnitude(q_pos, k_pos), dtype=np.float64)
+
     def compare(
-        self, cand: np.ndarray, ref: np.ndarray, keep: np.ndarray, dt: str, *, equivalence: str | None = None
+        self,
+        cand: np.ndarray,
+        ref: np.ndarray,
+        keep: np.ndarray,
+        tdt: str,
+        mag: np.ndarray,
+        *,
+        equivalence: str | None = None,
     ) -> dict[str, Any]:
-        """Compare under the suite's equivalence; returns errors, bound, first failure, shift."""
+        """Compare under the suite's equivalence with the tolerance of dtype ``tdt``, elementwise: each entry within
+        ``t max(1, m)`` of the reference, m its magnitude ``mag`` (in row_shift also ``|cand|``, whose own rounding
+        the candidate's values carry); returns errors, bounds, the first failure and the shift."""
         equivalence = equivalence or self.equivalence
         keep3 = np.broadcast_to(keep, cand.shape)
-        shift = None
+        shift, tol = None, bias_tolerance(tdt, rtol=self.rtol, atol=self.atol)
+        mag = np.abs(ref) if tol.rule == "user" else mag  # the user's rule is relative to |ref|
         if equivalence == "row_shift":
             # The shift of a row is the midrange of cand - ref over its finite compared entries (the constant that
             # minimises the largest residual); infinite entries (a -inf mask in a TensorBias) must match exactly.
@@ -182,26 +199,24 @@ class _BiasSuite(_Suite):
             shift = np.where(ok_rows, (np.where(ok_rows, lo, 0.0) + np.where(ok_rows, hi, 0.0)) / 2, 0.0)
             err = abs_errors(np.where(sel, cand - shift[..., None], cand), ref)
             shift = np.where(ok_rows, shift, np.nan)
+            mag = np.maximum(mag, np.where(np.isfinite(cand), np.abs(cand), 0.0))
         else:
             err = abs_errors(cand, ref)
+            if tdt in ("float16", "bfloat16", "float32"):  # a value within t of the dtype's range may round to inf
+                with np.errstate(over="ignore", invalid="ignore"):
+                    err = np.where(np.isinf(cand) & (cand == round_to(ref * (1 + BIAS_TOLERANCES[tdt]), tdt)), 0, err)
         err = np.where(keep3, err, 0.0)
-        fin = keep3 & np.isfinite(ref)
-        mag = max(1.0, float(np.max(np.abs(ref[fin]), initial=0.0)))
-        if equivalence == "row_shift":
-            cfin = keep3 & np.isfinite(cand)
-            mag = max(mag, float(np.max(np.abs(cand[cfin]), initial=0.0)))
-        tdt = self.tol_dtype(dt)
-        tol = bias_tolerance(tdt, mag, rtol=self.rtol, atol=self.atol)
-        scale_el = np.abs(ref) if equivalence == "exact" else np.maximum(np.abs(ref), np.abs(cand))
-        bound = tol.atol + tol.rtol * np.where(np.isfinite(scale_el), scale_el, 0.0)
-        bad = keep3 & (err > bound)
+        bounds = bias_bound(tol, mag)
+        bad = keep3 & (err > bounds)
+        worst = np.unravel_index(np.argmax(np.where(keep3, err / np.maximum(bounds, 1e-300), -1.0)), err.shape)
         return {
             "passed": not bool(bad.any()),
             "err": err,
             "bad": bad,
+            "bounds": bounds,
             "max_abs": float(np.max(err, initial=0.0)),
             "max_rel": _max_rel(err, ref, keep3),
-            "bound": float(np.max(bound, initial=tol.atol)) if tol.rtol else tol.atol,
+            "bound": float(bounds[worst]) if err.size else tol.atol,
             "tol": tol,
             "shift": shift,
             "index": _first(bad),
@@ -211,8 +226,9 @@ class _BiasSuite(_Suite):
     def values_check(self, name: str, q_pos: np.ndarray, k_pos: np.ndarray, what: str) -> CheckResult:
         cand, dt = self.evaluate(q_pos, k_pos)
         ref = np.asarray(self.ref64.bias(q_pos, k_pos), dtype=np.float64)
+        mag = self.magnitude(q_pos, k_pos)
         keep = self.keep(q_pos, k_pos)
-        cmp = self.compare(cand, ref, keep, dt)
+        cmp = self.compare(cand, ref, keep, self.tol_dtype(dt), mag)
         n = int(np.broadcast_to(keep, cand.shape).sum())
         res = CheckResult(
             name,
@@ -226,13 +242,13 @@ class _BiasSuite(_Suite):
         if not res.passed:
             idx = cmp["index"]
             res.mismatch = self._mismatch(idx, cand, ref, q_pos, k_pos, cmp["shift"])
-            res.diagnosis = self.diagnose(cand, ref, keep, dt, q_pos, k_pos, cmp)
+            res.diagnosis = self.diagnose(cand, ref, mag, keep, dt, q_pos, k_pos, cmp)
             res.reproduction = self.snippet(q_pos, k_pos, idx)
         return res
 
     def _shift_text(self, cmp: dict[str, Any], q_pos: np.ndarray) -> str:
         """The row shift a comparison found, in words."""
-        return diagnose.row_shift_text(cmp["shift"], q_pos, self.ref64, cmp["tol"].atol)
+        return diagnose.row_shift_text(cmp["shift"], q_pos, self.ref64, float(np.max(cmp["bounds"])))
 
     def _mismatch(
         self,
@@ -263,18 +279,37 @@ class _BiasSuite(_Suite):
         self,
         cand: np.ndarray,
         ref: np.ndarray,
+        mag: np.ndarray,
         keep: np.ndarray,
         dt: str,
         q_pos: np.ndarray,
         k_pos: np.ndarray,
         cmp: dict[str, Any],
     ) -> list[str]:
-        """The first convention difference that explains the failure (they are tried from the most specific)."""
+        """The convention difference that explains the failure: one that accounts for every compared entry (the
+        most specific) before a per-row constant, a causal-only form and the coarser descriptions."""
         out: list[str] = []
-        if np.isnan(cand[np.broadcast_to(keep, cand.shape)]).any():
+        kept = cand[np.broadcast_to(keep, cand.shape) & np.isfinite(ref)]
+        if np.isnan(kept).any():
             out.append("the candidate returned NaN for compared entries")
+        if np.isinf(kept).any():
+            out.append(f"the candidate returned infinities where the bias is finite (an overflow of {dt} inside it?)")
+        tdt = self.tol_dtype(dt)
+        hits = []
+        for label, alt_ref in diagnose.bias_hypotheses(self.ref64, q_pos, k_pos, keep=keep if self.causal else None):
+            if self.compare(cand, alt_ref, keep, tdt, mag)["passed"]:
+                hits.append(label)
+                if len(q_pos) > 1:
+                    break  # one query cannot tell some conventions apart: then every one that fits is listed
+        if hits:
+            return [*out, diagnose.one_of(hits)]
+        for lower in diagnose.LOWER.get(tdt, ()):  # within the lower dtype's rule, with errors of a tenth of its u
+            low = self.compare(cand, ref, keep, lower, mag)
+            u = float(np.finfo(numpy_dtype(lower)).eps) / 2 / max(low["tol"].rtol, 1e-300)  # u as a fraction of t
+            if low["passed"] and np.max(low["err"] / np.maximum(low["bounds"], 1e-300)) >= 0.1 * u:
+                return [*out, diagnose.precision_text(lower, tdt)]
         if self.equivalence == "exact":
-            alt = self.compare(cand, ref, keep, dt, equivalence="row_shift")
+            alt = self.compare(cand, ref, keep, tdt, mag, equivalence="row_shift")
             if alt["passed"]:
                 return [
                     *out,
@@ -286,7 +321,7 @@ class _BiasSuite(_Suite):
         if not self.causal:
             causal_keep = np.asarray(causal_mask(q_pos, k_pos))
             for equiv in dict.fromkeys((self.equivalence, "row_shift")):
-                alt = self.compare(cand, ref, causal_keep, dt, equivalence=equiv)
+                alt = self.compare(cand, ref, causal_keep, tdt, mag, equivalence=equiv)
                 if alt["passed"]:
                     how = "" if equiv == "exact" else " up to a per-row constant"
                     detail = "" if equiv == "exact" else f" [{self._shift_text(alt, q_pos)}]"
@@ -296,14 +331,14 @@ class _BiasSuite(_Suite):
                         "differs on future keys (key-only ALiBi, KERPLE/gpt-neox zeroing the future half); check "
                         "it with causal=True" + ("" if equiv == "exact" else ", equivalence='row_shift'") + detail,
                     ]
-        for label, alt_ref in diagnose.bias_hypotheses(self.ref64, q_pos, k_pos):
-            if self.compare(cand, alt_ref, keep, dt)["passed"]:
-                return [*out, label]
+        bound, atol = cmp["bounds"], float(np.max(cmp["bounds"], initial=0.0))
+        text = None
         if isinstance(self.ref64, T5Bias):
-            text = diagnose.t5_value_buckets(self.ref64, cand, q_pos, k_pos, cmp["bad"], cmp["tol"].atol)
-            if text:
-                return [*out, text]
-        text = diagnose.scale_factor_text(cand, ref, keep, cmp["tol"].atol)
+            text = diagnose.t5_value_buckets(self.ref64, cand, q_pos, k_pos, cmp["bad"], atol)
+        text = text or diagnose.scale_factor_text(cand, ref, keep, atol)
+        if not text and isinstance(self.ref64, ALiBi) and self.equivalence == "exact":
+            dist = np.abs(q_pos[:, None] - k_pos[None, :]).astype(np.float64)
+            text = diagnose.alibi_slopes_text(self.ref64, cand, keep, dist, bound)
         return [*out, text] if text else out
 
     def shape_check(self) -> CheckResult:
@@ -325,8 +360,10 @@ class _BiasSuite(_Suite):
         keep = self.keep(q, k)
         cmp: dict[str, Any] = {}
 
+        mag = self.magnitude(q, k)  # a function of i - j: the same at the shifted positions
+
         def violations(shifted: np.ndarray, base: np.ndarray) -> np.ndarray:
-            cmp.update(self.compare(shifted, base, keep, dt))
+            cmp.update(self.compare(shifted, base, keep, self.tol_dtype(dt), mag))
             return cmp["bad"]
 
         prop = offset_only(self.bias_values, q, k, shift, violations=violations)
@@ -366,9 +403,9 @@ class _BiasSuite(_Suite):
         k = np.arange(0, 2 * p + 1, dtype=np.int64)
         cand, dt = self.evaluate(q, k)
         row = cand[:, 0, :]
-        mag = max(1.0, float(np.max(np.abs(row[np.isfinite(row)]), initial=0.0)))
-        tol = bias_tolerance(self.tol_dtype(dt), mag, rtol=self.rtol, atol=self.atol)
-        slack = tol.atol + tol.rtol * mag
+        tol = bias_tolerance(self.tol_dtype(dt), rtol=self.rtol, atol=self.atol)
+        mag = np.maximum(self.magnitude(q, k)[:, 0, :], np.where(np.isfinite(row), np.abs(row), 0.0))
+        slack = float(np.max(bias_bound(tol, mag)))  # normwise over the row: neighbours' roundings differ
         sides = ("past",) if self.causal else ("past", "future")  # keys at or before the query, and after it
         prop = penalty_monotone(self.bias_values, p, xp=np_xp, sides=sides, slack=slack)
         worst, ok = prop.worst, prop.passed
@@ -398,6 +435,12 @@ class _BiasSuite(_Suite):
                 res.diagnosis.append(
                     "the bias grows towards future keys: a key-only or signed form (e.g. BLOOM's m*j) is only "
                     "valid under a causal mask; use causal=True if the candidate is only used causally"
+                )
+            elif np.all(abs_errors(self.evaluate(q * 0, k)[0][:, 0, :], row) <= slack):
+                res.diagnosis.append(
+                    f"the bias ignores the query position: the row of a query at {p} equals that of a query at 0 "
+                    "(a bias of the key alone, or a KV cache's query offset left at 0), so the penalty falls "
+                    "towards the first key"
                 )
             else:
                 res.diagnosis.append("the penalty decreases with distance: a sign or slope error")
@@ -436,6 +479,7 @@ def bias_checks(
     rtol: float | None = None,
     atol: float | None = None,
     target: str | None = None,
+    timeout: float | None = None,
     label: str = "bias",
 ) -> list[Check]:
     """The checks of :func:`check_bias`, unrun (see :func:`check_bias` for the parameters)."""
@@ -458,23 +502,16 @@ def _bias_checks(candidate: Any, options: BiasOptions, *, label: str = "bias") -
     if isinstance(ref, TensorBias):
         s.notes.append("decode, chunk and offset probes: a TensorBias has fixed (Sq, Sk)")
     else:
-        kl = s.k_len
-
-        def decode() -> tuple[np.ndarray, np.ndarray]:
-            return np.array([kl - 1], dtype=np.int64), np.arange(kl, dtype=np.int64)
-
-        def chunk() -> tuple[np.ndarray, np.ndarray]:
-            start = kl + 5
-            return np.arange(start, start + 3, dtype=np.int64), np.arange(start + 3, dtype=np.int64)
-
-        radius = _probe_radius(ref)
-
-        def probe() -> tuple[np.ndarray, np.ndarray]:
-            return np.array([radius], dtype=np.int64), np.arange(2 * radius + 1, dtype=np.int64)
-
-        values("decode", decode, f"KV-cache decode: one query at position {kl - 1} against keys 0..{kl - 1}")
-        values("chunk", chunk, f"chunked prefill: queries at {kl + 5}..{kl + 7} against keys 0..{kl + 7}")
-        values("offsets", probe, f"one query at {radius} against keys 0..{2 * radius}: offsets -{radius}..{radius}")
+        # Kernel scale: a decode row of at least 4099 keys and a 17-query chunk past 2048 reach the offsets where
+        # bfloat16 (256) and float16 (2048) integers round; the offset probe passes every branch of the family.
+        kl, c0, radius = max(s.k_len, 4099), max(s.k_len + 5, 2050), _probe_radius(ref)
+        probes = {
+            "decode": ([kl - 1], kl, f"KV-cache decode: one query at position {kl - 1} against keys 0..{kl - 1}"),
+            "chunk": (range(c0, c0 + 17), c0 + 17, f"chunked prefill: queries at {c0}..{c0 + 16}, keys 0..{c0 + 16}"),
+            "offsets": ([radius], 2 * radius + 1, f"one query at {radius}, keys 0..{2 * radius}: |i - j| <= {radius}"),
+        }
+        for name, (qs, n, what) in probes.items():
+            values(name, lambda qs=qs, n=n: (np.asarray(qs, dtype=np.int64), np.arange(n, dtype=np.int64)), what)
     shift = 37
     horizon = offset_only_horizon(ref)  # the family's offset_only trait (FIRE: only up to query position L)
     if horizon == -math.inf:
@@ -499,16 +536,17 @@ def _figures(cmp: dict[str, Any]) -> dict[str, Any]:
 
 
 _PROBE_RADIUS: dict[str, Callable[[Any], int]] = {
-    "t5": lambda ref: max(2 * ref.options()["max_distance"], 64),
+    "t5": lambda ref: 2 * ref.options()["max_distance"],
     "offset": lambda ref: ref.max_offset + 5,
-    "fire": lambda ref: int(min(4096, max(64, math.ceil(1.25 * float(np.asarray(ref.parameters()["L"])))))),
+    "fire": lambda ref: int(min(4096, math.ceil(1.25 * float(np.asarray(ref.parameters()["L"]))))),
 }
 
 
 def _probe_radius(ref: BiasFamily) -> int:
-    """Largest |i - j| of the offset probe: past every bucket, clip or normaliser branch of the family."""
+    """Largest |i - j| of the offset probe: past 2048 (float16 integers) and every bucket, clip or normaliser branch
+    of the family."""
     radius = _PROBE_RADIUS.get(type(ref).name)
-    return 300 if radius is None else radius(ref)
+    return max(2100, 0 if radius is None else radius(ref))
 
 
 def check_bias(
@@ -525,6 +563,7 @@ def check_bias(
     atol: float | None = None,
     expected_failures: dict[str, str] | None = None,
     target: str | None = None,
+    timeout: float | None = None,
 ) -> Report:
     r"""Check a bias implementation against a relpos_ref family.
 
@@ -536,8 +575,9 @@ def check_bias(
     reference : BiasFamily
         The family (with the candidate's parameters) it should equal; evaluated in float64.
     q_len, k_len : int
-        Sizes of the main comparison; query positions follow ``align``. The suite adds a KV-cache decode row, a
-        chunked-prefill block and an offset probe at absolute positions.
+        Sizes of the main comparison; query positions follow ``align``. The suite adds a KV-cache decode row (at
+        least 4099 keys), a chunked-prefill block past position 2048 and an offset probe past |i - j| = 2048 and
+        every bucket, clip or normaliser branch of the family, at absolute positions.
     align : {"bottom_right", "top_left"}
     equivalence : {"exact", "row_shift"}
         ``"row_shift"`` accepts a bias equal to the reference up to one constant per (head, query row), which leaves
@@ -548,11 +588,14 @@ def check_bias(
     dtype : str, optional
         Dtype whose tolerance applies; the candidate output's dtype by default.
     rtol, atol : float, optional
-        Replace the tolerance rule by ``|c - r| <= atol + rtol * |r|``.
+        Replace the tolerance rule (each entry within ``t max(1, m)``, m its magnitude, t per dtype) by
+        ``|c - r| <= atol + rtol * |r|``.
     expected_failures : dict, optional
         Check name (or fnmatch pattern) -> reason for known divergences (reported as xfail).
     target : str, optional
         "module:function" of the candidate, used in reproduction snippets.
+    timeout : float, optional
+        Seconds one candidate call may take before its check is an error (default: the harness's generous limit).
 
     Returns
     -------

@@ -11,7 +11,17 @@ from .._host import abs_errors
 from ..families import t5_bucket, t5_bucket_thresholds
 from ..positions import positions
 from . import _repro, diagnose
-from ._core import CandidateError, Check, _as_float_array, _f, _first, _Suite, _target_name, run_checks
+from ._core import (
+    CandidateError,
+    Check,
+    _as_float_array,
+    _f,
+    _first,
+    _identical,
+    _Suite,
+    _target_name,
+    run_checks,
+)
 from .report import CheckResult, Report
 from .tolerance import rule_text
 
@@ -30,8 +40,9 @@ class _BucketSuite(_Suite):
         max_distance: int,
         target: str | None,
         label: str,
+        timeout: float | None = None,
     ) -> None:
-        super().__init__(candidate, target, label)
+        super().__init__(candidate, target, label, timeout=timeout)
         self.opts = {"bidirectional": bidirectional, "num_buckets": num_buckets, "max_distance": max_distance}
         self.thr = t5_bucket_thresholds(**self.opts)  # validates the configuration
         radius = max(4 * max_distance, 2 * self.thr[-1] + 8)
@@ -88,7 +99,9 @@ class _BucketSuite(_Suite):
             }
             res.diagnosis = self.diagnose(delta, cand, ref, bad)
             flat_bad = np.unique(delta[bad])[:40]
-            res.reproduction = _repro.bucket_snippet(self.candidate, self.target, flat_bad, self.opts)
+            res.reproduction = _repro.bucket_snippet(
+                self.candidate, self.target, flat_bad, self.opts, first=int(delta[idx])
+            )
         return res
 
     def diagnose(self, delta: np.ndarray, cand: np.ndarray, ref: np.ndarray, bad: np.ndarray) -> list[str]:
@@ -137,6 +150,36 @@ class _BucketSuite(_Suite):
             }
         return res
 
+    def repeatable_check(self) -> CheckResult:
+        """Two calls, each on its own copy of the offsets, give bitwise identical buckets and leave the copies
+        unchanged: a candidate that clips or negates its argument in place would corrupt the caller's offsets."""
+        first_in, second_in = self.delta.copy(), self.delta.copy()
+        first, _ = _as_float_array(self._call(first_in), "candidate output")
+        second, _ = _as_float_array(self._call(second_in), "candidate output")
+        same = _identical(first, second)
+        # array_equal, not ==: a candidate may also have reshaped its argument in place (delta.shape = ...).
+        touched = [a for a in (first_in, second_in) if not np.array_equal(a, self.delta)]
+        res = CheckResult(
+            f"{self.label}.repeatable",
+            same and not touched,
+            summary=f"two calls on {self.delta.size} offsets give bitwise identical buckets and leave delta unchanged",
+        )
+        if not same:
+            res.diagnosis.append("two calls with the same offsets returned different buckets")
+        if touched:
+            after = touched[0]
+            text = "the candidate modified its delta argument in place"
+            if after.shape == self.delta.shape:
+                changed = after != self.delta
+                idx = _first(changed)
+                res.mismatch = {"index": idx, "argument": "delta after the call", "candidate": int(after[idx])}
+                res.mismatch["reference"] = int(self.delta[idx])
+                text += f" ({int(changed.sum())} of {changed.size} offsets changed)"
+            else:
+                text += f" (its shape became {after.shape}, from {self.delta.shape})"
+            res.diagnosis.append(text)
+        return res
+
     def monotone_check(self) -> CheckResult:
         radius = int(self.delta[self.delta >= 0][:-4].max())
         d = np.arange(0, radius + 1, dtype=np.int64)
@@ -169,6 +212,7 @@ def bucket_checks(
     max_distance: int = 128,
     target: str | None = None,
     label: str = "buckets",
+    timeout: float | None = None,
 ) -> list[Check]:
     """The checks of :func:`check_buckets`, unrun."""
     s = _BucketSuite(
@@ -178,6 +222,7 @@ def bucket_checks(
         max_distance=max_distance,
         target=target,
         label=label,
+        timeout=timeout,
     )
     q, k = positions(9, 300)
     matrix = np.asarray(q)[:, None] - np.asarray(k)[None, :]
@@ -197,6 +242,7 @@ def bucket_checks(
         Check(f"{label}.dtype", "integer dtype", s.dtype_check, s),
         Check(f"{label}.range", "buckets in [0, num_buckets)", s.range_check, s),
         Check(f"{label}.monotone", "non-decreasing in |delta|", s.monotone_check, s),
+        Check(f"{label}.repeatable", "deterministic, delta unchanged", s.repeatable_check, s),
     ]
 
 
@@ -208,14 +254,43 @@ def check_buckets(
     max_distance: int = 128,
     expected_failures: dict[str, str] | None = None,
     target: str | None = None,
+    timeout: float | None = None,
 ) -> Report:
     """Check a T5 bucket function exactly against :func:`relpos_ref.t5_bucket`.
 
     ``candidate(delta)`` receives a NumPy int64 array of offsets ``delta = query - key`` (any shape) and returns the
     bucket indices (same shape). HF's ``T5Attention._relative_position_bucket`` takes ``key - query``: wrap it as
     ``lambda d: T5Attention._relative_position_bucket(torch.from_numpy(-d), ...)``.
+
+    Parameters
+    ----------
+    candidate : callable
+        ``candidate(delta) -> buckets``.
+    bidirectional : bool
+        T5 mode: encoder (both signs of delta) or decoder (past only).
+    num_buckets, max_distance : int
+        The T5 configuration (defaults 32 and 128, as in T5 and HF).
+    expected_failures : dict, optional
+        Check name (or fnmatch pattern) -> reason for known divergences.
+    target : str, optional
+        "module:function" of the candidate, for reproduction snippets.
+    timeout : float, optional
+        Seconds one candidate call may take before its check is an error (default
+        :data:`~relpos_ref.conformance._core.DEFAULT_TIMEOUT`, 600 s).
+
+    Returns
+    -------
+    Report
+        Checks ``buckets.values`` (a range of offsets covering every bucket and a few huge ones),
+        ``buckets.values.matrix`` (2-D offsets keep their shape), ``buckets.dtype`` (integers), ``buckets.range``,
+        ``buckets.monotone`` and ``buckets.repeatable`` (deterministic, the offsets left unchanged).
     """
     checks = bucket_checks(
-        candidate, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance, target=target
+        candidate,
+        bidirectional=bidirectional,
+        num_buckets=num_buckets,
+        max_distance=max_distance,
+        target=target,
+        timeout=timeout,
     )
     return run_checks(checks, expected_failures=expected_failures)

@@ -2,6 +2,18 @@
 
 The same options drive ``pytest --pyargs relpos_ref.conformance`` through the ``RELPOS_REF_ARGS`` environment
 variable, so both entry points build the suite with :func:`build_checks`.
+
+Exit status of ``relpos-ref conform`` (:func:`main_conform`):
+
+- 0: every check that was run passed (declared ``--xfail`` checks may fail) and every check was run. A check is not
+  run ("NOT CHECKED") when the candidate does not provide what it compares, e.g. a parameter gradient; with
+  ``--allow-incomplete`` such checks do not stop exit 0, and the output still lists them.
+- 1: a check failed or was an error (the candidate raised, called ``sys.exit``, timed out or returned something
+  that is not an array), or a check was not run and ``--allow-incomplete`` was not given. Exit 0 therefore always
+  means "shown to conform on everything the suite checks", never "nothing went wrong because nothing ran".
+- 2: a usage or input error: bad options, a target that cannot be found or whose module raises while it is
+  imported (one line on stderr, no traceback).
+- 130: interrupted (Ctrl-C), as shells report SIGINT.
 """
 
 from __future__ import annotations
@@ -14,14 +26,24 @@ from typing import Any
 
 import numpy as np
 
-from ..conventions import ALIGNMENTS, EQUIVALENCES, FLOAT_DTYPES, FULLY_MASKED, LAYOUTS, PLACEMENTS
+from ..conventions import (
+    ALIGNMENTS,
+    EQUIVALENCES,
+    FLOAT_DTYPES,
+    FULLY_MASKED,
+    LAYOUTS,
+    LEVELS,
+    PLACEMENTS,
+    TENSOR_LAYOUTS,
+)
 from ..families import FAMILIES as _REGISTRY
 from ..families import FIRE, ALiBi, BiasFamily, Sandwich, T5Bias, family_class
 from ._core import Check, _match_expected, run_checks
-from .attention import AttentionOptions, _attention_checks, _AttentionSuite
+from .attention import _attention_checks, _AttentionSuite
 from .backward import _backward_checks, _BackwardSuite
 from .bias import BiasOptions, _bias_checks, _BiasSuite
 from .buckets import bucket_checks
+from .options import AttentionOptions
 from .plugin import load_target
 
 __all__ = ["add_arguments", "build_checks", "main_conform", "parse_env_args"]
@@ -46,8 +68,11 @@ examples:
   relpos-ref conform mypkg.attn:backward --kind backward --family alibi --heads 8 --causal --xp torch
   relpos-ref conform mypkg.t5:bucket --kind buckets --bidirectional
   relpos-ref conform mypkg.bias:fire --reference mypkg.bias:REFERENCE_FIRE --json report.json
+  relpos-ref conform path/to/my_kernel.py:attention --kind attention --timeout 60
 
-exit status: 0 when every check passes (declared --xfail checks may fail), 1 when one fails, 2 on a usage error.
+exit status: 0 when every check passes (declared --xfail checks may fail) and none was left unchecked (the
+candidate did not provide what it compares; --allow-incomplete accepts that), 1 when one fails, errors or is
+left unchecked, 2 on a usage error (also a target that cannot be imported), 130 when interrupted.
 """
 
 
@@ -55,7 +80,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "target",
         metavar="MODULE:FUNCTION",
-        help="the candidate: candidate(q_pos, k_pos) for --kind bias, candidate(delta) for buckets, "
+        help="the candidate, as package.module:function (imported as python -m would, the current directory "
+        "first) or path/to/file.py:function: candidate(q_pos, k_pos) for --kind bias, candidate(delta) for buckets, "
         "candidate(q, k, v) for attention, candidate(q, k, v, d_out) -> (dq, dk, dv) or a mapping with dq, dk, dv "
         "and parameter gradients for backward",
     )
@@ -106,6 +132,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="bias: dtype whose tolerance applies (default: the output's); attention, backward: input dtype "
         "(default float32)",
     )
+    c.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds one candidate call may take before its check is an error (default 600)",
+    )
+    c.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="attention, backward: require bitwise identical results from two calls (default: within tolerance)",
+    )
     c.add_argument("--rtol", type=float, help="override the tolerance rule: |c - r| <= atol + rtol |r|")
     c.add_argument("--atol", type=float, help="override the tolerance rule: |c - r| <= atol + rtol |r|")
     a = p.add_argument_group("attention")
@@ -120,6 +158,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     a.add_argument("--device", default=None, help="device for --xp (e.g. cuda)")
     a.add_argument("--fully-masked", choices=FULLY_MASKED, default="zero")
+    a.add_argument(
+        "--level",
+        choices=LEVELS,
+        default="default",
+        help="kernel-shaped case set: quick (smoke test), default, thorough (nightly) (default: default)",
+    )
+    a.add_argument(
+        "--tensor-layout",
+        choices=TENSOR_LAYOUTS,
+        default="bhsd",
+        help="layout of q, k, v and the output: bhsd (SDPA) or bshd (FlashAttention, xformers, vLLM) (default bhsd)",
+    )
+    a.add_argument(
+        "--head-dims",
+        type=lambda text: tuple(int(x) for x in text.split(",")),
+        default=None,
+        metavar="D[,D...]",
+        help="head dims the candidate accepts, e.g. 64,128 (default: any)",
+    )
+    a.add_argument("--max-q-len", type=int, default=None, help="longest query length the candidate accepts")
+    a.add_argument("--max-k-len", type=int, default=None, help="longest key length the candidate accepts")
+    a.add_argument(
+        "--no-gqa", dest="gqa", action="store_false", help="the candidate needs as many kv heads as query heads"
+    )
+    a.add_argument("--plot-dir", default=None, help="write the effective-bias heatmaps (PNG) into this directory")
     a.add_argument("--seed", type=int, default=0)
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="PATH", help="also write the report as JSON")
@@ -129,6 +192,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME[=REASON]",
         help="declare a known divergence (check name or fnmatch pattern; repeatable)",
+    )
+    o.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="exit 0 even when some checks were not run because the candidate did not provide what they compare "
+        "(they are still listed)",
     )
     o.add_argument("--quiet", action="store_true", help="print only the table and the verdict")
 
@@ -193,10 +262,14 @@ def build_checks(args: argparse.Namespace, candidate: Any = None) -> list[Check]
             num_buckets=args.num_buckets,
             max_distance=args.max_distance,
             target=target,
+            timeout=args.timeout,
         )
     ref = _reference(args)
     # The options' destinations are the suites' keywords (--q-len: q_len, ...); the reference is built above.
     given = {**vars(args), "reference": ref, "bias": ref, "target": target}
+    # --layout is the T5 table's layout (used by _reference), not the attention tensors' layout of AttentionOptions.
+    given.pop("layout")
+    given["layout"] = args.tensor_layout
     if args.kind == "bias":
         if ref is None:
             raise ValueError("--family: expected a bias family (or --reference) for --kind bias")
@@ -219,6 +292,7 @@ def expected_from_args(items: list[str]) -> dict[str, str]:
 
 
 def main_conform(args: argparse.Namespace) -> int:
+    """Run ``relpos-ref conform``; the exit status is described in this module's docstring (0, 1, 2 or 130)."""
     try:
         checks = build_checks(args)
         expected = expected_from_args(args.xfail)
@@ -226,12 +300,31 @@ def main_conform(args: argparse.Namespace) -> int:
     except (ImportError, AttributeError, ValueError, TypeError, OSError) as exc:
         print(f"relpos-ref conform: error: {exc}", file=sys.stderr)
         return 2
-    report = run_checks(checks, expected_failures=expected)
+    except KeyboardInterrupt:
+        print("relpos-ref conform: interrupted", file=sys.stderr)
+        return 130
+    try:
+        report = run_checks(checks, expected_failures=expected)
+    except KeyboardInterrupt:
+        print("relpos-ref conform: interrupted; no report", file=sys.stderr)
+        return 130
+    except SystemExit as exc:
+        # Checks turn a candidate's SystemExit into an error result; this is the last guard, so that no path
+        # through a candidate ends the command with its exit code (sys.exit(0) must never read as a pass).
+        print(f"relpos-ref conform: error: the candidate raised SystemExit({exc.code!r}); no report", file=sys.stderr)
+        return 1
     print(report.table() if args.quiet else report.text(), end="" if not args.quiet else "\n")
     if args.json:
         Path(args.json).write_text(report.to_json() + "\n", encoding="utf-8")
-    print(
-        f"\n{'PASSED' if report.passed else 'FAILED'}: {sum(c.status == 'passed' for c in report.checks)} of "
-        f"{len(report.checks)} checks passed" + (f", {len(report.failures)} failed" if report.failures else "")
-    )
-    return 0 if report.passed else 1
+    complete = report.complete or args.allow_incomplete
+    verdict = "PASSED" if report.passed and report.complete else "FAILED" if not report.passed else "INCOMPLETE"
+    print(f"\n{verdict}: {report.counts()} checks")
+    if not report.complete:
+        names = ", ".join(c.name for c in report.not_checked)
+        consequence = (
+            "accepted by --allow-incomplete"
+            if args.allow_incomplete
+            else "exit status 1 (--allow-incomplete accepts this)"
+        )
+        print(f"NOT CHECKED: {names}: the candidate did not provide what they compare; {consequence}")
+    return 0 if report.passed and complete else 1

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .._host import abs_errors, round_to
 from ..families import (
     FIRE,
     ALiBi,
@@ -27,14 +28,79 @@ from ..families import (
     t5_bucket_thresholds,
 )
 from ..positions import relative_offsets
+from .tolerance import attention_tolerance
 
 __all__: list[str] = []
+
+#: The lower precisions a candidate may compute in while it returns the suite's dtype, the tightest first.
+LOWER: dict[str, tuple[str, ...]] = {"float64": ("float32",), "float32": ("float16", "bfloat16")}
+
+
+def precision_text(lower: str, dtype: str) -> str:
+    """The precision hypothesis: the candidate agrees with the reference to ``lower`` precision, not ``dtype``'s."""
+    return (
+        f"agrees to {lower} precision: the candidate computes in a lower precision than it returns ({lower} "
+        f"arithmetic, {dtype} out: a float32 softmax for float64 inputs as in BLOOM and x-transformers' Attend, or "
+        "JAX without jax_enable_x64)"
+    )
+
+
+def precision_fit(
+    dtype: str, ref: np.ndarray, cand: np.ndarray, sel: np.ndarray, plain: Callable[[str], np.ndarray]
+) -> str | None:
+    """The precision hypothesis for attention: ``cand`` meets the attention rule of a lower dtype, whose plain
+    computation from the inputs rounded to it is ``plain(lower)``, and its error is of that size (at least a tenth of
+    the plain one: a candidate merely a little beyond its own dtype's bound does not compute in a lower one)."""
+    mine = float(np.max(abs_errors(cand, ref)[sel], initial=0.0))
+    for lower in LOWER.get(dtype, ()):
+        err = float(np.max(abs_errors(plain(lower), ref)[sel], initial=0.0))
+        mag = max(1.0, float(np.max(np.abs(ref[sel & np.isfinite(ref)]), initial=0.0)))
+        if 0.1 * err <= mine <= attention_tolerance(lower, err, mag).atol:
+            return precision_text(lower, dtype)
+    return None
+
+
+def logit_growth(alt_lse: np.ndarray, ref_lse: np.ndarray) -> float:
+    """How much larger the logits of a hypothesis are than the reference's, by their lse (at least 1): a candidate
+    that computes larger logits rounds them proportionally more, so its bound grows by this factor."""
+    fin = np.isfinite(alt_lse) & np.isfinite(ref_lse)
+    big = float(np.max(np.abs(alt_lse[fin]), initial=0.0))
+    return max(1.0, big / max(1.0, float(np.max(np.abs(ref_lse[fin]), initial=0.0))))
+
+
+def alignment_text(fits: bool, align: str, m: int, worst: float) -> str:
+    """alignment_consistency's diagnosis: the other alignment, only when it ``fits`` the rows of the ``m`` queries."""
+    other = "top-left" if align == "bottom_right" else "bottom-right"
+    if fits:
+        return (
+            f"rows move when Sq changes: the candidate places queries {other} rather than {align.replace('_', '-')} "
+            f"(its {m}-query call matches the reference aligned {other})"
+        )
+    return (
+        f"the rows depend on how many queries are given ({worst:.3g} apart), and neither alignment explains them: "
+        f"e.g. query tiles that lose their offset, or another kernel path for {m} rows"
+    )
+
+
+def one_of(labels: list[str]) -> str:
+    """One explanation, or several that one query cannot tell apart, listed without picking one."""
+    if len(labels) == 1:
+        return labels[0]
+    return (
+        f"with one query these {len(labels)} explanations give the same result (a case with more queries tells them "
+        "apart): " + "; ".join(labels)
+    )
+
 
 BiasFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def _np(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
+
+
+def bf16(x: Any) -> np.ndarray:
+    return round_to(x, "bfloat16")
 
 
 def _abs_delta(q_pos: np.ndarray, k_pos: np.ndarray) -> np.ndarray:
@@ -45,12 +111,13 @@ AddFn = Callable[[str, Callable[[], np.ndarray]], None]
 
 
 def bias_hypotheses(
-    ref: BiasFamily, q_pos: np.ndarray, k_pos: np.ndarray, *, positions: bool = True
+    ref: BiasFamily, q_pos: np.ndarray, k_pos: np.ndarray, *, positions: bool = True, keep: np.ndarray | None = None
 ) -> list[tuple[str, np.ndarray]]:
     """(explanation, alternative (H, Sq, Sk) float64 bias) for a NumPy float64 family at these positions.
 
     ``positions=False`` leaves out the hypotheses about query positions (alignment), which attention checks test
-    with the mask as well.
+    with the mask as well. Two conventions that agree on the entries ``keep`` selects (a causal mask) are one
+    explanation with both names; one that agrees with the reference there is none.
     """
     out: list[tuple[str, np.ndarray]] = []
     h = ref.num_heads
@@ -58,13 +125,21 @@ def bias_hypotheses(
     kind = type(ref).name
     base = _np(ref.bias(q_pos, k_pos)) if kind != "tensor" else None
 
+    def kept(arr: np.ndarray) -> np.ndarray:
+        return arr if keep is None else np.where(keep, arr, 0.0)
+
     def add(label: str, fn: Callable[[], np.ndarray]) -> None:
         try:
             arr = _np(fn())
         except (ValueError, TypeError, ZeroDivisionError, FloatingPointError):
             return
-        if arr.shape == (h, sq, sk) and (base is None or not np.array_equal(arr, base)):
-            out.append((label, arr))
+        if arr.shape != (h, sq, sk) or (base is not None and np.array_equal(kept(arr), kept(base))):
+            return
+        for n, (other, alt) in enumerate(out):
+            if np.array_equal(kept(alt), kept(arr)):
+                out[n] = (f"{other} (identical here: {label})", alt)
+                return
+        out.append((label, arr))
 
     if kind == "tensor":
         arr = _np(ref.bias(q_pos, k_pos))
@@ -89,6 +164,20 @@ def bias_hypotheses(
             f"positions {_span(q_pos)} were ignored)",
             lambda: ref.bias(bottom_right, k_pos),
         )
+    for fmt, exact in (("bfloat16", 256), ("float16", 2048)):
+        add(
+            f"positions rounded to {fmt} before the offset is taken (integers exact only up to {exact}, so "
+            "neighbouring keys share a bias; vLLM's make_alibi_bias builds arange(S, dtype=the model dtype))",
+            lambda f=fmt: ref.bias(*(round_to(p, f).astype(np.int64) for p in (q_pos, k_pos))),
+        )
+    if q_pos[0] > k_pos[0]:
+        below = (k_pos[None, :] - k_pos[0]) <= np.arange(sq)[:, None]  # a top-left tril of the (Sq, Sk) block
+        at_zero = _np(ref.bias(q_pos[:1], q_pos[:1]))[:, :, :1]
+        add(
+            "a top-left tril applied to the bottom-right block (NeMo's causal KERPLE and Sandwich): keys after the "
+            "query's row index get the bias of distance 0, wrong under a KV cache",
+            lambda: np.where(below[None], base, at_zero),
+        )
     # -- signs ----------------------------------------------------------------------------------------------
     if ref.offset_only:  # b(k, q) transposed is b(j - i) only for a function of i - j (not FIRE)
         add(
@@ -100,6 +189,16 @@ def bias_hypotheses(
         "flipped, as in the FlexAttention blog's score_mod)",
         lambda: -base,
     )
+    add(
+        "the bias ignores the query position (every query taken at position 0: a bias of the key alone, or a KV "
+        "cache's query offset left at 0)",
+        lambda: ref.bias(np.zeros_like(q_pos), k_pos),
+    )
+    add(
+        "the bias added twice (doubled: transformers' Falcon eager path adds ALiBi in the mask and again in the layer)",
+        lambda: 2.0 * base,
+    )
+    add("the bias rounded to bfloat16 (built or stored in bfloat16, as transformers' Falcon does)", lambda: bf16(base))
     if h > 1:
         add("head order reversed (head h got the parameters of head H-1-h)", lambda: base[::-1])
     # -- family-specific (the offset family has none: the offset-sign hypothesis above is the reversed table) ----
@@ -132,6 +231,23 @@ def _alibi_hypotheses(ref: ALiBi, q_pos: np.ndarray, k_pos: np.ndarray, add: Add
             "slopes sorted in decreasing order instead of the official interleaved order",
             with_slopes(np.sort(slopes)[::-1]),
         )
+    add(
+        f"slopes of the 8-head rule 2^-h for all {h} heads (FlashAttention-4's score_mod_alibi) instead of the rule "
+        f"for {h} heads",
+        with_slopes(2.0 ** -np.arange(1.0, h + 1)),
+    )
+    for n in sorted({h // 2, h // 4} - {0}):
+        add(
+            f"ALiBi on the first {n} of {h} heads only: the slopes for {n} heads there, slope 0 on the other {h - n} "
+            "(x-transformers' alibi_num_heads, NeMo's num_attention_heads_alibi)",
+            with_slopes(np.concatenate([_np(alibi_slopes(n)), np.zeros(h - n)])),
+        )
+
+    add(
+        "the key-only form m*j (BLOOM, MPT, Falcon; -m|i - j| up to a per-row constant under a causal mask only), "
+        "computed in bfloat16 as transformers' Falcon does (bfloat16 slopes times positions)",
+        lambda: np.broadcast_to(bf16(bf16(slopes)[:, None] * bf16(k_pos)[None, :])[:, None, :], (h, *dist.shape)),
+    )
 
 
 def _kerple_hypotheses(ref: KerplePower | KerpleLog, q_pos: np.ndarray, k_pos: np.ndarray, add: AddFn) -> None:
@@ -171,9 +287,7 @@ def _t5_hypotheses(ref: T5Bias, q_pos: np.ndarray, k_pos: np.ndarray, add: AddFn
     add(
         f"T5 mode swapped: bidirectional={not opts['bidirectional']} buckets instead of "
         f"bidirectional={opts['bidirectional']}",
-        lambda: T5Bias(table, bidirectional=not opts["bidirectional"], max_distance=opts["max_distance"]).bias(
-            q_pos, k_pos
-        ),
+        lambda: T5Bias(table, **{**opts, "bidirectional": not opts["bidirectional"]}).bias(q_pos, k_pos),
     )
 
 
@@ -333,3 +447,66 @@ def scale_factor_text(cand: np.ndarray, ref: np.ndarray, keep: np.ndarray, atol:
         f"candidate = {factor:.6g}{hint} x reference: a constant factor, e.g. a bias scaled for the other side of "
         "the 1/sqrt(d) scale (pre_scale vs post_scale, or gpt-neox's sqrt(d)-scaled T5 table)"
     )
+
+
+def alibi_slopes_text(
+    ref: ALiBi, cand: np.ndarray, keep: np.ndarray, dist: np.ndarray, bound: np.ndarray
+) -> str | None:
+    """When cand = -m'_h |i - j| within ``bound`` for slopes m' (least squares per head) other than the reference's,
+    name the heads whose slope differs."""
+    sel = np.broadcast_to(keep, cand.shape) & np.isfinite(cand)
+    d = np.where(sel, np.broadcast_to(dist, cand.shape), 0.0)
+    den = np.sum(d * d, axis=(1, 2))
+    if not np.all(den > 0):
+        return None
+    fit = -np.sum(np.where(sel, cand, 0.0) * d, axis=(1, 2)) / den
+    if np.any(np.where(sel, np.abs(cand + fit[:, None, None] * d), 0.0) > bound):
+        return None
+    slopes = _np(ref.parameters()["slopes"])
+    wrong = [h for h in range(len(fit)) if abs(fit[h] - slopes[h]) > 1e-3 * slopes[h]]
+    if not wrong:
+        return None
+    shown = ", ".join(f"head {h}: {fit[h]:.6g} instead of {slopes[h]:.6g}" for h in wrong[:6])
+    more = f" (+{len(wrong) - 6} more)" if len(wrong) > 6 else ""
+    return f"an ALiBi bias -m_h |i - j| with other slopes: {shown}{more}"
+
+
+#: What a report says when :func:`fit` left hypotheses untried.
+UNTRIED = "the other convention hypotheses were not tried: they explained none of two earlier failing cases"
+
+
+def fit(
+    memo: dict[str, Any],
+    case: str,
+    hyps: list[tuple[str, Callable[..., Any]]],
+    fits: Callable[[Any], bool],
+    *,
+    one: bool,
+    quick: Callable[[Callable[..., Any]], bool] | None = None,
+) -> tuple[list[str], bool]:
+    """The hypotheses (label, computation) whose result ``fits``, in order: the first, or with ``one`` query every
+    one (conventions that one query cannot tell apart); and whether every hypothesis was tried.
+
+    ``memo`` (a suite's) keeps the results of the current case (for its output and lse checks) and the labels that
+    fitted earlier cases. Each computation is a float64 attention of the case, so once two cases found none, later
+    cases of more than one query try only the earlier fits. ``quick(computation)`` (cheap: a few rows) rules a
+    hypothesis out before it is computed in full.
+    """
+    if memo.get("case") != case:
+        memo.update(case=case, alts={})
+    hits, alts, fns = memo.setdefault("hits", []), memo["alts"], dict(hyps)
+    order = list(fns) if one or memo.get("misses", 0) < 2 else [h for h in fns if h in hits]
+    matched = []
+    for label in order:
+        if label not in alts:
+            try:
+                alts[label] = fns[label]() if quick is None or quick(fns[label]) else None
+            except (ValueError, TypeError):
+                alts[label] = None
+        if alts[label] is not None and fits(alts[label]):
+            matched.append(label)
+            if not one:
+                break
+    hits += [h for h in matched if h not in hits]
+    memo["misses"] = memo.get("misses", 0) + (not matched)
+    return matched, len(order) == len(fns)

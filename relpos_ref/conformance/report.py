@@ -23,9 +23,11 @@ class CheckResult:
     name : str
         Stable identifier, e.g. ``"bias.values.main"``; usable in ``expected_failures``.
     passed : bool
-    status : {"passed", "failed", "error", "xfail", "xpass"}
+        False for ``"not_checked"``: a check that compared nothing did not pass (nor fail).
+    status : {"passed", "failed", "error", "xfail", "xpass", "not_checked"}
         ``"error"``: the candidate raised or returned something unusable. ``"xfail"``/``"xpass"``: the check was
-        declared a known divergence.
+        declared a known divergence. ``"not_checked"``: the candidate did not provide the quantity the check
+        compares (a parameter gradient it does not return); shown as NOT CHECKED, never counted as passed.
     summary : str
         One line: what was compared and how it went.
     max_abs, max_rel : float or None
@@ -61,13 +63,15 @@ class CheckResult:
     def __post_init__(self) -> None:
         if not self.status:
             self.status = "passed" if self.passed else "failed"
+        if self.status == "not_checked":
+            self.passed = False
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(dataclasses.asdict(self))
 
     def text(self) -> str:
         """Multi-line description: the table row's facts plus mismatch, diagnosis and reproduction."""
-        lines = [f"{self.name}: {self.status.upper()}  {self.summary}"]
+        lines = [f"{self.name}: {_status_text(self.status)}  {self.summary}"]
         if self.max_abs is not None:
             lines.append(
                 f"  max abs err {_num(self.max_abs)}, max rel err {_num(self.max_rel)}, bound {_num(self.bound)}"
@@ -93,7 +97,12 @@ class Report:
     Attributes
     ----------
     passed : bool
-        True when no check failed (known divergences declared with ``expected_failures`` do not count).
+        True when no check that was run failed (known divergences declared with ``expected_failures`` do not
+        count) and at least one check was run. Checks with status ``"not_checked"`` do not count either way: see
+        ``complete``.
+    complete : bool
+        True when every check was run: none is ``"not_checked"``. A report that passed but is not complete shows
+        only that what was compared agrees; ``relpos-ref conform`` exits 1 for it unless ``--allow-incomplete``.
     checks : list of CheckResult
     header : dict
         What was tested: candidate, reference, kind, dtype, options, tolerance rule.
@@ -107,11 +116,45 @@ class Report:
 
     @property
     def passed(self) -> bool:
-        return all(c.status in ("passed", "xfail") for c in self.checks)
+        checked = [c for c in self.checks if c.status != "not_checked"]
+        # A report where nothing was compared has shown nothing: it does not pass vacuously.
+        return bool(checked) and all(c.status in ("passed", "xfail") for c in checked)
+
+    @property
+    def complete(self) -> bool:
+        return not self.not_checked
 
     @property
     def failures(self) -> list[CheckResult]:
-        return [c for c in self.checks if c.status not in ("passed", "xfail")]
+        """The checks that failed, raised (error) or passed although declared a known divergence (xpass)."""
+        return [c for c in self.checks if c.status not in ("passed", "xfail", "not_checked")]
+
+    @property
+    def not_checked(self) -> list[CheckResult]:
+        """The checks whose quantity the candidate did not provide."""
+        return [c for c in self.checks if c.status == "not_checked"]
+
+    def counts(self) -> str:
+        """One line of counts by status, e.g. ``"26 passed, 1 not checked of 27"``."""
+        # status: (singular, plural)
+        words = {
+            "failed": ("failed", "failed"),
+            "error": ("error", "errors"),
+            "xfail": ("known divergence", "known divergences"),
+            "xpass": ("fixed known divergence (xpass)", "fixed known divergences (xpass)"),
+            "not_checked": ("not checked", "not checked"),
+        }
+        n = {k: sum(c.status == k for c in self.checks) for k in ("passed", *words)}
+        parts = [f"{n['passed']} passed"] + [f"{n[k]} {w[n[k] != 1]}" for k, w in words.items() if n[k]]
+        return f"{', '.join(parts)} of {len(self.checks)}"
+
+    def verdict(self) -> str:
+        """The verdict: PASSED, "PASSED, INCOMPLETE (n of m checks not checked)" or "FAILED (n of m checks)"."""
+        if not self.passed:
+            return f"FAILED ({len(self.failures)} of {len(self.checks)} checks)"
+        if not self.complete:
+            return f"PASSED, INCOMPLETE ({len(self.not_checked)} of {len(self.checks)} checks not checked)"
+        return "PASSED"
 
     def __getitem__(self, name: str) -> CheckResult:
         for c in self.checks:
@@ -124,6 +167,9 @@ class Report:
         return _jsonable(
             {
                 "passed": self.passed,
+                "complete": self.complete,
+                "not_checked": [c.name for c in self.not_checked],
+                "summary": self.counts(),
                 "header": self.header,
                 "notes": self.notes,
                 "checks": [c.to_dict() for c in self.checks],
@@ -144,7 +190,7 @@ class Report:
             rows.append(
                 (
                     c.name,
-                    c.status.upper() if c.status != "passed" else "ok",
+                    _status_text(c.status) if c.status != "passed" else "ok",
                     _num(c.max_abs),
                     _num(c.max_rel),
                     _num(c.bound),
@@ -159,14 +205,14 @@ class Report:
         return "\n".join(lines)
 
     def text(self) -> str:
-        n_fail = len(self.failures)
-        verdict = "PASSED" if self.passed else f"FAILED ({n_fail} of {len(self.checks)} checks)"
-        lines = [f"relpos_ref conformance: {verdict}"]
+        lines = [f"relpos_ref conformance: {self.verdict()}"]
         width = max((len(k) for k in self.header), default=0)
         lines.extend(f"{k:<{width}} : {v}" for k, v in self.header.items())
         lines.append("")
         lines.append(self.table())
         lines.extend(f"not applicable: {n}" for n in self.notes)
+        if self.not_checked:
+            lines.append(f"not checked (the candidate did not provide them): {_names(self.not_checked)}")
         interesting = [c for c in self.checks if c.status != "passed" or c.details]
         if interesting:
             lines.append("")
@@ -178,10 +224,17 @@ class Report:
     def __str__(self) -> str:
         return self.text()
 
-    def assert_passed(self) -> None:
-        """Raise :class:`ConformanceError` with the full text when a check failed."""
+    def assert_passed(self, *, allow_incomplete: bool = False) -> None:
+        """Raise :class:`ConformanceError` with the full text when a check failed, or, unless
+        ``allow_incomplete``, when a check was not checked (as ``relpos-ref conform`` exits 1 for both)."""
         if not self.passed:
             raise ConformanceError(self.text())
+        if not allow_incomplete and not self.complete:
+            msg = (
+                f"not checked: {_names(self.not_checked)} (the candidate did not provide them; "
+                f"allow_incomplete=True accepts that)\n\n{self.text()}"
+            )
+            raise ConformanceError(msg)
 
 
 def _nonfinite(x: float) -> str | None:
@@ -191,6 +244,15 @@ def _nonfinite(x: float) -> str | None:
     if math.isinf(x):
         return "inf" if x > 0 else "-inf"
     return None
+
+
+def _status_text(status: str) -> str:
+    """A status as tables show it: "FAILED", "NOT CHECKED"."""
+    return status.upper().replace("_", " ")
+
+
+def _names(checks: list[CheckResult]) -> str:
+    return ", ".join(c.name for c in checks)
 
 
 def _num(x: float | None) -> str:

@@ -92,7 +92,7 @@ def example_family(
     if rng is None:
         rng = np.random.default_rng([integer("seed", seed, minimum=0), list(FAMILIES).index(name)])
     if cls is T5Bias:
-        opts = {"bidirectional": False, **options}
+        opts = {"bidirectional": False, "layout": "heads_buckets", **options}
         fam: BiasFamily = T5Bias(rng.standard_normal((h, 32)), **opts)
     elif cls is OffsetBias:
         fam = OffsetBias(rng.standard_normal((h, 2 * 8 + 1)), **options)

@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import _checks
 from .._checks import array_device
-from .base import BiasFamily
+from .base import OFFSET_BOUND, BiasFamily, host_abs_max
 
 __all__ = ["ALiBi", "alibi_slopes"]
 
@@ -36,7 +36,7 @@ def alibi_slopes(num_heads: int, *, dtype: Any = None, xp: Any = None, device: A
     Parameters
     ----------
     num_heads : int
-        H >= 1.
+        1 <= H <= ``MAX_HEADS`` (65536; the slopes are built as a Python list).
     dtype : optional
         float64 by default.
     xp : array namespace, optional
@@ -56,12 +56,12 @@ def alibi_slopes(num_heads: int, *, dtype: Any = None, xp: Any = None, device: A
     >>> np.log2(rp.alibi_slopes(6)).tolist()
     [-2.0, -4.0, -6.0, -8.0, -1.0, -3.0]
     """
-    num_heads = _checks.integer("num_heads", num_heads, minimum=1)
+    num_heads = _checks.integer(
+        "num_heads", num_heads, minimum=1, maximum=_checks.MAX_HEADS, why="the slopes are built as a Python list"
+    )
     xp = _checks.namespace_arg(xp)
-    dtype = dtype if dtype is not None else xp.float64
-    if not _checks.is_float_dtype(xp, dtype):
-        msg = f"dtype: expected a real floating-point dtype, got {dtype!r}"
-        raise TypeError(msg)
+    dtype = _checks.float_dtype("dtype", dtype, xp) if dtype is not None else xp.float64
+    _checks.device_arg(xp, device)
     return xp.asarray([2.0**e for e in _slope_exponents(num_heads)], dtype=dtype, device=device)
 
 
@@ -75,7 +75,8 @@ class ALiBi(BiasFamily, name="alibi"):
     Parameters
     ----------
     slopes : float array of shape (H,)
-        Finite and > 0. See :func:`alibi_slopes` and :meth:`from_num_heads`.
+        Finite and > 0. See :func:`alibi_slopes` and :meth:`from_num_heads`. Where :math:`m_h |i - j|` is beyond
+        the dtype's range the bias is -inf, its rounding (float16 slope 0.5 from :math:`|i - j| = 131040`).
     xp, dtype, device : optional
         Used only when ``slopes`` is not already an array.
     """
@@ -103,6 +104,9 @@ class ALiBi(BiasFamily, name="alibi"):
     def _compute(self, xp: Any, arrays: dict[str, Any], delta: Any, q_pos: Any, dtype: Any) -> Any:
         dist = xp.astype(xp.abs(delta), dtype)
         return -(arrays["slopes"][:, None, None] * dist[None, :, :])
+
+    def _bias_bound(self) -> float:
+        return host_abs_max(self._params["slopes"]) * OFFSET_BOUND
 
     def _offset_vjp(
         self, xp: Any, arrays: dict[str, Any], g: Any, deltas: Any, dtype: Any, *, consecutive: bool

@@ -8,6 +8,8 @@ identical for all of them: namespace and dtype rules, head selection, the float1
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, ClassVar
 
 from .. import _checks
@@ -122,11 +124,17 @@ class BiasFamily:
         device : optional
             Target device.
         """
+        target = _checks.namespace_arg(xp) if xp is not None else self.xp
         if dtype is not None:
-            target = _checks.namespace_arg(xp) if xp is not None else self.xp
-            if not _checks.is_float_dtype(target, dtype):
-                msg = f"dtype: expected a real floating-point dtype, got {dtype!r}"
-                raise TypeError(msg)
+            _checks.float_dtype("dtype", dtype, target)
+        elif not _checks.same_namespace(target, self.xp) and getattr(target, dtype_name(self.dtype), None) is None:
+            # The current dtype has no twin in the target library (float16 in array_api_strict): say so.
+            msg = (
+                f"dtype: expected a dtype of {getattr(target, '__name__', target)} when it has no "
+                f"{dtype_name(self.dtype)} (the family's dtype), got None"
+            )
+            raise TypeError(msg)
+        _checks.device_arg(target, device)
         return type(self)._rebuild(self, dtype=dtype, xp=xp, device=device)
 
     @classmethod
@@ -151,18 +159,62 @@ class BiasFamily:
         Returns
         -------
         array of shape (h, len(q_pos), len(k_pos))
-            In the parameters' dtype; h = H, or the number of selected heads.
+            In the parameters' dtype; h = H, or the number of selected heads. Entries whose exact value lies beyond
+            the dtype's range are :math:`\pm\infty`, its correct rounding (ALiBi with slope 0.5 in float16 from
+            :math:`|\Delta| = 131040`); :func:`relpos_ref.attention` reports a row that such entries leave without a
+            representable softmax.
+
+        Raises
+        ------
+        ValueError
+            Where an overflow inside the arithmetic leaves no value at all (NaN: FIRE hidden units at +inf whose
+            output weights cancel), naming the positions; a family whose parameters bound it inside the range
+            (:meth:`_bias_bound`) pays no check.
         """
+        if not self._bias_may_overflow:
+            return self._evaluate(self._compute, q_pos, k_pos, heads)
+        with _checks.quiet_overflow():  # infinities are the rounded exact values; a NaN is reported below
+            out = self._evaluate(self._compute, q_pos, k_pos, heads)
+        _no_nan_bias(self, out, q_pos, k_pos)
+        return out
+
+    @functools.cached_property
+    def _bias_may_overflow(self) -> bool:
+        """Whether the bound on |b| over every int64 offset reaches the dtype's largest number (computed once)."""
+        return not self._bias_bound() < _largest(self.xp, self.dtype)
+
+    def _bias_bound(self) -> float:
+        """An upper bound on :math:`|b_h(i, j)|`, and on every intermediate of its arithmetic, over all offsets and
+        positions with :math:`|i|, |i - j| < 2^{63}`, from the parameters (a Python float; inf when a family cannot
+        bound it, which makes :meth:`bias` check for NaN)."""
+        return math.inf
+
+    def bias_magnitude(self, q_pos: Any, k_pos: Any, *, heads: Any = None) -> Any:
+        r"""The magnitude :math:`m_h(i, j)` of each entry as an implementation computes it: the scale its rounding
+        error is relative to. The conformance harness accepts a bias entry within :math:`t\,\max(1, m)`.
+
+        :math:`|b|` for a family evaluated in a few roundings (the default). A family whose value is a sum with
+        cancellation overrides it with the sum of the absolute values of the terms, and of the arguments of the
+        functions whose rounding moves the result by :math:`|x|\,u` (FIRE's MLP, Sandwich's cosines).
+        Same arguments, shape and dtype as :meth:`bias`; infinite where the bias is.
+        """
+        return self._evaluate(self._magnitude, q_pos, k_pos, heads)
+
+    # -- internals -----------------------------------------------------------------------------------------------
+    def _evaluate(self, fn: Any, q_pos: Any, k_pos: Any, heads: Any) -> Any:
+        """``fn(xp, arrays, delta, q_pos, dtype)`` on the selected heads in the compute dtype, in the family's."""
         xp = _positions_pair(q_pos, k_pos, self.xp)
         arrays = self._select_heads(heads)
         cdtype = _checks.compute_dtype(xp, self.dtype)
         if cdtype != self.dtype:
             arrays = {k: xp.astype(v, cdtype) for k, v in arrays.items()}
         delta = relative_offsets(q_pos, k_pos, xp=xp)
-        out = self._compute(xp, arrays, delta, q_pos, cdtype)
+        out = fn(xp, arrays, delta, q_pos, cdtype)
         return out if out.dtype == self.dtype else xp.astype(out, self.dtype)
 
-    # -- internals -----------------------------------------------------------------------------------------------
+    def _magnitude(self, xp: Any, arrays: dict[str, Any], delta: Any, q_pos: Any, dtype: Any) -> Any:
+        return xp.abs(self._compute(xp, arrays, delta, q_pos, dtype))
+
     def _select_heads(self, heads: Any) -> dict[str, Any]:
         arrays = {**self._params, **self._derived}
         if heads is None:
@@ -251,6 +303,46 @@ class BiasFamily:
         return f"{type(self).__name__}(num_heads={self.num_heads}, dtype={self.dtype}{opts})"
 
 
+def _largest(xp: Any, dtype: Any) -> float:
+    """The largest finite number of ``dtype`` (bfloat16, unknown to NumPy's finfo, has float32's range)."""
+    try:
+        return float(xp.finfo(dtype).max)
+    except (TypeError, ValueError):
+        return float(xp.finfo(xp.float32).max)
+
+
+#: Bound on |i - j| and |i| over which :meth:`BiasFamily._bias_bound` bounds a bias: every int64 offset.
+OFFSET_BOUND = 2.0**63
+
+
+def host_abs_max(value: Any) -> float:
+    """max |value| of a parameter array as a Python float (on the host; parameters are small)."""
+    import numpy as np
+
+    host = np.asarray(host_numpy(value)).astype(np.float64)
+    return float(np.max(np.abs(host))) if host.size else 0.0
+
+
+def _no_nan_bias(family: BiasFamily, out: Any, q_pos: Any, k_pos: Any) -> None:
+    """ValueError naming the positions where an overflow inside a family's arithmetic left NaN (inf - inf)."""
+    xp = family.xp
+    bad = xp.isnan(out)
+    if not bool(xp.any(bad)):
+        return
+    import numpy as np
+
+    flags = np.asarray(host_numpy(bad), dtype=bool)
+    h, i, j = (int(n) for n in np.argwhere(flags)[0])
+    qi, kj = int(host_numpy(q_pos)[i]), int(host_numpy(k_pos)[j])
+    msg = (
+        f"q_pos, k_pos: expected positions at which the {type(family).__name__} arithmetic stays within "
+        f"{dtype_name(family.dtype)} (|x| <= {_largest(xp, family.dtype):.6g}), got {int(flags.sum())} entries "
+        f"where it overflows to inf - inf (NaN), the first at head {h}, q_pos {qi}, k_pos {kj} (offset {qi - kj}): "
+        "a wider dtype or smaller parameters keep it finite"
+    )
+    raise ValueError(msg)
+
+
 def family_class(name: str) -> type[BiasFamily]:
     """The family class registered as ``name``; ValueError naming the registered names otherwise."""
     try:
@@ -332,7 +424,8 @@ def _head_indices(heads: Any, num_heads: int) -> list[int]:
 def _convert(value: Any, xp_from: Any, xp_to: Any, dtype: Any, device: Any) -> Any:
     """Move one array across namespaces/devices (through host NumPy when the namespace changes)."""
     if xp_to is xp_from:
-        out = value if dtype is None or value.dtype == dtype else xp_to.astype(value, dtype)
+        with _checks.quiet_overflow():  # a parameter that overflows the new dtype is rejected by the constructor
+            out = value if dtype is None or value.dtype == dtype else xp_to.astype(value, dtype)
         if device is not None and array_device(out) != device:
             out = to_device(out, device)
         return out

@@ -12,11 +12,12 @@ The normaliser makes FIRE the one family here that is not a function of :math:`i
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .. import _checks
 from .._checks import array_device
-from .base import BiasFamily
+from .base import OFFSET_BOUND, BiasFamily, host_abs_max
 
 __all__ = ["FIRE"]
 
@@ -44,7 +45,9 @@ class FIRE(BiasFamily, name="fire"):
 
     Notes
     -----
-    With :math:`c, L > 0` the normaliser is at least :math:`\log(1 + cL) > 0`, so no division by zero can occur. The
+    The normaliser is at least :math:`\log(1 + cL) > 0`, and the constructor requires :math:`c` and :math:`cL` to be
+    normal numbers of the compute dtype (float32 for float16) and :math:`c\,2^{63}` finite, so that no
+    :math:`\psi` underflows to 0 or overflows, for every int64 position: no division by zero can occur. The
     listing applies ``abs`` to the offset; so does this class: keys after the query get the bias of their mirror
     image and must be removed by a causal mask, as in the paper, which defines FIRE for causal attention.
     """
@@ -92,6 +95,7 @@ class FIRE(BiasFamily, name="fire"):
                 raise ValueError(msg)
         _checks.positive("c", c, ns)
         _checks.positive("L", L, ns)
+        _psi_range(ns, dtype, c, L)
         eps = _checks.real_scalar("eps", eps, nonnegative=True)
         self._finish(
             {"w1": w1, "b1": b1, "w2": w2, "b2": b2, "c": c, "L": L},
@@ -133,6 +137,24 @@ class FIRE(BiasFamily, name="fire"):
         for w in range(w1.shape[0]):
             hidden = xp.maximum(w1[w] * x + b1[w], 0)
             out = out + w2[:, w, None, None] * hidden[None, :, :]
+        return out
+
+    def _bias_bound(self) -> float:
+        r""":math:`|b_2| + W \max|W_2| (\max|W_1|\, x_{\max} + \max|b_1|)` with
+        :math:`x \le \psi(2^{63}) / (\psi(L) + \varepsilon)`."""
+        p = self._params
+        c, L = host_abs_max(p["c"]), host_abs_max(p["L"])  # noqa: N806
+        x_max = math.log1p(c * OFFSET_BOUND) / (math.log1p(c * L) + self._options["eps"])
+        hidden = host_abs_max(p["w1"]) * x_max + host_abs_max(p["b1"])
+        return host_abs_max(p["b2"]) + self.width * host_abs_max(p["w2"]) * hidden
+
+    def _magnitude(self, xp: Any, arrays: dict[str, Any], delta: Any, q_pos: Any, dtype: Any) -> Any:
+        r""":math:`|b_2| + \sum_w |W_{2,w}|\,(|W_{1,w}\,x| + |b_{1,w}|)`: the MLP's terms, which can cancel."""
+        x = self._x(xp, arrays, delta, q_pos, dtype)
+        w1, b1, w2 = arrays["w1"][:, 0], arrays["b1"], arrays["w2"]
+        out = xp.broadcast_to(xp.abs(arrays["b2"])[:, None, None], (w2.shape[0], *x.shape))
+        for w in range(w1.shape[0]):
+            out = out + xp.abs(w2[:, w, None, None]) * (xp.abs(w1[w] * x) + xp.abs(b1[w]))[None, :, :]
         return out
 
     def _vjp(self, xp: Any, arrays: dict[str, Any], g: Any, q_pos: Any, k_pos: Any, dtype: Any) -> dict[str, Any]:
@@ -179,3 +201,25 @@ class FIRE(BiasFamily, name="fire"):
             "c": g_c,
             "L": g_l,
         }
+
+
+def _psi_range(xp: Any, dtype: Any, c: Any, L: Any) -> None:  # noqa: N803
+    r"""Reject c and L for which :math:`\psi` under- or overflows in the compute dtype at some int64 position.
+
+    :math:`c L` below the smallest normal number makes the normaliser :math:`\log(1 + c L)` zero or inexact (NaN at
+    query 0 for c = L = 1e-200 in float64, or 1e-23 in float32); :math:`c\,|\Delta|` beyond the largest makes
+    :math:`\psi = \infty` and x = inf / inf.
+    """
+    info = xp.finfo(_checks.compute_dtype(xp, dtype))
+    cv, lv = float(c), float(L)
+    top = float(info.max) / OFFSET_BOUND
+    tiny = float(info.smallest_normal)
+    if cv > top:
+        msg = f"c: expected a value in (0, {top:.3g}] (c times every int64 offset must be finite), got {cv!r}"
+        raise ValueError(msg)
+    if cv < tiny or cv * lv < tiny or cv * lv > float(info.max):
+        msg = (
+            f"c, L: expected c and c * L in [{tiny:.3g}, {float(info.max):.3g}] (normal numbers of the compute dtype, "
+            f"so that log1p(c * L) neither underflows nor overflows), got c = {cv!r}, L = {lv!r}, c * L = {cv * lv!r}"
+        )
+        raise ValueError(msg)

@@ -9,11 +9,13 @@ multiplier and ``r2`` the inner exponent or rate, as in the paper.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 from .. import _checks
-from .._checks import array_device
-from .base import BiasFamily
+from .._checks import array_device, quiet_overflow
+from .base import OFFSET_BOUND, BiasFamily, host_abs_max
 
 __all__ = ["KerpleLog", "KerplePower"]
 
@@ -64,6 +66,9 @@ class KerplePower(_Kerple, name="kerple_power"):
         dist = xp.astype(xp.abs(delta), dtype)
         return -(arrays["r1"][:, None, None] * xp.pow(dist[None, :, :], arrays["r2"][:, None, None]))
 
+    def _bias_bound(self) -> float:
+        return host_abs_max(self._params["r1"]) * OFFSET_BOUND ** host_abs_max(self._params["r2"])
+
     def _offset_vjp(
         self, xp: Any, arrays: dict[str, Any], g: Any, deltas: Any, dtype: Any, *, consecutive: bool
     ) -> dict[str, Any]:
@@ -86,22 +91,52 @@ class KerpleLog(_Kerple, name="kerple_log"):
     Parameters
     ----------
     r1, r2 : float arrays of shape (H,)
-        Official code: ``r1 = bias_p``, ``r2 = bias_a`` of ``ParallelKerpleLog``.
+        Official code: ``r1 = bias_p``, ``r2 = bias_a`` of ``ParallelKerpleLog``. Any finite ``r2 > 0``: where
+        :math:`r_2 |\Delta|` overflows, :math:`\log(1 + r_2|\Delta|)` is evaluated as
+        :math:`\log r_2 + \log|\Delta|` (exact to rounding there, since :math:`1/(r_2|\Delta|)` is below the
+        smallest normal number), so ``r2 = 1e308`` gives -709.89 at :math:`|\Delta| = 2`, not -inf.
     xp, dtype, device : optional
         Used only for arguments that are not already arrays.
     """
 
     def _compute(self, xp: Any, arrays: dict[str, Any], delta: Any, q_pos: Any, dtype: Any) -> Any:
         dist = xp.astype(xp.abs(delta), dtype)
-        return -(arrays["r1"][:, None, None] * xp.log1p(arrays["r2"][:, None, None] * dist[None, :, :]))
+        return -(arrays["r1"][:, None, None] * self._log_term(xp, arrays["r2"][:, None, None], dist[None, :, :]))
+
+    @functools.cached_property
+    def _big_rate(self) -> bool:
+        """Whether r2 |Delta| can overflow the compute dtype at some int64 offset (decided once, on the host)."""
+        cdtype = _checks.compute_dtype(self.xp, self.dtype)
+        return host_abs_max(self._params["r2"]) * OFFSET_BOUND > float(self.xp.finfo(cdtype).max) / 2
+
+    def _log_term(self, xp: Any, r2: Any, dist: Any) -> Any:
+        """log(1 + r2 |Delta|), with log r2 + log |Delta| where the product overflows (only for such rates)."""
+        if not self._big_rate:
+            return xp.log1p(r2 * dist)
+        with quiet_overflow():
+            t = r2 * dist
+        safe = xp.where(dist == 0, xp.ones_like(dist), dist)
+        return xp.where(xp.isinf(t), xp.log(r2) + xp.log(safe), xp.log1p(xp.where(xp.isinf(t), 0.0, t)))
+
+    def _bias_bound(self) -> float:
+        r2 = host_abs_max(self._params["r2"])
+        big = r2 * OFFSET_BOUND > 1e300  # log1p(r2 2^63) as log r2 + log 2^63 (plus 1, an upper bound)
+        log_term = math.log(r2) + math.log(OFFSET_BOUND) + 1.0 if big else math.log1p(r2 * OFFSET_BOUND)
+        return host_abs_max(self._params["r1"]) * log_term
 
     def _offset_vjp(
         self, xp: Any, arrays: dict[str, Any], g: Any, deltas: Any, dtype: Any, *, consecutive: bool
     ) -> dict[str, Any]:
-        # d/dr1 = -log(1 + r2 |D|), d/dr2 = -r1 |D| / (1 + r2 |D|)
+        # d/dr1 = -log(1 + r2 |D|), d/dr2 = -r1 |D| / (1 + r2 |D|) = -r1 / (r2 + 1/|D|) (0 at D = 0), the second
+        # form for rates whose product with |D| can overflow.
         dist = xp.astype(xp.abs(deltas), dtype)[None, :]
         r1, r2 = arrays["r1"][:, None], arrays["r2"][:, None]
+        if self._big_rate:
+            safe = xp.where(dist == 0, xp.ones_like(dist), dist)
+            ratio = xp.where(dist == 0, xp.zeros_like(dist), 1.0 / (r2 + 1.0 / safe))
+        else:
+            ratio = dist / (1.0 + r2 * dist)
         return {
-            "r1": -xp.sum(g * xp.log1p(r2 * dist), axis=1),
-            "r2": -xp.sum(g * (r1 * dist / (1.0 + r2 * dist)), axis=1),
+            "r1": -xp.sum(g * self._log_term(xp, r2, dist), axis=1),
+            "r2": -xp.sum(g * (r1 * ratio), axis=1),
         }

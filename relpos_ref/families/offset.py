@@ -13,7 +13,7 @@ from typing import Any
 from .. import _checks
 from .._checks import array_device
 from .._host import host_numpy
-from .base import BiasFamily, scatter_columns
+from .base import BiasFamily, host_abs_max, scatter_columns
 
 __all__ = ["OffsetBias"]
 
@@ -49,6 +49,9 @@ class OffsetBias(BiasFamily, name="offset"):
     def max_offset(self) -> int:
         """K, the clipping distance."""
         return (int(self._params["table"].shape[1]) - 1) // 2
+
+    def _bias_bound(self) -> float:
+        return host_abs_max(self._params["table"])  # the bias is an entry of the (finite) table
 
     def _compute(self, xp: Any, arrays: dict[str, Any], delta: Any, q_pos: Any, dtype: Any) -> Any:
         table = arrays["table"]

@@ -31,9 +31,10 @@ class Sandwich(BiasFamily, name="sandwich"):
     Parameters
     ----------
     num_heads : int
-        H >= 1. Head h (1-based) is divided by :math:`8h/H`, so head 1 is the steepest, as in ALiBi.
+        1 <= H <= ``MAX_HEADS`` (65536). Head h (1-based) is divided by :math:`8h/H`, so head 1 is the steepest, as
+        in ALiBi.
     head_dim : int
-        d, even and >= 2 (NeMo's per-head hidden size).
+        d, even, 2 <= d <= 2 ``MAX_HEADS`` (NeMo's per-head hidden size).
     dtype : optional
         float64 by default.
     xp : array namespace, optional
@@ -50,16 +51,15 @@ class Sandwich(BiasFamily, name="sandwich"):
     learned = False
 
     def __init__(self, num_heads: int, head_dim: int, *, dtype: Any = None, xp: Any = None, device: Any = None) -> None:
-        num_heads = _checks.integer("num_heads", num_heads, minimum=1)
-        head_dim = _checks.integer("head_dim", head_dim, minimum=2)
+        why = "its constants are built as a Python list"
+        num_heads = _checks.integer("num_heads", num_heads, minimum=1, maximum=_checks.MAX_HEADS, why=why)
+        head_dim = _checks.integer("head_dim", head_dim, minimum=2, maximum=2 * _checks.MAX_HEADS, why=why)
         if head_dim % 2:
             msg = f"head_dim: expected an even integer (d/2 frequencies), got {head_dim}"
             raise ValueError(msg)
         xp = _checks.namespace_arg(xp)
-        dtype = dtype if dtype is not None else xp.float64
-        if not _checks.is_float_dtype(xp, dtype):
-            msg = f"dtype: expected a real floating-point dtype, got {dtype}"
-            raise TypeError(msg)
+        dtype = _checks.float_dtype("dtype", dtype, xp) if dtype is not None else xp.float64
+        _checks.device_arg(xp, device)
         half = head_dim // 2
         # The frequencies and divisors are derived constants, not parameters: they live in the compute dtype
         # (float32 for float16), so a float16 bias is the float32 computation rounded once.
@@ -93,6 +93,21 @@ class Sandwich(BiasFamily, name="sandwich"):
             s = xp.sin(half_dist * omega[k])
             total = total + s * s
         return (-2.0 * total)[None, :, :] / arrays["divisor"][:, None, None]
+
+    def _bias_bound(self) -> float:
+        # |numerator| = 2 sum_k sin^2 <= d, over the smallest divisor 8/H.
+        return self._options["head_dim"] * self.num_heads / 8.0
+
+    def _magnitude(self, xp: Any, arrays: dict[str, Any], delta: Any, q_pos: Any, dtype: Any) -> Any:
+        r""":math:`(\sum_k (|\cos x_k| + x_k) + d/2) / (8h/H)`, :math:`x_k = |i - j|\,\omega_k`: the terms of NeMo's
+        :math:`\sum_k \cos x_k - d/2`, which cancel, and the arguments, whose rounding moves a cosine by
+        :math:`x_k u`."""
+        omega = xp.astype(self._omega, dtype)
+        dist = xp.astype(xp.abs(delta), dtype)
+        total = xp.full(delta.shape, omega.shape[0], dtype=dtype, device=array_device(delta))  # d/2
+        for k in range(omega.shape[0]):
+            total = total + xp.abs(xp.cos(dist * omega[k])) + dist * omega[k]
+        return total[None, :, :] / arrays["divisor"][:, None, None]
 
     def _offset_vjp(
         self, xp: Any, arrays: dict[str, Any], g: Any, deltas: Any, dtype: Any, *, consecutive: bool

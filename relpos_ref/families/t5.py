@@ -10,21 +10,32 @@ backend and dtype.
 
 from __future__ import annotations
 
+import decimal
+import math
 from functools import cache
 from typing import Any
 
 from .. import _checks
 from .._checks import array_device
+from .._host import dtype_name
 from ..conventions import LAYOUTS
-from .base import BiasFamily, scatter_columns
+from ..positions import MAX_OFFSET
+from .base import BiasFamily, _convert, host_abs_max, scatter_columns
 
 __all__ = ["T5Bias", "t5_bucket", "t5_bucket_thresholds"]
 
 
+#: Largest number of buckets (the thresholds are a Python tuple of num_buckets / 2 or num_buckets integers, each
+#: found with float arithmetic and, near an integer, big-integer powers of up to num_buckets / 4).
+MAX_BUCKETS = 1 << 16
+
+
 def _config(bidirectional: Any, num_buckets: Any, max_distance: Any) -> tuple[bool, int, int, int, int]:
     bidirectional = _checks.boolean("bidirectional", bidirectional)
-    num_buckets = _checks.integer("num_buckets", num_buckets)
-    max_distance = _checks.integer("max_distance", max_distance)
+    num_buckets = _checks.integer("num_buckets", num_buckets, maximum=MAX_BUCKETS, why="the thresholds are a tuple")
+    max_distance = _checks.integer(
+        "max_distance", max_distance, maximum=MAX_OFFSET, why="every threshold is then an int64, as every offset is"
+    )
     if bidirectional:
         if num_buckets < 4 or num_buckets % 2:
             msg = (
@@ -60,6 +71,43 @@ def _iroot_ceil(value: int, k: int) -> int:
     return lo
 
 
+def _threshold(exact: int, max_distance: int, span: int, k: int) -> int:
+    r"""Smallest integer n with n**span >= exact**(span - k) * max_distance**k, exactly.
+
+    The real root :math:`t = e^{((s - k) \ln E + k \ln D) / s}` in float64 has a relative error of a few
+    :math:`(1 + \ln D)\,u` (the exponent is a weighted mean of two logarithms, whatever the size s), so when t is
+    farther than :math:`10^{-14} (1 + \ln D)\, t` from an integer its ceiling is the answer (for t < 1e10; larger
+    roots are computed with 40 decimal digits); only near an integer
+    (the exact boundaries n = 16, 32, 64 of the defaults) is the integer comparison made, and a big power is then
+    computed at most twice instead of once per bisection step (a 16000-bucket table took minutes).
+    """
+    log_d = math.log(max_distance)
+    log_t = ((span - k) * math.log(exact) + k * log_d) / span
+    if log_t < 23.0:  # t < 1e10: float64 resolves it but within ~1e-3 of an integer
+        t = math.exp(log_t)
+        margin = 1e-14 * (1.0 + log_d) * t
+    else:  # up to 2^63 (max_distance is capped there): 40 significant digits
+        with decimal.localcontext() as ctx:
+            ctx.prec = 40
+            dt = ((span - k) * decimal.Decimal(exact).ln() + k * decimal.Decimal(max_distance).ln()) / span
+            t_dec = dt.exp()
+        t = float(t_dec)
+        margin = 1e-30 * t
+        n = int(t_dec.to_integral_value(rounding=decimal.ROUND_CEILING))
+        if n - t_dec > margin and t_dec - (n - 1) > margin:
+            return n
+    n = math.ceil(t)
+    if log_t < 23.0 and n - t > margin and t - (n - 1) > margin:
+        return n
+    # Within the error of an integer: decide with integers, starting from the estimate.
+    value = exact ** (span - k) * max_distance**k
+    near = round(t)
+    for cand in (near - 1, near, near + 1):
+        if cand >= 0 and cand**span >= value and (cand - 1) ** span < value:
+            return cand
+    return _iroot_ceil(value, span)
+
+
 @cache
 def _thresholds(bidirectional: bool, num_buckets: int, max_distance: int) -> tuple[int, ...]:
     _, _, max_distance, half, exact = _config(bidirectional, num_buckets, max_distance)
@@ -69,8 +117,7 @@ def _thresholds(bidirectional: bool, num_buckets: int, max_distance: int) -> tup
     #   iff ln(n/E) * span >= (b - E) * ln(D/E)      (ln(D/E) > 0)
     #   iff n**span >= E**(span - (b - E)) * D**(b - E)   (all integers: exact).
     for b in range(exact, half):
-        k = b - exact
-        starts.append(_iroot_ceil(exact ** (span - k) * max_distance**k, span))
+        starts.append(_threshold(exact, max_distance, span, b - exact))
     return tuple(starts)
 
 
@@ -154,11 +201,18 @@ def t5_bucket(
     bidirectional, num_buckets, max_distance, half, _ = _config(bidirectional, num_buckets, max_distance)
     xp = _checks.namespace(delta, xp=xp, names=("delta",))
     _checks.integer_array("delta", delta, xp)
+    if all(int(n) for n in delta.shape):  # non-empty (0-d included)
+        lo, hi = int(xp.min(delta)), int(xp.max(delta))
+        if lo < -MAX_OFFSET or hi > MAX_OFFSET:  # |delta| and the int64 cast below would wrap
+            msg = f"delta: expected offsets in [-(2**63 - 1), 2**63 - 1] (int64), got values from {lo} to {hi}"
+            raise ValueError(msg)
     return _bucket(xp, delta, bidirectional, num_buckets, max_distance, half)
 
 
 def _bucket(xp: Any, delta: Any, bidirectional: bool, num_buckets: int, max_distance: int, half: int) -> Any:
-    thr = xp.asarray(_thresholds(bidirectional, num_buckets, max_distance), dtype=xp.int64, device=array_device(delta))
+    # Thresholds beyond int64 are never reached by an offset (|delta| < 2**63) and would not fit the int64 array.
+    starts = [t for t in _thresholds(bidirectional, num_buckets, max_distance) if t <= MAX_OFFSET]
+    thr = xp.asarray(starts, dtype=xp.int64, device=array_device(delta))
     delta = xp.astype(delta, xp.int64)
     if bidirectional:
         n = xp.abs(delta)
@@ -190,8 +244,10 @@ class T5Bias(BiasFamily, name="t5"):
         Encoder (True) or causal decoder self-attention (False).
     max_distance : int, default 128
     layout : {"heads_buckets", "buckets_heads"}
-        Layout of ``table`` as given. It is a required decision whenever H == B, hence a named argument rather than
-        a guess from the shape.
+        Layout of ``table`` as given; required, with no default: a (32, 8) table is valid read either way (HF's 32
+        buckets of 8 heads, or 32 heads of 8 buckets), so the shape cannot decide and a default would silently
+        misread one of them. :meth:`options` reports ``layout="heads_buckets"``, the layout of
+        :meth:`parameters`; the layout given is the :attr:`layout` property.
     xp, dtype, device : optional
         Used only when ``table`` is not already an array.
     """
@@ -204,7 +260,7 @@ class T5Bias(BiasFamily, name="t5"):
         *,
         bidirectional: bool,
         max_distance: int = 128,
-        layout: str = "heads_buckets",
+        layout: str,
         xp: Any = None,
         dtype: Any = None,
         device: Any = None,
@@ -235,7 +291,8 @@ class T5Bias(BiasFamily, name="t5"):
             xp=ns,
             dtype=table.dtype,
             device=array_device(table),
-            options={"bidirectional": bidirectional, "max_distance": max_distance},
+            # The layout of parameters()["table"], so that cls(**parameters(), **options()) rebuilds this family.
+            options={"bidirectional": bidirectional, "max_distance": max_distance, "layout": "heads_buckets"},
         )
         # The table is stored (H, B); the layout it was given in is kept only to return gradients in that layout.
         object.__setattr__(self, "_layout", layout)
@@ -272,8 +329,16 @@ class T5Bias(BiasFamily, name="t5"):
             grads["table"] = xp.permute_dims(grads["table"], (1, 0))
         return grads
 
+    def _bias_bound(self) -> float:
+        return host_abs_max(self._params["table"])  # the bias is an entry of the (finite) table
+
     @classmethod
     def _rebuild(cls, obj: BiasFamily, *, dtype: Any, xp: Any, device: Any) -> BiasFamily:
-        new = super()._rebuild(obj, dtype=dtype, xp=xp, device=device)
+
+        xp_to = _checks.namespace_arg(xp) if xp is not None else obj.xp
+        if dtype is None:
+            dtype = getattr(xp_to, dtype_name(obj.dtype), None) or obj.dtype
+        table = _convert(obj._params["table"], obj.xp, xp_to, dtype, device)
+        new = cls(table, **obj._options)  # the stored (H, B) table; the layout given is kept for the gradients
         object.__setattr__(new, "_layout", obj._layout)
         return new

@@ -55,6 +55,9 @@ class TensorBias(BiasFamily, name="tensor"):
         idx = xp.asarray(_head_indices(heads, self.num_heads), dtype=xp.int64, device=self.device)
         return xp.take(arr, idx, axis=0)
 
+    def bias_magnitude(self, q_pos: Any, k_pos: Any, *, heads: Any = None) -> Any:
+        return self.xp.abs(self.bias(q_pos, k_pos, heads=heads))
+
     def _dense_array(self) -> Any:
         return self._params["array"]
 

@@ -42,7 +42,11 @@ class BiasTiles:
     def tile(self, xp: Any, qs: int, qe: int, ks: int, ke: int, q_pos: Any, k_pos: Any) -> Any:
         """Bias of query rows qs:qe and key columns ks:ke; ``q_pos``/``k_pos`` are those rows' and columns'."""
         if self.family is not None:
-            return self.family.bias(q_pos, k_pos)
+            try:
+                return self.family.bias(q_pos, k_pos)
+            except ValueError as exc:  # attention's positions are valid: the family's arithmetic overflowed at them
+                msg = f"bias: expected a family whose bias has a value at this call's positions; {exc}"
+                raise ValueError(msg) from None
         return tile(self.array, qs, qe, ks, ke, self.sq, self.sk)
 
     def rows(self, qs: int, qe: int) -> Any:

@@ -9,6 +9,7 @@ must pass; each deliberately wrong one ("mutant") must fail the expected check w
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import textwrap
 
@@ -25,6 +26,11 @@ from relpos_ref.conformance import (
     parametrize_with_checks,
 )
 from relpos_ref.conformance.tolerance import plain_attention_vjp
+
+# These tests pin what each check and diagnosis does, on the small "quick" case set; the kernel-scale defaults
+# are pinned by tests/conformance/test_kernel_mutants.py and test_attention.py.
+check_attention_backward = functools.partial(check_attention_backward, level="quick")
+attention_backward_checks = functools.partial(attention_backward_checks, level="quick")
 
 pytestmark = pytest.mark.conformance
 
@@ -450,9 +456,9 @@ def test_reproduction_snippet_runs(candidate_module, capsys):
 def test_cli_backward_kind(candidate_module, capsys):
     from relpos_ref.cli import main
 
-    assert main(["conform", "bwd_cand_mod:right", "--kind", "backward"]) == 0
+    assert main(["conform", "bwd_cand_mod:right", "--kind", "backward", "--level", "quick"]) == 0
     assert "PASSED" in capsys.readouterr().out
-    assert main(["conform", "bwd_cand_mod:wrong_dq", "--kind", "backward"]) == 1
+    assert main(["conform", "bwd_cand_mod:wrong_dq", "--kind", "backward", "--level", "quick"]) == 1
     assert "lacks the softmax scale" in capsys.readouterr().out
 
 
@@ -504,3 +510,94 @@ def test_parameter_shapes_of_other_families(family):
 )
 def test_parametrize_with_backward_checks(check):
     check()
+
+
+# -- gradients not returned: not checked, never passed -------------------------------------------------------
+
+SMALL = [AttentionShape(1, 4, 2, 5, 7, 8)]
+
+
+def test_missing_parameter_gradient_is_not_checked():
+    mine, ref = alibi4()
+    report = check_attention_backward(backward_candidate(mine, returns="tuple"), bias=ref, shapes=SMALL)
+    res = report["backward.dslopes.shape0"]
+    assert res.status == "not_checked", report.text()
+    assert not res.passed
+    assert res.summary == "gradient of 'slopes' of case shape0 not returned by the candidate, so not compared"
+    assert report.passed  # dq, dk, dv were compared and agree
+    assert not report.complete
+    assert [c.name for c in report.not_checked] == ["backward.dslopes.shape0"]
+    assert report.counts() == f"{len(report.checks) - 1} passed, 1 not checked of {len(report.checks)}"
+    # control: the same candidate returning the parameter gradient is complete
+    full = check_attention_backward(backward_candidate(mine), bias=ref, shapes=SMALL)
+    assert full.passed, full.text()
+    assert full.complete
+    assert full["backward.dslopes.shape0"].status == "passed"
+
+
+def test_missing_core_gradient_is_not_checked():
+    def without_dq(q, k, v, d_out):
+        grads = backward_candidate()(q, k, v, d_out)
+        return {"dk": grads["dk"], "dv": grads["dv"]}
+
+    report = check_attention_backward(without_dq, shapes=SMALL)
+    assert report["backward.dq.shape0"].status == "not_checked", report.text()
+    assert report["backward.dq.shape0"].summary.startswith("dq of case shape0 not returned by the candidate")
+    assert report["backward.dk.shape0"].status == "passed"
+    assert not report.complete
+
+
+@pytest.mark.parametrize(
+    "returned", [(None, None, None), {}, {"dq": None}, (None, None, None, {"slopes": None})], ids=str
+)
+def test_no_gradient_at_all_is_an_error(returned):
+    report = check_attention_backward(lambda q, k, v, d_out: returned, bias=rp.ALiBi.from_num_heads(4), shapes=SMALL)
+    assert {c.status for c in report.checks} == {"error"}, report.text()
+    assert "candidate returned no gradient: each of dq, dk, dv, slopes is None or missing" in report.checks[0].summary
+    assert not report.passed
+
+
+def sequential_slope_candidate(bias: Bias, *, causal: bool, rel_error: float = 0.0):
+    """The correct backward, but the slope gradient summed term by term in float32 in row-major order (one running
+    sum, as an atomic-add kernel may): correct code with the least accurate common order; ``rel_error`` a mutant."""
+    base = backward_candidate(bias, causal=causal)
+
+    def candidate(q, k, v, d_out):
+        out = base(q, k, v, d_out)
+        if q.dtype != np.float32:
+            return out
+        qd, kd, vd, dod = (np.asarray(a, dtype=np.float32) for a in (q, k, v, d_out))
+        sq, sk = q.shape[2], k.shape[2]
+        delta = (sk - sq + np.arange(sq))[:, None] - np.arange(sk)[None, :]
+        keep = delta >= 0 if causal else np.ones(delta.shape, dtype=bool)
+        heads = np.arange(q.shape[1]) // (q.shape[1] // k.shape[1])
+        z = qd @ np.swapaxes(kd[:, heads], -1, -2) * np.float32(1 / math.sqrt(q.shape[-1]))
+        z = np.where(keep, z + bias.value(delta).astype(np.float32), -np.inf)
+        p = np.exp(z - z.max(axis=-1, keepdims=True))
+        p /= p.sum(axis=-1, keepdims=True)
+        dp = dod @ np.swapaxes(vd[:, heads], -1, -2)
+        dz = p * (dp - np.sum(p * dp, axis=-1, keepdims=True))
+        terms = -(np.moveaxis(dz, 1, 0) * np.abs(delta).astype(np.float32)).reshape(q.shape[1], -1)
+        out["slopes"] = np.cumsum(terms, axis=-1, dtype=np.float32)[:, -1] * np.float32(1 + rel_error)
+        return out
+
+    return candidate
+
+
+LONG_ROWS = [AttentionShape(1, 4, 4, 255, 1023, 64)]
+
+
+def test_parameter_gradient_summed_in_any_order_passes():
+    # The reduction term of the rule (ceil(log2 N) u sum|terms|) admits the order; 2x the plain backward's error
+    # alone does not always (FlexAttention's float32 slope gradient failed it by 1.7x).
+    bias, fam = alibi4()
+    r = check_attention_backward(sequential_slope_candidate(bias, causal=True), bias=fam, causal=True, shapes=LONG_ROWS)
+    assert r.passed, r
+    assert "pairwise-summation bound" in r["backward.dslopes.shape0"].tolerance
+
+
+def test_parameter_gradient_off_by_a_thousandth_fails():
+    bias, fam = alibi4()
+    wrong = sequential_slope_candidate(bias, causal=True, rel_error=1e-3)
+    r = check_attention_backward(wrong, bias=fam, causal=True, shapes=LONG_ROWS)
+    assert r["backward.dslopes.shape0"].status == "failed"

@@ -27,7 +27,7 @@ def _families(xp, h):
     rng = np.random.default_rng(0)
     fams = [
         rp.ALiBi.from_num_heads(h),
-        rp.T5Bias(rng.standard_normal((h, 32)), bidirectional=False),
+        rp.T5Bias(rng.standard_normal((h, 32)), bidirectional=False, layout="heads_buckets"),
         rp.KerplePower(rng.uniform(0.1, 1, h), rng.uniform(0.1, 2, h)),
         rp.FIRE(
             rng.standard_normal((8, 1)), rng.standard_normal(8), rng.standard_normal((h, 8)), rng.standard_normal(h)

@@ -301,7 +301,7 @@ def families(draw):
         nb = draw(st.sampled_from([4, 8, 32, 64]))
         md = draw(st.sampled_from([nb, 128, 1000, 10**5]))
         table = draw(arrays(heads * nb, -5.0, 5.0)).reshape(heads, nb)
-        return rp.T5Bias(table, bidirectional=bidirectional, max_distance=md)
+        return rp.T5Bias(table, bidirectional=bidirectional, max_distance=md, layout="heads_buckets")
     if kind == "offset":
         k = draw(st.integers(0, 40))
         return rp.OffsetBias(draw(arrays(heads * (2 * k + 1), -5.0, 5.0)).reshape(heads, 2 * k + 1))
@@ -343,8 +343,8 @@ def test_bias_at_large_offsets(lib, precision):
         rp.ALiBi.from_num_heads(12),
         rp.KerplePower([0.5, 2.0, 1e-2], [2.0, 0.5, 0.01]),
         rp.KerpleLog([0.5, 2.0, 1e-2], [10.0, 0.5, 0.01]),
-        rp.T5Bias(rng.normal(size=(2, 32)), bidirectional=True),
-        rp.T5Bias(rng.normal(size=(2, 32)), bidirectional=False),
+        rp.T5Bias(rng.normal(size=(2, 32)), bidirectional=True, layout="heads_buckets"),
+        rp.T5Bias(rng.normal(size=(2, 32)), bidirectional=False, layout="heads_buckets"),
         rp.OffsetBias(rng.normal(size=(2, 9))),
         rp.Sandwich(4, 128),
         rp.FIRE(rng.normal(size=(32, 1)), rng.normal(size=32), rng.normal(size=(2, 32)), rng.normal(size=2), eps=1e-6),

@@ -8,6 +8,7 @@ float16 policy (computed in float32, rounded once) and namespace/dtype preservat
 from __future__ import annotations
 
 import math
+import re
 
 import array_api_compat.numpy as np_compat
 import array_api_strict
@@ -54,7 +55,7 @@ PARAMS = {
     "TensorBias": {"array": RNG.standard_normal((H, 5, 7))},
 }
 OPTIONS = {
-    "T5Bias": {"bidirectional": True, "max_distance": 20},
+    "T5Bias": {"bidirectional": True, "max_distance": 20, "layout": "heads_buckets"},
     "FIRE": {"c": 0.25, "L": 3.0, "eps": 1e-6},
 }
 FAMILIES = [*PARAMS, "Sandwich"]
@@ -520,6 +521,213 @@ def test_heads_selection(xp, name):
 
 
 def test_repr_names_family_and_options():
-    text = repr(rp.T5Bias(np.zeros((2, 8)), bidirectional=False, max_distance=10))
+    text = repr(rp.T5Bias(np.zeros((2, 8)), bidirectional=False, max_distance=10, layout="heads_buckets"))
     assert text.startswith("T5Bias(num_heads=2")
     assert "max_distance=10" in text
+
+
+# -- Issue 15: parameters the constructors accept give the exact bias or a clear error ------------------------------
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def test_kerple_log_huge_rate_is_computed_stably():
+    # r2 |Delta| = 2e308 overflows; the bias -log(1 + r2 |Delta|) = -709.89 does not (was -inf).
+    fam = rp.KerpleLog([1.0], [1e308])
+    b = fam.bias(*rp.positions(3, 3))[0]
+    with mpmath.workdps(40):
+        for dist in (1, 2):
+            assert b[dist, 0] == pytest.approx(-float(mpmath.log1p(mpmath.mpf(1e308) * dist)), rel=1e-15)
+    assert b[0, 0] == 0.0
+    g = fam.bias_vjp(*rp.positions(3, 3), np.ones((1, 3, 3)))
+    # d/dr2 = -sum r1 |D| / (1 + r2 |D|) ~ -(4 / 1e308) over the four entries with |D| > 0 (two at 1, ... ): finite.
+    assert np.isfinite(g["r2"]).all()
+    assert np.isfinite(g["r1"]).all()
+    with mpmath.workdps(40):
+        want = -sum(mpmath.mpf(d) / (1 + mpmath.mpf(1e308) * d) for d in (1, 1, 2, 1, 1, 2))
+    assert g["r2"][0] == pytest.approx(float(want), rel=1e-14)
+
+
+@given(e=st.floats(200.0, 308.0), dist=st.integers(1, 2**62), dtype=st.sampled_from(["float32", "float64"]))
+def test_fuzz_kerple_log_against_mpmath(e, dist, dtype):
+    """Any finite rate: where r2 |Delta| overflows the compute dtype, log r2 + log |Delta| is the correctly rounded
+    log1p (1 / (r2 |Delta|) is below the smallest normal number)."""
+    r2 = 10.0**e if dtype == "float64" else 10.0 ** (e / 8.2)  # up to ~3e37 in float32
+    r2 = float(np.asarray(r2, dtype=dtype))
+    b = rp.KerpleLog(np.array([1.0], dtype), np.array([r2], dtype)).bias(np.array([dist]), np.array([0]))
+    with mpmath.workdps(40):
+        want = -float(mpmath.log1p(mpmath.mpf(r2) * dist))
+    assert np.isfinite(b).all()
+    assert float(b[0, 0, 0]) == pytest.approx(want, rel=4e-7 if dtype == "float32" else 4e-16)
+
+
+@pytest.mark.parametrize(
+    ("kw", "pattern"),
+    [
+        ({"c": 1e308}, r"^c: expected a value in \(0, 1\.95e\+289\] .*got 1e\+308$"),
+        ({"c": 1e-200, "L": 1e-200}, r"^c, L: expected c and c \* L in \[2\.23e-308, .*c \* L = 0\.0$"),
+        ({"c": 1e-23, "L": 1e-23, "dtype": np.float32}, r"^c, L: expected c and c \* L in \[1\.18e-38, "),
+        ({"c": 1e-320}, r"^c, L: expected c and c \* L in \[2\.23e-308"),
+    ],
+)
+def test_fire_psi_range_validated(kw, pattern):
+    # These gave NaN or inf (c = 1e308: inf / inf; c * L underflowing: 0 / 0 at query 0), in attention too.
+    dtype = kw.pop("dtype", np.float64)
+    args = [np.ones((1, 1), dtype), np.zeros(1, dtype), np.ones((1, 1), dtype), np.zeros(1, dtype)]
+    with pytest.raises(ValueError, match=pattern):
+        rp.FIRE(*args, **kw)
+
+
+def test_fire_smallest_normal_c_times_l_is_finite():
+    tiny = float(np.finfo(np.float32).smallest_normal)
+    args = [np.ones((1, 1), np.float32), np.zeros(1, np.float32), np.ones((1, 1), np.float32), np.zeros(1, np.float32)]
+    fam = rp.FIRE(*args, c=1.0, L=tiny)
+    out = rp.attention(
+        *(np.zeros((1, 1, 3, 2), np.float32),) * 2, np.ones((1, 1, 3, 2), np.float32), bias=fam, causal=True
+    )
+    np.testing.assert_array_equal(out, np.ones((1, 1, 3, 2), np.float32))
+
+
+def test_bias_beyond_the_range_is_its_rounding_and_nan_an_error():
+    # The exact -2e308 rounds to -inf in float64, -1e5 to -inf in float16; 1e308 * 2^2 likewise.
+    assert rp.ALiBi([1e308]).bias(np.array([0]), np.array([2]))[0, 0, 0] == -math.inf
+    assert rp.ALiBi([0.5], dtype=np.float16).bias(np.array([200000]), np.array([0]))[0, 0, 0] == -math.inf
+    assert rp.KerplePower([1e308], [2.0]).bias(np.array([0]), np.array([2]))[0, 0, 0] == -math.inf
+    # Two hidden units at +inf with output weights +1 and -1: inf - inf has no value.
+    fam = rp.FIRE(np.full((2, 1), 1e308), np.full(2, 1e308), np.array([[1.0, -1.0]]), np.zeros(1), c=1.0, L=1.0)
+    with pytest.raises(ValueError, match=r"^q_pos, k_pos: expected positions at which the FIRE arithmetic stays "):
+        fam.bias(np.array([0]), np.array([1]))
+
+
+def test_float16_alibi_in_range_needs_no_error():
+    b = rp.ALiBi([0.5], dtype=np.float16).bias(np.array([131008]), np.array([0]))  # -65504, the largest float16
+    assert float(b[0, 0, 0]) == -65504.0
+
+
+def _exact_bias(kind, a, b, dist):
+    with mpmath.workdps(30):
+        a, b, n = mpmath.mpf(a), mpmath.mpf(b), mpmath.mpf(dist)
+        if kind == "alibi":
+            return -a * n
+        if kind == "kerple_power":
+            return -a * n**b if dist else mpmath.mpf(0)
+        return -a * mpmath.log1p(b * n)
+
+
+@given(
+    kind=st.sampled_from(["alibi", "kerple_power", "kerple_log"]),
+    e1=st.floats(-300, 300),
+    e2=st.floats(-300, 300),
+    dtype=st.sampled_from(["float16", "float32", "float64"]),
+    q=st.integers(-(2**61), 2**61),
+    k=st.integers(-(2**61), 2**61),
+)
+def test_fuzz_family_bias_is_the_rounded_exact_value(kind, e1, e2, dtype, q, k):
+    """Any accepted parameters: each entry is finite and close to the exact value, or +-inf exactly where the exact
+    value is beyond the dtype's largest number; never NaN."""
+    info = np.finfo(dtype)
+    dtype = np.dtype(dtype)
+    a, b = 10.0**e1, (min(2.0, 10.0**e2) if kind == "kerple_power" else 10.0**e2)
+    cls = {"alibi": rp.ALiBi, "kerple_power": rp.KerplePower, "kerple_log": rp.KerpleLog}[kind]
+    try:
+        fam = cls(np.array([a]), dtype=dtype) if kind == "alibi" else cls(np.array([a]), np.array([b]), dtype=dtype)
+        values = [float(np.asarray(v, dtype=np.float64)[0]) for v in fam.parameters().values()]
+        a, b = values if kind != "alibi" else (values[0], b)  # the parameters as rounded to dtype
+    except ValueError:
+        return  # a parameter rounding to 0 or inf in dtype: rejected with the value given
+    qp, kp = np.array([q, 0]), np.array([k, 0])
+    out = np.asarray(fam.bias(qp, kp), dtype=np.float64)[0]
+    for i, j in np.ndindex(out.shape):
+        exact = _exact_bias(kind, a, b, abs(int(qp[i]) - int(kp[j])))
+        top = float(info.max) * (1 + float(info.eps) / 2)  # values up to here round to the largest finite one
+        if abs(exact) >= top:
+            assert out[i, j] == (math.inf if exact > 0 else -math.inf), (exact, out[i, j])
+        else:
+            assert math.isfinite(out[i, j])
+            assert abs(out[i, j] - float(exact)) <= 8 * float(info.eps) * abs(float(exact)) + float(info.tiny)
+
+
+def test_size_arguments_fail_fast():
+    # Each built a Python list until MemoryError.
+    for call, name in [
+        (lambda: rp.alibi_slopes(2**63), "num_heads"),
+        (lambda: rp.ALiBi.from_num_heads(10**12), "num_heads"),
+        (lambda: rp.Sandwich(2**40, 2), "num_heads"),
+        (lambda: rp.Sandwich(2, 2**40), "head_dim"),
+    ]:
+        with pytest.raises(ValueError, match=rf"^{name}: expected an integer <= \d+ \(.*Python list\), got \d+$"):
+            call()
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "pattern"),
+    [
+        (
+            lambda: rp.ALiBi([True]),
+            TypeError,
+            r"^slopes: expected a floating-point array or real numbers, got \[True\]$",
+        ),
+        (lambda: rp.ALiBi([0.5, True]), TypeError, r"^slopes: expected a floating-point array .*got \[0\.5, True\]$"),
+        (lambda: rp.ALiBi([np.bool_(True)]), TypeError, r"^slopes: expected a floating-point array"),
+        (lambda: rp.KerpleLog([[1.0]][0], [False]), TypeError, r"^r2: expected a floating-point array"),
+        (lambda: rp.OffsetBias([[True, 0.0, 1.0]]), TypeError, r"^table: expected a floating-point array"),
+        (lambda: rp.ALiBi([10**400]), ValueError, r"^slopes: expected real numbers within the float64 range"),
+        (lambda: rp.KerpleLog([10**400], [1.0]), ValueError, r"^r1: expected real numbers within the float64 range"),
+        (
+            lambda: rp.FIRE(np.ones((1, 1)), np.zeros(1), np.ones((1, 1)), np.zeros(1), eps=10**400),
+            ValueError,
+            r"^eps: expected a finite number within the float64 range .*got about 1\.000e\+400$",
+        ),
+        (
+            lambda: rp.ALiBi([1e-10], dtype=np.float16),
+            ValueError,
+            r"^slopes: expected values that float16 represents .*got \[1e-10\], which rounds to \[0\.\] in float16$",
+        ),
+        (
+            lambda: rp.ALiBi(np.array([1e5]), dtype=np.float16),
+            ValueError,
+            r"^slopes: expected values that float16 represents .*got \[100000\.\], which rounds to \[inf\]",
+        ),
+        (
+            lambda: rp.ALiBi(np.array([0.5], np.longdouble)),
+            TypeError,
+            r"^slopes: expected float16, bfloat16, float32 or float64 \(long double is not supported.*float128$",
+        ),
+        (lambda: rp.alibi_slopes(2, dtype=np.longdouble), TypeError, r"^dtype: expected float16, bfloat16, float32"),
+        (lambda: rp.Sandwich(2, 8, dtype=np.longdouble), TypeError, r"^dtype: expected float16, bfloat16, float32"),
+        (lambda: rp.alibi_slopes(2, device="gpu9"), ValueError, r"^device: expected a device of numpy .*'gpu9'"),
+        (
+            lambda: rp.ALiBi([1.0], xp=array_api_strict, device="gpu9"),
+            ValueError,
+            r"^device: expected a device of array_api_strict",
+        ),
+        (lambda: rp.Sandwich(2, 8, xp=array_api_strict, device="gpu9"), ValueError, r"^device: expected a device"),
+        (lambda: rp.ALiBi([1.0]).astype(device="gpu9"), ValueError, r"^device: expected a device of numpy"),
+        (
+            lambda: rp.Sandwich(2, 8, dtype=np.float16).astype(xp=array_api_strict),
+            TypeError,
+            r"^dtype: expected a dtype of array_api_strict when it has no float16 \(the family's dtype\), got None$",
+        ),
+        (
+            lambda: rp.ALiBi([0.5], dtype=np.float16).astype(xp=array_api_strict),
+            TypeError,
+            r"^dtype: expected a dtype of array_api_strict when it has no float16",
+        ),
+    ],
+)
+def test_constructor_inputs_named_with_the_value_given(call, exc, pattern):
+    with pytest.raises(exc) as info:
+        call()
+    assert type(info.value) is exc
+    assert re.search(pattern, str(info.value)), str(info.value)
+
+
+def test_long_error_arrays_summarised():
+    # A bad entry in a large array: its count and first index, not 50 lines of the array.
+    slopes = np.ones(1000)
+    slopes[7] = -1.0
+    with pytest.raises(ValueError) as info:
+        rp.ALiBi(slopes)
+    assert str(info.value) == (
+        "slopes: expected values > 0, got 1 of 1000 entries of an array of shape (1000,), the first at index (7,): -1.0"
+    )

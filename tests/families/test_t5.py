@@ -336,7 +336,7 @@ def test_t5_rejected_configs(kwargs, exc, pattern):
         rp.t5_bucket(np.arange(3), **kwargs)
     if "num_buckets" not in kwargs:
         with pytest.raises(exc, match=pattern):
-            rp.T5Bias(np.zeros((2, 32)), **kwargs)
+            rp.T5Bias(np.zeros((2, 32)), layout="heads_buckets", **kwargs)
 
 
 def test_t5_smallest_accepted_configs():
@@ -380,7 +380,7 @@ def _expected_t5_bias(table_hb, q_pos, k_pos, bidirectional, max_distance):
 )
 def test_t5bias_gather(xp, bidirectional, q_len, k_len, align):
     table = _table(4, 32)
-    fam = rp.T5Bias(xp.asarray(table), bidirectional=bidirectional)
+    fam = rp.T5Bias(xp.asarray(table), bidirectional=bidirectional, layout="heads_buckets")
     q_pos, k_pos = rp.positions(q_len, k_len, align=align, xp=xp)
     got = fam.bias(q_pos, k_pos)
     assert got.dtype == xp.float64
@@ -393,7 +393,7 @@ def test_t5bias_gather(xp, bidirectional, q_len, k_len, align):
 def test_t5bias_layout_buckets_heads_is_transpose(xp):
     table_hb = _table(3, 16)
     q_pos, k_pos = rp.positions(6, 70, xp=xp)
-    a = rp.T5Bias(xp.asarray(table_hb), bidirectional=True, max_distance=64)
+    a = rp.T5Bias(xp.asarray(table_hb), bidirectional=True, max_distance=64, layout="heads_buckets")
     b = rp.T5Bias(
         xp.asarray(np.ascontiguousarray(table_hb.T)), bidirectional=True, max_distance=64, layout="buckets_heads"
     )
@@ -406,7 +406,7 @@ def test_t5bias_square_table_layout_matters():
     # H == B: the shape cannot tell the layouts apart, so the explicit layout decides; the two readings differ.
     table = _table(4, 4)
     q_pos, k_pos = rp.positions(4, 4)
-    hb = rp.T5Bias(table, bidirectional=True, max_distance=4)
+    hb = rp.T5Bias(table, bidirectional=True, max_distance=4, layout="heads_buckets")
     bh = rp.T5Bias(table, bidirectional=True, max_distance=4, layout="buckets_heads")
     np.testing.assert_array_equal(hb.bias(q_pos, k_pos), _expected_t5_bias(table, q_pos, k_pos, True, 4))
     np.testing.assert_array_equal(bh.bias(q_pos, k_pos), _expected_t5_bias(table.T, q_pos, k_pos, True, 4))
@@ -429,10 +429,10 @@ def test_t5bias_hf_compute_bias_replay():
 
 def test_t5bias_parameters_and_options():
     table = _table(2, 16)
-    fam = rp.T5Bias(table, bidirectional=False, max_distance=40)
+    fam = rp.T5Bias(table, bidirectional=False, max_distance=40, layout="heads_buckets")
     assert fam.num_heads == 2
     assert fam.num_buckets == 16
-    assert fam.options() == {"bidirectional": False, "max_distance": 40}
+    assert fam.options() == {"bidirectional": False, "max_distance": 40, "layout": "heads_buckets"}
     params = fam.parameters()
     assert list(params) == ["table"]
     np.testing.assert_array_equal(params["table"], table)
@@ -445,17 +445,106 @@ def test_t5bias_rejects_bad_layout_and_table():
     with pytest.raises(
         ValueError, match=r"^table: expected a number of buckets B \(axis 1 .*even.*got 31; table shape \(2, 31\)"
     ):
-        rp.T5Bias(_table(2, 31), bidirectional=True)
+        rp.T5Bias(_table(2, 31), bidirectional=True, layout="heads_buckets")
     with pytest.raises(
         ValueError,
         match=r"^table: expected a number of buckets B \(axis 0 .*got 3; table shape \(3, 2\), layout 'buckets_heads'",
     ):
         rp.T5Bias(_table(2, 3).T, bidirectional=True, layout="buckets_heads")
     with pytest.raises(ValueError, match=r"^table: .*>= 2 in causal mode, got 1; table shape \(4, 1\)"):
-        rp.T5Bias(_table(4, 1), bidirectional=False)
+        rp.T5Bias(_table(4, 1), bidirectional=False, layout="heads_buckets")
     with pytest.raises(ValueError, match=r"table: expected a 2-dimensional array, got shape \(32,\)"):
-        rp.T5Bias(np.zeros(32), bidirectional=True)
+        rp.T5Bias(np.zeros(32), bidirectional=True, layout="heads_buckets")
     with pytest.raises(ValueError, match=r"table: expected finite values"):
-        rp.T5Bias(np.full((2, 32), np.nan), bidirectional=True)
+        rp.T5Bias(np.full((2, 32), np.nan), bidirectional=True, layout="heads_buckets")
     with pytest.raises(TypeError, match=r"table: expected a real floating-point dtype, got int64"):
-        rp.T5Bias(np.zeros((2, 32), dtype=np.int64), bidirectional=True)
+        rp.T5Bias(np.zeros((2, 32), dtype=np.int64), bidirectional=True, layout="heads_buckets")
+
+
+# -- Issue 15: a required table layout, offsets outside int64, and sizes -----------------------------------------
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def test_t5bias_layout_is_required():
+    # A (32, 8) table is valid both ways: HF's 32 buckets x 8 heads, or 32 heads x 8 buckets. No default reads it.
+    with pytest.raises(TypeError, match="layout"):
+        rp.T5Bias(np.zeros((32, 8)), bidirectional=True)
+    hf = rp.T5Bias(np.zeros((32, 8)), bidirectional=True, layout="buckets_heads")
+    t5x = rp.T5Bias(np.zeros((32, 8)), bidirectional=True, max_distance=10, layout="heads_buckets")
+    assert (hf.num_heads, hf.num_buckets) == (8, 32)
+    assert (t5x.num_heads, t5x.num_buckets) == (32, 8)
+
+
+def test_t5bias_rebuilds_from_parameters_and_options_and_keeps_its_layout():
+    table = np.arange(64.0).reshape(32, 2)  # HF (buckets, heads)
+    fam = rp.T5Bias(table, bidirectional=False, layout="buckets_heads")
+    again = rp.T5Bias(**fam.parameters(), **fam.options())
+    q, k = rp.positions(5, 9)
+    np.testing.assert_array_equal(again.bias(q, k), fam.bias(q, k))
+    moved = fam.astype(np.float32)
+    assert moved.layout == "buckets_heads"
+    grads = moved.bias_vjp(q, k, np.ones((2, 5, 9), np.float32))
+    assert grads["table"].shape == (32, 2)  # in the layout it was given in
+
+
+@pytest.mark.parametrize(
+    ("delta", "dtype"),
+    [([-(2**63)], np.int64), ([2**64 - 1], np.uint64), ([2**63], np.uint64), (-(2**63), np.int64)],
+)
+def test_t5_bucket_offsets_outside_int64_rejected(delta, dtype):
+    # |-2**63| wraps to -2**63 (bucket 15 instead of 31); uint64 2**64 - 1 casts to -1 (bucket 17, causal 0).
+    for bidirectional in (True, False):
+        with pytest.raises(ValueError, match=r"^delta: expected offsets in \[-\(2\*\*63 - 1\), 2\*\*63 - 1\]"):
+            rp.t5_bucket(np.array(delta, dtype=dtype), bidirectional=bidirectional)
+
+
+def test_t5_bucket_extreme_int64_offsets():
+    d = np.array([2**63 - 1, -(2**63 - 1)], dtype=np.int64)
+    assert rp.t5_bucket(d, bidirectional=True).tolist() == [15, 31]
+    assert rp.t5_bucket(d, bidirectional=False).tolist() == [31, 0]
+
+
+def test_t5_max_distance_beyond_int64_rejected_at_construction():
+    # Was an OverflowError at bias() time.
+    with pytest.raises(ValueError, match=r"^max_distance: expected an integer <= 9223372036854775807 .*1\.000e\+30$"):
+        rp.T5Bias(np.zeros((1, 32)), bidirectional=True, max_distance=10**30, layout="heads_buckets")
+    with pytest.raises(ValueError, match=r"^num_buckets: expected an integer <= 65536"):
+        rp.t5_bucket_thresholds(bidirectional=True, num_buckets=2**17, max_distance=2**20)
+
+
+def _is_threshold(n, exact, max_distance, span, k):
+    """n is the smallest integer with n**span >= E**(span - k) * D**k (the definition, in Python integers)."""
+    value = exact ** (span - k) * max_distance**k
+    return n**span >= value and (n - 1) ** span < value
+
+
+def test_t5_many_buckets_first_call_fast_and_exact():
+    import time
+
+    t = time.perf_counter()
+    fam = rp.T5Bias(np.zeros((1, 16000)), bidirectional=True, max_distance=16384, layout="heads_buckets")
+    fam.bias(*rp.positions(4, 4))
+    assert time.perf_counter() - t < 10  # was minutes (a bisection of 4000-th powers per bucket)
+    thr = rp.t5_bucket_thresholds(bidirectional=True, num_buckets=16000, max_distance=16384)
+    exact, span = 4000, 4000
+    for b in (4000, 4001, 5000, 6543, 7999):
+        assert _is_threshold(thr[b], exact, 16384, span, b - exact)
+
+
+@given(
+    bidirectional=st.booleans(),
+    half=st.integers(2, 200),
+    extra=st.integers(1, 2**62),
+    which=st.integers(0, 10**6),
+)
+def test_fuzz_t5_thresholds_meet_their_definition(bidirectional, half, extra, which):
+    """Every threshold, for any bucket count and max_distance up to int64, meets the integer definition."""
+    num_buckets = 2 * half if bidirectional else half
+    exact = half // 2
+    max_distance = min(exact + extra, 2**63 - 1)
+    thr = rp.t5_bucket_thresholds(bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance)
+    span = half - exact
+    b = exact + which % span
+    assert _is_threshold(thr[b], exact, max_distance, span, b - exact)
+    assert list(thr[:exact]) == list(range(exact))

@@ -136,9 +136,9 @@ def make_family(name: str, heads: int, sq: int, sk: int, rng: np.random.Generato
     if name == "kerple_log":
         return rp.KerpleLog(rng.uniform(0.1, 2.0, heads), rng.uniform(0.05, 1.0, heads))
     if name == "t5_bidirectional":
-        return rp.T5Bias(rng.normal(size=(heads, 32)), bidirectional=True)
+        return rp.T5Bias(rng.normal(size=(heads, 32)), bidirectional=True, layout="heads_buckets")
     if name == "t5_causal":
-        return rp.T5Bias(rng.normal(size=(heads, 32)), bidirectional=False, max_distance=256)
+        return rp.T5Bias(rng.normal(size=(heads, 32)), bidirectional=False, max_distance=256, layout="heads_buckets")
     if name == "offset":
         return rp.OffsetBias(rng.normal(size=(heads, 2 * 20 + 1)))
     if name == "sandwich":
