@@ -287,7 +287,8 @@ class _BiasSuite(_Suite):
         cmp: dict[str, Any],
     ) -> list[str]:
         """The convention difference that explains the failure: one that accounts for every compared entry (the
-        most specific) before a per-row constant, a causal-only form and the coarser descriptions."""
+        most specific) before a per-row constant, a causal-only form, a lower precision and the coarser
+        descriptions."""
         out: list[str] = []
         kept = cand[np.broadcast_to(keep, cand.shape) & np.isfinite(ref)]
         if np.isnan(kept).any():
@@ -303,11 +304,6 @@ class _BiasSuite(_Suite):
                     break  # one query cannot tell some conventions apart: then every one that fits is listed
         if hits:
             return [*out, diagnose.one_of(hits)]
-        for lower in diagnose.LOWER.get(tdt, ()):  # within the lower dtype's rule, with errors of a tenth of its u
-            low = self.compare(cand, ref, keep, lower, mag)
-            u = float(np.finfo(numpy_dtype(lower)).eps) / 2 / max(low["tol"].rtol, 1e-300)  # u as a fraction of t
-            if low["passed"] and np.max(low["err"] / np.maximum(low["bounds"], 1e-300)) >= 0.1 * u:
-                return [*out, diagnose.precision_text(lower, tdt)]
         if self.equivalence == "exact":
             alt = self.compare(cand, ref, keep, tdt, mag, equivalence="row_shift")
             if alt["passed"]:
@@ -331,6 +327,13 @@ class _BiasSuite(_Suite):
                         "differs on future keys (key-only ALiBi, KERPLE/gpt-neox zeroing the future half); check "
                         "it with causal=True" + ("" if equiv == "exact" else ", equivalence='row_shift'") + detail,
                     ]
+        # After the structural explanations (a per-row constant, a causal-only form): within the lower dtype's rule
+        # with errors of at least a tenth of its u, the candidate computes in that dtype.
+        for lower in diagnose.LOWER.get(tdt, ()):
+            low = self.compare(cand, ref, keep, lower, mag)
+            u = float(np.finfo(numpy_dtype(lower)).eps) / 2 / max(low["tol"].rtol, 1e-300)  # u as a fraction of t
+            if low["passed"] and np.max(low["err"] / np.maximum(low["bounds"], 1e-300)) >= 0.1 * u:
+                return [*out, diagnose.precision_text(lower, tdt)]
         bound, atol = cmp["bounds"], float(np.max(cmp["bounds"], initial=0.0))
         text = None
         if isinstance(self.ref64, T5Bias):

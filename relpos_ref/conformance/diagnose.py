@@ -243,11 +243,16 @@ def _alibi_hypotheses(ref: ALiBi, q_pos: np.ndarray, k_pos: np.ndarray, add: Add
             with_slopes(np.concatenate([_np(alibi_slopes(n)), np.zeros(h - n)])),
         )
 
-    add(
-        "the key-only form m*j (BLOOM, MPT, Falcon; -m|i - j| up to a per-row constant under a causal mask only), "
-        "computed in bfloat16 as transformers' Falcon does (bfloat16 slopes times positions)",
-        lambda: np.broadcast_to(bf16(bf16(slopes)[:, None] * bf16(k_pos)[None, :])[:, None, :], (h, *dist.shape)),
-    )
+    key_only = slopes[:, None] * k_pos[None, :].astype(np.float64)
+    key_only_bf16 = bf16(bf16(slopes)[:, None] * bf16(k_pos)[None, :])
+    # Only where bfloat16 changes it: an exact bfloat16 m*j (powers-of-two slopes, short positions) is the plain
+    # key-only form, which the structural per-row-constant and causal-only diagnoses name without the Falcon claim.
+    if not np.array_equal(key_only, key_only_bf16):
+        add(
+            "the key-only form m*j (BLOOM, MPT, Falcon; -m|i - j| up to a per-row constant under a causal mask only), "
+            "computed in bfloat16 as transformers' Falcon does (bfloat16 slopes times positions)",
+            lambda: np.broadcast_to(key_only_bf16[:, None, :], (h, *dist.shape)),
+        )
 
 
 def _kerple_hypotheses(ref: KerplePower | KerpleLog, q_pos: np.ndarray, k_pos: np.ndarray, add: AddFn) -> None:

@@ -218,3 +218,34 @@ def test_timeout_per_call():
     assert "timed out" in report.checks[0].summary
     with pytest.raises(ValueError, match="timeout"):
         bias_checks(slow, rp.ALiBi.from_num_heads(4), q_len=3, k_len=4, timeout=0)
+
+
+def _key_only(num_heads):
+    """BLOOM's key-only ALiBi m_h * j in float32, slopes from Press et al.'s rule: 2^-h for 8 heads; for 12, those
+    and every other slope of the 16-head rule, 2^(-(2k - 1)/2) for k = 1..4."""
+    m = 2.0 ** -np.arange(1.0, 9.0)
+    if num_heads == 12:
+        m = np.concatenate([m, 2.0 ** (-(2 * np.arange(1.0, 5.0) - 1) / 2)])
+    assert len(m) == num_heads
+
+    def cand(q_pos, k_pos):
+        out = (m[:, None] * np.asarray(k_pos, dtype=np.float64)[None, :]).astype(np.float32)
+        return np.broadcast_to(out[:, None, :], (num_heads, len(q_pos), len(k_pos)))
+
+    return cand
+
+
+def test_exact_key_only_alibi_is_not_blamed_on_bfloat16():
+    # With 8 heads the slopes are powers of two and m*j is exact in bfloat16 for short positions: the Falcon
+    # bfloat16 hypothesis then predicts the plain key-only form, and must not be the explanation given for it.
+    report = check_bias(_key_only(8), rp.ALiBi.from_num_heads(8), q_len=8, k_len=24)
+    text = report["bias.values.main"].diagnosis[-1]
+    assert text.startswith("causal-only form"), text
+    assert "bfloat16" not in " ".join(d for c in report.failures for d in c.diagnosis)
+
+
+def test_structural_difference_is_not_called_a_lower_precision():
+    report = check_bias(_key_only(12), rp.ALiBi.from_num_heads(12), q_len=8, k_len=24, equivalence="row_shift")
+    texts = " ".join(d for c in report.failures for d in c.diagnosis)
+    assert "causal-only form" in texts
+    assert "precision" not in texts
