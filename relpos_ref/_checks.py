@@ -148,6 +148,20 @@ def size(name: str, value: Any, *, itemsize: int = 8, minimum: int = 1) -> int:
     return integer(name, value, minimum=minimum, maximum=limit, why=why)
 
 
+def result_size(names: str, shape: tuple[int, ...], itemsize: int, *, what: str = "result") -> None:
+    """ValueError naming ``names`` when an array of ``shape`` and ``itemsize``-byte elements, which a call is about to
+    allocate from its arguments' sizes, would exceed :data:`MAX_ARRAY_BYTES`: checked before allocating, so a
+    (2**28, 2**28) offsets array from two small (or zero-stride) position arrays fails at once instead of raising
+    MemoryError, or allocating for minutes."""
+    nbytes = math.prod(int(n) for n in shape) * itemsize
+    if nbytes > MAX_ARRAY_BYTES:
+        msg = (
+            f"{names}: expected sizes whose {what} fits the {MAX_ARRAY_BYTES >> 30} GiB size limit, got shape "
+            f"{tuple(int(n) for n in shape)} ({itemsize}-byte elements, {nbytes / 2**30:.4g} GiB)"
+        )
+        raise ValueError(msg)
+
+
 def boolean(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         msg = f"{name}: expected True or False, got {value!r}"

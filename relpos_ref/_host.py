@@ -43,7 +43,7 @@ def numpy_dtype(name: str) -> Any:
     if name == "bfloat16":
         try:
             import ml_dtypes
-        except ImportError as exc:  # pragma: no cover - ml_dtypes is in the test extra
+        except ImportError as exc:  # pragma: no cover - ml_dtypes is a base dependency
             msg = "dtype: 'bfloat16' needs the ml_dtypes package (pip install ml_dtypes)"
             raise ImportError(msg) from exc
         return np.dtype(ml_dtypes.bfloat16)

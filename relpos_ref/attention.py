@@ -10,6 +10,7 @@ from . import _checks
 from ._checks import array_device, is_cupy_array, quiet_overflow
 from .conventions import ALIGNMENTS, BACKENDS, FULLY_MASKED, PLACEMENTS, Alignment, FullyMasked, Placement
 from .families.tiles import BiasTiles, tile
+from .masks import Features, features, pad_rows, tile_keep
 from .positions import causal_mask, positions
 from .softmax import fully_masked_fill
 
@@ -37,6 +38,15 @@ def attention(
     block_size: int | None = None,
     kv_block_size: int | None = None,
     backend: str = "reference",
+    window: Any = None,
+    softcap: float | None = None,
+    q_pos: Any = None,
+    k_pos: Any = None,
+    q_lens: Any = None,
+    k_lens: Any = None,
+    q_segment_ids: Any = None,
+    k_segment_ids: Any = None,
+    segment_positions: str = "global",
     xp: Any = None,
 ) -> Any:
     r"""Attention output :math:`O = \mathrm{softmax}(z)\,V` with a relative positional bias.
@@ -49,6 +59,19 @@ def attention(
     with :math:`g(h) = \lfloor h / (H / H_{kv}) \rfloor` (grouped-query heads: consecutive query heads share a key/value
     head, as in HF ``repeat_kv`` and FlashAttention), :math:`p` the absolute positions of :func:`relpos_ref.positions`
     for ``align``, and keys after the query removed when ``causal``.
+
+    The kernel features (all optional, keyword-only) change the positions, the score and the attended set. With
+    :math:`\Delta_{bij} = p^q_{bi} - p^k_{bj}`, key j is attended by query i of batch row b exactly when
+
+    .. math::
+
+        j < L^k_b,\quad i < L^q_b,\quad (\text{causal} \Rightarrow \Delta_{bij} \ge 0),\quad
+        -r \le \Delta_{bij} \le l \;(\text{window}),\quad \sigma^q_{bi} = \sigma^k_{bj} \;(\text{segments}),
+
+    and the caller's ``mask`` allows it. A softcap :math:`c` replaces the scaled score :math:`s = \tau\,q \cdot k` by
+    :math:`c \tanh(s / c)` before the bias is added and before masking (FlashAttention's and vLLM's order):
+    :math:`z = c \tanh(\tau q \cdot k / c) + b` (``post_scale``) or :math:`c \tanh(\tau q \cdot k / c) + \tau b`
+    (``pre_scale``: the cap acts on the scaled score alone).
 
     Parameters
     ----------
@@ -80,7 +103,34 @@ def attention(
     backend : {"reference", "fused"}
         ``"fused"`` (CuPy inputs only) computes each query block's full rows of scores with one matrix product and
         their biased softmax with :func:`relpos_ref.cuda.fused_biased_softmax`, the family's bias evaluated inside
-        the kernel; ``block_size`` applies, ``kv_block_size`` does not.
+        the kernel; ``block_size`` applies, ``kv_block_size`` does not. It takes none of the features below.
+    window : (left, right), optional
+        Local attention: key j only when :math:`-\mathit{right} \le p_i - p_j \le \mathit{left}`; each side an int
+        >= 0, or None for unbounded. With ``causal`` the keys after the query go too. FlashAttention's
+        ``window_size=(l, r)`` (-1 for unbounded, bottom-right positions) is ``window=(l if l >= 0 else None,
+        r if r >= 0 else None)`` here with ``align="bottom_right"``.
+    softcap : float, optional
+        :math:`c > 0`: the scaled score becomes :math:`c \tanh(s / c)` (see above); None for none.
+    q_pos : int array (Sq,) or (B, Sq), optional
+    k_pos : int array (Sk,) or (B, Sk), optional
+        Explicit absolute positions (KV-cache offsets, chunked prefill, per-row offsets); each overrides ``align``
+        for its side (a missing ``k_pos`` is ``arange(Sk)``, a missing ``q_pos`` comes from ``align``). The bias
+        family, ``causal`` (:math:`p_j \le p_i`) and ``window`` use them. Every offset must fit int64.
+    q_lens : int array (B,), optional
+        Real queries per batch row, in [0, Sq]. Rows :math:`i \ge L^q_b` are padding: output 0 and lse -inf
+        whatever ``fully_masked`` says, and no gradient from or to them. A missing ``q_lens`` is Sq for every row.
+    k_lens : int array (B,), optional
+        Real keys per batch row, in [0, Sk]; keys :math:`j \ge L^k_b` are never attended. ``align`` applies to each
+        row's own lengths: ``"bottom_right"`` puts query i at :math:`i + L^k_b - L^q_b` (FlashAttention's
+        ``cache_seqlens``), ``"top_left"`` at i.
+    q_segment_ids : int array (Sq,) or (B, Sq), optional
+    k_segment_ids : int array (Sk,) or (B, Sk), optional
+        Packed sequences, both or neither: a key of another segment than the query's is masked.
+    segment_positions : {"global", "restart"}
+        ``"global"``: positions as they are. ``"restart"``: each token's position is its index minus the index of
+        the first token of its segment in its own (q or k) sequence (each segment one contiguous run; no
+        ``q_pos``/``k_pos`` then). With Sq != Sk the two sequences are indexed separately, so a query block in
+        the middle of a segment restarts at 0: pass explicit positions instead.
     xp : array namespace, optional
 
     Returns
@@ -93,7 +143,10 @@ def attention(
     Streamed over (query block, key block) tiles with an online softmax (running maximum and running sum, as in
     FlashAttention): working memory is one tile of logits, (B, H, block_size, kv_block_size), plus that tile's bias,
     generated from the family inside the loop. Under ``causal`` the tiles entirely after a block's last query are
-    never computed and only tiles crossing the diagonal are masked. float16 inputs are computed in float32. The scale
+    never computed and only tiles crossing the diagonal are masked. With a window, lengths or explicit positions the
+    tiles that no pair of a real query and a real key of the block can attend (from the batch-wide bounds of the
+    positions per block) are skipped the same way; the masks of a tile are built for that tile only.
+    float16 inputs are computed in float32. The scale
     multiplies q once per block (``pre_scale``: and the bias tile), which rounds differently from scaling each logit
     by at most an ulp of the logit.
 
@@ -108,12 +161,26 @@ def attention(
     exact value is outside the dtype's range.
     """
     options = {"causal": causal, "align": align, "scale": scale, "placement": placement, "fully_masked": fully_masked}
+    options.update(
+        window=window,
+        softcap=softcap,
+        q_pos=q_pos,
+        k_pos=k_pos,
+        q_lens=q_lens,
+        k_lens=k_lens,
+        q_segment_ids=q_segment_ids,
+        k_segment_ids=k_segment_ids,
+        segment_positions=segment_positions,
+    )
     spec = _prepare(q, k, v, bias, mask, xp, options, block_size, kv_block_size)
     xp = spec.xp
     _checks.boolean("return_lse", return_lse)
     kc = xp.astype(k, spec.cdtype) if k.dtype != spec.cdtype else k
     vc = xp.astype(v, spec.cdtype) if v.dtype != spec.cdtype else v
     if _checks.option("backend", backend, BACKENDS) == "fused":
+        if spec.feat is not None or spec.softcap is not None:
+            msg = "backend: expected 'reference' with window, softcap, positions, lengths or segments, got 'fused'"
+            raise ValueError(msg)
         if not is_cupy_array(q):
             msg = f"q: expected a CuPy array with backend='fused', got {type(q).__module__}.{type(q).__name__}"
             raise TypeError(msg)
@@ -149,20 +216,29 @@ class _Spec:
     dev: Any
     q_pos: Any  # absolute positions for ``align``
     k_pos: Any
-    q_start: int  # absolute position of query 0 (keys are at 0..Sk-1)
+    q_start: int  # absolute position of query 0 (keys are at 0..Sk-1); without features only
     # Tiles are computed on z / 2^exp_fast (0 unless the magnitudes approach the dtype's range); a query block whose
     # family bias overflowed its logits is recomputed on z / 2^exp_slow. Values are divided by 2^exp_v.
     exp_fast: int = 0
     exp_slow: int = 0
     exp_v: int = 0
     abs_max: tuple[float, float, float] = (0.0, 0.0, 0.0)  # max |q|, |k|, |v|
+    softcap: float | None = None
+    # Window, explicit positions, lengths, segments; None on the plain path (positions from align, causal only).
+    # With features, q_pos and k_pos above are the features' (1-D, or (B, S) when they differ between rows).
+    feat: Features | None = None
 
 
 def _prepare(q: Any, k: Any, v: Any, bias: Any, mask: Any, xp: Any, options: dict[str, Any], bq: Any, bk: Any) -> _Spec:
     """Validate the arguments of :func:`attention` and :func:`relpos_ref.attention_vjp` (``options``: causal, align,
-    scale, placement, fully_masked) and resolve them into a :class:`_Spec`."""
+    scale, placement, fully_masked, and optionally softcap, window, segment_positions and :data:`_FEATURE_ARRAYS`)
+    and resolve them into a :class:`_Spec`."""
     family, array_bias, tensor = BiasTiles.split(bias)
-    xp = _checks.namespace(q, k, v, array_bias, mask, xp=xp, names=("q", "k", "v", "bias", "mask"))
+    extra = {name: options.get(name) for name in _FEATURE_ARRAYS}
+    # Messages name the feature arrays only when given, so a call without them reads as before they existed.
+    given = {name: a for name, a in extra.items() if a is not None}
+    names = ("q", "k", "v", "bias", "mask", *given)
+    xp = _checks.namespace(q, k, v, array_bias, mask, *given.values(), xp=xp, names=names)
     for name, arr in (("q", q), ("k", k), ("v", v)):
         _checks.float_array(name, arr, xp, ndim=4)
         _checks.nonempty(name, arr)
@@ -209,6 +285,20 @@ def _prepare(q: Any, k: Any, v: Any, bias: Any, mask: Any, xp: Any, options: dic
     if bk is not None:
         bk = _checks.integer("kv_block_size", bk, minimum=1)
     bq, bk = _block_sizes(nb, nh, sq, sk, bq, bk)
+    softcap = options.get("softcap")
+    if softcap is not None:
+        softcap = _checks.real_scalar("softcap", softcap, positive=True)
+    dev = array_device(q)
+    feat = features(
+        xp,
+        dev,
+        (nb, sq, sk, bq, bk),
+        causal=causal,
+        align=align,
+        window=options.get("window"),
+        segment_positions=options.get("segment_positions", "global"),
+        **extra,
+    )
     # Value checks last (they read the arrays): a NaN or infinite input has no attention output, and an inf in a
     # logit would surface as inf - inf inside the softmax. -inf in an array bias is a mask, as in TensorBias.
     # The largest magnitudes are the finiteness check (NaN propagates through max) and bound the logits.
@@ -231,8 +321,10 @@ def _prepare(q: Any, k: Any, v: Any, bias: Any, mask: Any, xp: Any, options: dic
         e_fam = _family_exponent(xp, family.dtype, cdtype) + (e_tau if placement == "pre_scale" else 0)
         exp_slow = int(max(exp_fast, max(e_qk, e_fam) + 1 + 3 - emax))
     exp_v = int(max(0, _checks.log2_ceil(abs_max[2]) + _checks.log2_ceil(sk) + 2 - emax))  # the running sum of p v
-    dev = array_device(q)
-    q_pos, k_pos = positions(sq, sk, align=align, xp=xp, device=dev)
+    if feat is None:
+        q_pos, k_pos = positions(sq, sk, align=align, xp=xp, device=dev)
+    else:
+        q_pos, k_pos = feat.q_pos, feat.k_pos
     tiles = None if family is None and array_bias is None else BiasTiles(family, array_bias, tensor, sq, sk)
     return _Spec(
         xp=xp,
@@ -254,7 +346,13 @@ def _prepare(q: Any, k: Any, v: Any, bias: Any, mask: Any, xp: Any, options: dic
         exp_slow=exp_slow,
         exp_v=exp_v,
         abs_max=abs_max,
+        softcap=softcap,
+        feat=feat,
     )
+
+
+#: The array-valued feature arguments of attention (all optional, each checked by :func:`relpos_ref.masks.features`).
+_FEATURE_ARRAYS = ("q_pos", "k_pos", "q_lens", "k_lens", "q_segment_ids", "k_segment_ids")
 
 
 def _bias_abs_max(xp: Any, b: Any, *, check: bool) -> float:
@@ -311,30 +409,26 @@ def _stream(
     check = spec.exp_slow > spec.exp_fast
     outs, lses, exps = [], [], []
     with quiet_overflow():
-        for qs in range(0, sq, spec.bq):
+        for qi, qs in enumerate(range(0, sq, spec.bq)):
             qe = min(sq, qs + spec.bq)
             rows = qe - qs
-            last_q = spec.q_start + qe - 1  # absolute position (k_pos = arange(Sk))
-            # Under a causal mask no query of this block sees a key after its last query: those tiles are skipped.
-            k_stop = min(sk, last_q + 1) if spec.causal else sk
-            if k_stop <= 0:
-                outs.append(xp.full((nb, nh, rows, dv), fill, dtype=cdtype, device=dev))
-                lses.append(
-                    (
-                        xp.zeros((nb, nh, rows), dtype=cdtype, device=dev),
-                        xp.full((nb, nh, rows), lse_fill, dtype=cdtype, device=dev),
-                    )
-                )
+            spans = key_spans(spec, qi, qs, qe, sk)
+            pad = pad_rows(spec.feat, xp, dev, qs, qe)
+            if not spans:
+                out = xp.full((nb, nh, rows, dv), fill, dtype=cdtype, device=dev)
+                log_sum = xp.full((nb, nh, rows, 1), lse_fill, dtype=cdtype, device=dev)
+                outs.append(out if pad is None else xp.where(pad, 0.0, out))
+                lses.append((xp.zeros((nb, nh, rows), dtype=cdtype, device=dev), _padded_sum(xp, pad, log_sum)))
                 exps.append(0)
                 continue
             qb = q[:, :, qs:qe, :]
             qb = xp.astype(qb, cdtype) if qb.dtype != cdtype else qb
             e = spec.exp_fast
-            acc, run_max, run_sum = _block(spec, qb, k_g, v_g, qs, qe, k_stop, e)
-            if check and _overflowed(spec, run_max, run_sum, qs, qe):
+            acc, run_max, run_sum = _block(spec, qb, k_g, v_g, qs, qe, spans, e)
+            if check and _overflowed(spec, run_max, run_sum, qs, qe, spans):
                 e = spec.exp_slow
-                acc, run_max, run_sum = _block(spec, qb, k_g, v_g, qs, qe, k_stop, e)
-                _unrepresentable(spec, run_max, run_sum, qs, qe, k_stop)
+                acc, run_max, run_sum = _block(spec, qb, k_g, v_g, qs, qe, spans, e)
+                _unrepresentable(spec, run_max, run_sum, qs, qe, spans)
             acc = xp.reshape(acc, (nb, nh, rows, dv))
             # The largest attended logit contributes exp(0) = 1, so the sum is 0 exactly when nothing was attended.
             empty = run_sum == 0
@@ -342,15 +436,36 @@ def _stream(
             out = acc / safe_sum
             if spec.exp_v:
                 out = out * 2.0**spec.exp_v
-            outs.append(xp.where(empty, fill, out))
-            lses.append((xp.where(empty, 0.0, run_max)[..., 0], xp.where(empty, lse_fill, xp.log(safe_sum))[..., 0]))
+            out = xp.where(empty, fill, out)
+            log_sum = xp.where(empty, lse_fill, xp.log(safe_sum))
+            # A padding query is not a query with nothing to attend: zeros and lse -inf whatever fully_masked says.
+            outs.append(out if pad is None else xp.where(pad, 0.0, out))
+            lses.append((xp.where(empty, 0.0, run_max)[..., 0], _padded_sum(xp, pad, log_sum)))
             exps.append(e)
     return outs, lses, exps
 
 
-def _block(spec: _Spec, qb: Any, k_g: Any, v_g: Any, qs: int, qe: int, k_stop: int, e: int) -> tuple[Any, Any, Any]:
-    """The online softmax of one query block over keys 0:k_stop on logits divided by 2^e: (acc, run_max, run_sum),
-    ``run_max`` on that scale, ``acc`` (B, H_kv, group, rows, Dv) and ``run_sum`` unnormalised."""
+def _padded_sum(xp: Any, pad: Any, log_sum: Any) -> Any:
+    """A block's (B, H, rows, 1) log of the row sum as (B, H, rows), -inf on padding rows."""
+    return (log_sum if pad is None else xp.where(pad, -math.inf, log_sum))[..., 0]
+
+
+def key_spans(spec: _Spec, qi: int, qs: int, qe: int, sk: int) -> list[tuple[int, int]]:
+    """The key tiles (ks, ke) that query block ``qi`` (rows qs:qe) visits, in order; the forward's and the VJP's.
+
+    Plain path: under ``causal`` no key after the block's last query (keys at 0..Sk-1), the last tile ending there.
+    With features: the key blocks :func:`relpos_ref.masks.features` found reachable from the block's rows.
+    """
+    bk = spec.bk
+    if spec.feat is not None:
+        return [(kb * bk, min(sk, kb * bk + bk)) for kb in spec.feat.blocks[qi]]
+    k_stop = min(sk, spec.q_start + qe) if spec.causal else sk
+    return [(ks, min(k_stop, ks + bk)) for ks in range(0, k_stop, bk)]
+
+
+def _block(spec: _Spec, qb: Any, k_g: Any, v_g: Any, qs: int, qe: int, spans: list, e: int) -> tuple[Any, Any, Any]:
+    """The online softmax of one query block over the key tiles ``spans`` on logits divided by 2^e: (acc, run_max,
+    run_sum), ``run_max`` on that scale, ``acc`` (B, H_kv, group, rows, Dv) and ``run_sum`` unnormalised."""
     xp, cdtype, dev = spec.xp, spec.cdtype, spec.dev
     nb, nh, rows, d = qb.shape
     nkv, dv = v_g.shape[1], v_g.shape[4]
@@ -362,8 +477,7 @@ def _block(spec: _Spec, qb: Any, k_g: Any, v_g: Any, qs: int, qe: int, k_stop: i
     run_max = xp.full((nb, nh, rows, 1), neg_inf, dtype=cdtype, device=dev)
     run_sum = xp.zeros((nb, nh, rows, 1), dtype=cdtype, device=dev)
     acc = xp.zeros((nb, nkv, group, rows, dv), dtype=cdtype, device=dev)
-    for ks in range(0, k_stop, spec.bk):
-        ke = min(k_stop, ks + spec.bk)
+    for ks, ke in spans:
         cols = ke - ks
         z = _logits(spec, qs_, k_g, qs, qe, ks, ke, e)
         new_max = xp.maximum(run_max, xp.max(z, axis=-1, keepdims=True))
@@ -382,9 +496,10 @@ def _block(spec: _Spec, qb: Any, k_g: Any, v_g: Any, qs: int, qe: int, k_stop: i
     return acc, run_max, run_sum
 
 
-def _overflowed(spec: _Spec, run_max: Any, run_sum: Any, qs: int, qe: int) -> bool:
+def _overflowed(spec: _Spec, run_max: Any, run_sum: Any, qs: int, qe: int, spans: list) -> bool:
     """Whether a family's bias overflowed this block's logits: a row maximum of +inf or NaN, or a row with nothing
-    attended that neither the causal mask (a query before every key) nor a caller's mask or bias array explains.
+    attended that neither the causal mask (a query before every key), the features nor a caller's mask or bias array
+    explains.
 
     A caller's mask or bias array can empty a row on purpose; with one, an empty row is recomputed on the slow scale,
     where the logits cannot overflow, and :func:`_unrepresentable` then tells the two apart.
@@ -395,6 +510,8 @@ def _overflowed(spec: _Spec, run_max: Any, run_sum: Any, qs: int, qe: int) -> bo
     empty = run_sum == 0
     if not bool(xp.any(empty)):
         return False
+    if spec.feat is not None:  # windows, lengths and segments empty rows on purpose: which rows reach a key
+        return spec.bias.array is not None or bool(xp.any(empty & _reach(spec, qs, qe, spans)))
     if spec.mask is not None or spec.bias.array is not None:
         return True
     if not spec.causal:
@@ -404,14 +521,32 @@ def _overflowed(spec: _Spec, run_max: Any, run_sum: Any, qs: int, qe: int) -> bo
     return bool(xp.any(empty[:, :, first_live:, :]))
 
 
-def _unrepresentable(spec: _Spec, run_max: Any, run_sum: Any, qs: int, qe: int, k_stop: int) -> None:
+def _reach(spec: _Spec, qs: int, qe: int, spans: list) -> Any:
+    """Rows qs:qe with a key that the features and the caller's mask let them attend, (B or 1, H or 1, rows, 1)."""
+    xp, sq, sk = spec.xp, int(spec.q_pos.shape[-1]), int(spec.k_pos.shape[-1])
+    reach = xp.zeros((1, 1, qe - qs, 1), dtype=xp.bool, device=spec.dev)
+    for ks, ke in spans:
+        keep = tile_keep(spec.feat, xp, spec.dev, qs, qe, ks, ke)
+        if spec.mask is not None:
+            user = tile(spec.mask, qs, qe, ks, ke, sq, sk)
+            keep = user if keep is None else keep & user
+        if keep is None:
+            return xp.ones((1, 1, qe - qs, 1), dtype=xp.bool, device=spec.dev)
+        reach = reach | xp.any(keep, axis=-1, keepdims=True)
+    return reach
+
+
+def _unrepresentable(spec: _Spec, run_max: Any, run_sum: Any, qs: int, qe: int, spans: list) -> None:
     """After the slow recompute, where q . k cannot overflow: a row maximum still +inf or NaN, or an empty row with
     attended keys, comes from the family's bias itself being +-inf (its exact value beyond the family's dtype on
     every key of a row, as ALiBi's -m|i - j| far from every key). Such a row has no representable softmax: say so."""
     xp = spec.xp
     bad = not bool(xp.all(run_max < math.inf))
     empty = run_sum == 0
-    if not bad and bool(xp.any(empty)):
+    if not bad and spec.feat is not None:
+        bad = bool(xp.any(empty & _reach(spec, qs, qe, spans)))
+    elif not bad and bool(xp.any(empty)):
+        k_stop = spans[-1][1]
         qp, kp = spec.q_pos[qs:qe], spec.k_pos[:k_stop]
         keep = causal_mask(qp, kp, xp=xp) if spec.causal else xp.ones((qe - qs, k_stop), dtype=xp.bool)
         if spec.mask is not None:
@@ -428,9 +563,11 @@ def _unrepresentable(spec: _Spec, run_max: Any, run_sum: Any, qs: int, qe: int, 
         raise ValueError(msg)
 
 
-def _logits(spec: _Spec, qb: Any, k_g: Any, qs: int, qe: int, ks: int, ke: int, e: int = 0) -> Any:
+def _logits(
+    spec: _Spec, qb: Any, k_g: Any, qs: int, qe: int, ks: int, ke: int, e: int = 0, *, with_tanh: bool = False
+) -> Any:
     """Final logits divided by 2^e of the tile of query rows qs:qe and keys ks:ke, (B, H, rows, cols), -inf where
-    masked.
+    masked; with ``with_tanh``, also the tile's tanh(s / c) of the softcap (None without a softcap).
 
     ``qb`` is the block of queries already multiplied by the scale (and 2^-e) and grouped, (B, H_kv, group, rows, D).
     The forward and the backward both build their tiles here, so the probabilities the backward recomputes are the
@@ -439,9 +576,16 @@ def _logits(spec: _Spec, qb: Any, k_g: Any, qs: int, qe: int, ks: int, ke: int, 
     xp = spec.xp
     nb, nkv, group, rows, _ = qb.shape
     nh, cols = nkv * group, ke - ks
-    sq, sk = int(spec.q_pos.shape[0]), int(spec.k_pos.shape[0])
-    qp, kp = spec.q_pos[qs:qe], spec.k_pos[ks:ke]
+    sq, sk = int(spec.q_pos.shape[-1]), int(spec.k_pos.shape[-1])
+    qp, kp = spec.q_pos[..., qs:qe], spec.k_pos[..., ks:ke]
     z = xp.reshape(qb @ xp.matrix_transpose(k_g[:, :, :, ks:ke, :]), (nb, nh, rows, cols))
+    t = None
+    if spec.softcap is not None:
+        # c tanh(s / c) on the scaled score, before the bias and the mask (FlashAttention, vLLM); on z / 2^e the
+        # cap is c / 2^e, and (s / 2^e) / (c / 2^e) = s / c exactly.
+        cap = spec.softcap * 2.0**-e if e else spec.softcap
+        t = xp.tanh(z / cap)
+        z = cap * t
     if spec.bias is not None:
         b = spec.bias.tile(xp, qs, qe, ks, ke, qp, kp)
         b = xp.astype(b, spec.cdtype) if b.dtype != spec.cdtype else b
@@ -449,13 +593,16 @@ def _logits(spec: _Spec, qb: Any, k_g: Any, qs: int, qe: int, ks: int, ke: int, 
         # pre_scale: the bias times the scale (and 2^-e); post_scale: the bias (times 2^-e).
         pre = spec.placement == "pre_scale"
         z = z + b * (spec.scale * f if e else spec.scale) if pre else z + (b * f if e else b)
-    keep = causal_mask(qp, kp, xp=xp) if spec.causal and ke - 1 > spec.q_start + qs else None
+    if spec.feat is not None:
+        keep = tile_keep(spec.feat, xp, spec.dev, qs, qe, ks, ke)
+    else:
+        keep = causal_mask(qp, kp, xp=xp) if spec.causal and ke - 1 > spec.q_start + qs else None
     if spec.mask is not None:
         user = tile(spec.mask, qs, qe, ks, ke, sq, sk)
         keep = user if keep is None else (user & keep)
     if keep is not None:
         z = xp.where(keep, z, -math.inf)
-    return z
+    return (z, t) if with_tanh else z
 
 
 def _fused(spec: _Spec, q: Any, kc: Any, vc: Any) -> tuple[list[Any], list[Any]]:

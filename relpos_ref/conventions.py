@@ -17,6 +17,7 @@ __all__ = [
     "LAYOUTS",
     "LEVELS",
     "PLACEMENTS",
+    "SEGMENT_POSITIONS",
     "TENSOR_LAYOUTS",
     "Alignment",
     "Backend",
@@ -26,6 +27,7 @@ __all__ = [
     "Layout",
     "Level",
     "Placement",
+    "SegmentPositions",
     "TensorLayout",
 ]
 
@@ -35,6 +37,9 @@ Placement = Literal["post_scale", "pre_scale"]
 FullyMasked = Literal["zero", "nan"]
 #: How queries line up with keys when Sq != Sk: the last query sees the last key, or the first sees the first.
 Alignment = Literal["bottom_right", "top_left"]
+#: Positions of packed sequences (``q_segment_ids``/``k_segment_ids``): kept as they are, or restarted at 0 at the
+#: first token of each segment (each sequence of the pack then sees the positions it would see alone).
+SegmentPositions = Literal["global", "restart"]
 #: Which implementation computes the softmax: the streamed reference, or the fused CUDA kernel.
 Backend = Literal["reference", "fused"]
 #: Axis order of a T5 table: (heads, buckets) here and in Mesh TensorFlow, (buckets, heads) in an HF embedding.
@@ -52,6 +57,7 @@ Level = Literal["quick", "default", "thorough"]
 PLACEMENTS: tuple[Placement, ...] = get_args(Placement)
 FULLY_MASKED: tuple[FullyMasked, ...] = get_args(FullyMasked)
 ALIGNMENTS: tuple[Alignment, ...] = get_args(Alignment)
+SEGMENT_POSITIONS: tuple[SegmentPositions, ...] = get_args(SegmentPositions)
 BACKENDS: tuple[Backend, ...] = get_args(Backend)
 LAYOUTS: tuple[Layout, ...] = get_args(Layout)
 EQUIVALENCES: tuple[Equivalence, ...] = get_args(Equivalence)

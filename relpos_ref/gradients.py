@@ -14,7 +14,8 @@ from typing import Any, NamedTuple
 
 from . import _checks
 from ._checks import quiet_overflow
-from .attention import _logits, _prepare, _stream
+from .attention import _logits, _prepare, _stream, key_spans
+from .masks import pad_rows
 
 __all__ = ["AttentionGrads", "attention_vjp"]
 
@@ -57,6 +58,15 @@ def attention_vjp(
     d_lse: Any = None,
     block_size: int | None = None,
     kv_block_size: int | None = None,
+    window: Any = None,
+    softcap: float | None = None,
+    q_pos: Any = None,
+    k_pos: Any = None,
+    q_lens: Any = None,
+    k_lens: Any = None,
+    q_segment_ids: Any = None,
+    k_segment_ids: Any = None,
+    segment_positions: str = "global",
     xp: Any = None,
 ) -> AttentionGrads:
     r"""Gradients of :func:`relpos_ref.attention` for an output cotangent: the vector-Jacobian product.
@@ -79,6 +89,12 @@ def attention_vjp(
     ----------
     q, k, v, bias, causal, align, scale, placement, mask, fully_masked, block_size, kv_block_size, xp
         As in :func:`relpos_ref.attention`.
+    window, softcap, q_pos, k_pos, q_lens, k_lens, q_segment_ids, k_segment_ids, segment_positions
+        The kernel features of :func:`relpos_ref.attention`, with the same meaning. A softcap multiplies the score
+        part of the gradient by its derivative: :math:`\bar s = \bar z\,(1 - \tanh^2(s / c))` enters
+        :math:`\bar Q` and :math:`\bar K`, while :math:`\bar b` stays :math:`\bar z` (or :math:`\tau \bar z`).
+        Padding queries (:math:`i \ge L^q_b`) get zero dq rows and contribute nothing to dk, dv or the bias
+        gradient, in both ``fully_masked`` modes; keys :math:`j \ge L^k_b` get zero dk and dv.
     d_out : float array (B, H, Sq, Dv)
         Cotangent of the output, dtype of ``q``; finite.
     d_lse : float array (B, H, Sq), optional
@@ -101,6 +117,17 @@ def attention_vjp(
     of a family are NaN (for a TensorBias or a bias array, only its row).
     """
     options = {"causal": causal, "align": align, "scale": scale, "placement": placement, "fully_masked": fully_masked}
+    options.update(
+        window=window,
+        softcap=softcap,
+        q_pos=q_pos,
+        k_pos=k_pos,
+        q_lens=q_lens,
+        k_lens=k_lens,
+        q_segment_ids=q_segment_ids,
+        k_segment_ids=k_segment_ids,
+        segment_positions=segment_positions,
+    )
     spec = _prepare(q, k, v, bias, mask, xp, options, block_size, kv_block_size)
     xp, cdtype, dev = spec.xp, spec.cdtype, spec.dev
     nb, nh, sq, d = q.shape
@@ -151,13 +178,13 @@ def attention_vjp(
         for qi, qs in enumerate(range(0, sq, spec.bq)):
             qe = min(sq, qs + spec.bq)
             rows = qe - qs
-            last_q = spec.q_start + qe - 1
-            k_stop = min(sk, last_q + 1) if spec.causal else sk
+            # The forward's key blocks, each taken whole (the forward's last causal tile may end before it).
+            spans = [(ks, min(sk, ks + bk)) for ks, _ in key_spans(spec, qi, qs, qe, sk)]
             qb = qc[:, :, qs:qe, :]
             e = exps[qi]
             qb_scaled = xp.reshape(qb * (spec.scale * 2.0**-e) if e else qb * spec.scale, (nb, nkv, group, rows, d))
             qb_g = xp.reshape(qb, (nb, nkv, group, rows, d))
-            qp = spec.q_pos[qs:qe]
+            qp = spec.q_pos[..., qs:qe]
             m_b, log_sum_b = (t[..., None] for t in stats[qi])
             live = log_sum_b != neg_inf
             log_sum_safe = xp.where(live, log_sum_b, xp.zeros_like(log_sum_b))
@@ -170,29 +197,29 @@ def attention_vjp(
                 delta = delta - xp.where(live, dlc[:, :, qs:qe, None], xp.zeros_like(log_sum_b))
             do_g = xp.reshape(do_b, (nb, nkv, group, rows, dv))
             dq_b = xp.zeros((nb, nkv, group, rows, d), dtype=cdtype, device=dev)
-            for kb, ks in enumerate(key_blocks):
-                if ks >= k_stop:
-                    break
-                ke = min(sk, ks + bk)
+            for ks, ke in spans:
+                kb = ks // bk
                 cols = ke - ks
-                z = _logits(spec, qb_scaled, k_g, qs, qe, ks, ke, e)
+                z, t = _logits(spec, qb_scaled, k_g, qs, qe, ks, ke, e, with_tanh=True)
                 # Rows with nothing attended have lse -inf and every z -inf: shifting them by 0 gives exp(-inf) = 0.
                 # split: (z - m) - log_sum, kept apart; else z - lse, FlashAttention's one subtraction.
                 p = xp.exp(((z - m_b) * 2.0**e if e else z - m_b) - log_sum_safe) if split else xp.exp(z - lse_safe)
                 p_g = xp.reshape(p, (nb, nkv, group, rows, cols))
                 dp = xp.reshape(do_g @ xp.matrix_transpose(v_g[:, :, :, ks:ke, :]), (nb, nh, rows, cols))
                 dz = p * (dp - delta)
-                dz_g = xp.reshape(dz, (nb, nkv, group, rows, cols))
+                # The softcap's c tanh(s / c) has derivative 1 - tanh^2 in s; the bias enters after it.
+                ds = dz if t is None else dz * (1.0 - t * t)
+                ds_g = xp.reshape(ds, (nb, nkv, group, rows, cols))
                 dv_t = xp.sum(xp.matrix_transpose(p_g) @ do_g, axis=2)
-                dk_t = xp.sum(xp.matrix_transpose(dz_g) @ qb_g, axis=2) * spec.scale
-                dq_b = dq_b + (dz_g @ k_g[:, :, :, ks:ke, :]) * spec.scale
+                dk_t = xp.sum(xp.matrix_transpose(ds_g) @ qb_g, axis=2) * spec.scale
+                dq_b = dq_b + (ds_g @ k_g[:, :, :, ks:ke, :]) * spec.scale
                 dk_blocks[kb] = dk_t if dk_blocks[kb] is None else dk_blocks[kb] + dk_t
                 dv_blocks[kb] = dv_t if dv_blocks[kb] is None else dv_blocks[kb] + dv_t
                 if tiles is None:
                     continue
                 db = dz * spec.scale if spec.placement == "pre_scale" else dz
                 if family is not None:
-                    tile = tiles.family_vjp(xp, qp, spec.k_pos[ks:ke], xp.sum(db, axis=0))
+                    tile = tiles.family_vjp_batch(xp, qp, spec.k_pos[..., ks:ke], db)
                     param_grads = tile if param_grads is None else {n: param_grads[n] + tile[n] for n in param_grads}
                 else:
                     bias_tiles[(qi, kb)] = _reduce_to(xp, db, tiles.array, sq, sk)
@@ -205,7 +232,8 @@ def attention_vjp(
     if family is not None:
         if param_grads is None:  # no tile computed: every query sees nothing
             zero = xp.zeros((nh, sq, sk), dtype=cdtype, device=dev)
-            param_grads = tiles.family_vjp(xp, spec.q_pos, spec.k_pos, zero)
+            qp1, kp1 = (p if p.ndim == 1 else p[0, :] for p in (spec.q_pos, spec.k_pos))
+            param_grads = tiles.family_vjp(xp, qp1, kp1, zero)
         if risky:
             _finite_gradients(xp, cdtype, param_grads.values(), "bias", "of the family's parameters")
         dbias = tiles.family_grads(xp, param_grads)
@@ -216,7 +244,11 @@ def attention_vjp(
         _finite_gradients(xp, cdtype, grads, "q, k, v, d_out", "dq, dk, dv")
     if spec.fully_masked == "nan":
         log_sum = xp.concat([t[1] for t in stats], axis=2) if len(stats) > 1 else stats[0][1]
-        dq, dk, dv_, dbias = _nan_rows(xp, ~(log_sum != neg_inf), dq, dk, dv_, dbias, family is not None, group)
+        empty = ~(log_sum != neg_inf)
+        pad = pad_rows(spec.feat, xp, dev, 0, sq)
+        if pad is not None:  # padding queries have zero gradients in both modes: no NaN from them
+            empty = empty & ~pad[..., 0]
+        dq, dk, dv_, dbias = _nan_rows(xp, empty, dq, dk, dv_, dbias, family is not None, group)
     dq, dk, dv_ = (t if t.dtype == q.dtype else xp.astype(t, q.dtype) for t in (dq, dk, dv_))
     if tiles is not None and tiles.tensor is not None:
         dbias = {"array": _as_dtype(xp, xp.reshape(dbias, tuple(tiles.array.shape[1:])), tiles.array.dtype)}

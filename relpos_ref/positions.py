@@ -77,6 +77,8 @@ def _positions_pair(q_pos: Any, k_pos: Any, xp: Any = None) -> Any:
     _checks.integer_array("k_pos", k_pos, xp, ndim=1)
     _checks.nonempty("q_pos", q_pos)
     _checks.nonempty("k_pos", k_pos)
+    # Before any copy or reduction: two 2**28-entry (or zero-stride) position arrays ask for 512 PiB of offsets.
+    _checks.result_size("q_pos, k_pos", (q_pos.shape[0], k_pos.shape[0]), 8, what="int64 offsets (Sq, Sk)")
     _offsets_fit(xp, q_pos, k_pos)
     return xp
 
@@ -119,7 +121,8 @@ def relative_offsets(q_pos: Any, k_pos: Any, *, xp: Any = None) -> Any:
     Raises
     ------
     ValueError
-        An offset or its magnitude does not fit int64 (outside :math:`\pm(2^{63}-1)`).
+        An offset or its magnitude does not fit int64 (outside :math:`\pm(2^{63}-1)`); the (Sq, Sk) int64 result
+        would exceed ``MAX_ARRAY_BYTES`` (8 GiB: Sq * Sk > 2**30), checked before allocating.
     """
     xp = _positions_pair(q_pos, k_pos, xp)
     return xp.astype(q_pos, xp.int64)[:, None] - xp.astype(k_pos, xp.int64)[None, :]
@@ -138,5 +141,10 @@ def causal_mask(q_pos: Any, k_pos: Any, *, xp: Any = None) -> Any:
     Returns
     -------
     bool array of shape (len(q_pos), len(k_pos))
+
+    Raises
+    ------
+    ValueError
+        As :func:`relative_offsets`: offsets beyond int64, or Sq * Sk > 2**30 (checked before allocating).
     """
     return relative_offsets(q_pos, k_pos, xp=xp) >= 0

@@ -65,6 +65,13 @@ def biased_softmax(
     lse : array, only with ``return_lse=True``
         In the compute dtype: float64 for float64 inputs, float32 otherwise.
 
+    Raises
+    ------
+    TypeError, ValueError
+        A bad argument, named in the message; NaN or +inf on attended entries; probabilities (the scores' shape in
+        the compute dtype) larger than ``_checks.MAX_ARRAY_BYTES`` (8 GiB), checked before allocating:
+        :func:`relpos_ref.attention` streams instead.
+
     Notes
     -----
     Evaluated as :math:`e^{z - m}` with :math:`m` the row maximum over attended entries, so logits of any finite
@@ -107,11 +114,15 @@ def biased_softmax(
     _checks.option("placement", placement, PLACEMENTS)
     _checks.option("fully_masked", fully_masked, FULLY_MASKED)
     _checks.boolean("return_lse", return_lse)
+    out_dtype = scores.dtype if bias is None else _result_dtype(xp, scores.dtype, bias.dtype)
+    cdtype = _checks.compute_dtype(xp, out_dtype)
+    # The probabilities have the scores' full shape, and so have the checks' temporaries: a zero-stride view of a
+    # few bytes must fail here, not as a MemoryError inside the finiteness check.
+    nbytes = xp.finfo(cdtype).bits // 8
+    _checks.result_size("scores", tuple(scores.shape), nbytes, what=f"probabilities (computed in {cdtype})")
     _attended_values("scores", scores, mask, xp)
     if bias is not None:
         _attended_values("bias", bias, mask, xp)
-    out_dtype = scores.dtype if bias is None else _result_dtype(xp, scores.dtype, bias.dtype)
-    cdtype = _checks.compute_dtype(xp, out_dtype)
     probs, lse = softmax_core(xp, scores, bias, mask, scale, placement, fully_masked, cdtype)
     if probs.dtype != out_dtype:
         probs = xp.astype(probs, out_dtype)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -37,9 +39,10 @@ from .softmax import biased_softmax
 from .testing import max_errors, to_numpy
 from .tolerances import VERIFY_TOLERANCES as TOLERANCES
 
-__all__ = ["TOLERANCES", "available_backends", "run_verify"]
+__all__ = ["TOLERANCES", "available_backends", "format_table", "run_verify", "unrunnable"]
 
 SQ, SK = 24, 40  # Sq != Sk so alignment matters; bottom-right puts the queries at positions 16..39.
+WIDTH = 119  # every printed line stays under 120 columns
 
 
 @dataclasses.dataclass
@@ -74,16 +77,41 @@ def available_backends() -> list[tuple[str, Any, str | None]]:
         out.append(("array_api_strict", None, "not installed (pip install array-api-strict)"))
     try:
         import cupy
-
+    except ImportError:
+        out.append(("cupy", None, "not installed (pip install 'relpos_ref[cuda12]' or '[cuda13]' on a CUDA machine)"))
+        return out
+    except Exception as exc:  # a broken CUDA library can fail the import itself
+        out.append(("cupy", None, f"installed, but its import failed ({type(exc).__name__}: {exc})"))
+        return out
+    try:
         if cupy.is_available():
             cp_xp = _checks.compat_namespace("cupy")
 
             out.append(("cupy", cp_xp, None))
         else:
-            out.append(("cupy", None, "no CUDA GPU available"))
-    except Exception as exc:
-        out.append(("cupy", None, f"not usable ({type(exc).__name__})"))
+            out.append(("cupy", None, "installed, but no CUDA GPU is available"))
+    except Exception as exc:  # a broken CUDA install raises anything from is_available() or the namespace
+        out.append(("cupy", None, f"installed, but not usable ({type(exc).__name__}: {exc})"))
     return out
+
+
+def unrunnable(backends: Iterable[str], dtypes: Iterable[str]) -> list[str]:
+    """Why each of the requested ``backends`` cannot run (not installed, no GPU, none of ``dtypes``); [] when all can.
+
+    Asking for a backend by name and getting "0 of 0 rows passed ... OK" would read as a pass of something never
+    run, so the caller turns each reason into a failure."""
+    wanted, dtypes = set(backends), list(dtypes)
+    reasons = []
+    for name, xp, reason in available_backends():
+        if name not in wanted:
+            continue
+        if xp is None:
+            reasons.append(f"--backend {name} cannot run here: {reason}")
+        elif not any(getattr(xp, d, None) is not None for d in dtypes):
+            reasons.append(
+                f"--backend {name} cannot run here: it has none of the dtypes asked for ({', '.join(dtypes)})"
+            )
+    return reasons
 
 
 def _families(rng: np.random.Generator) -> dict[str, BiasFamily]:
@@ -293,48 +321,130 @@ def run_verify(
     return rows, notes
 
 
+AGREEMENT_LEGEND = (
+    "max abs err = max |x - x64| over the entries; bound = tol[dtype] x max(1, max |x64|) (normwise; tol = {tol}); "
+    "a row passes when max abs err <= bound, i.e. err/bound <= 1, and every property holds."
+)
+
+
+def _fit(line: str, prefix: str, text: str) -> list[str]:
+    """``line`` followed by ``text``, wrapped so each line fits WIDTH, continuation lines aligned under the text."""
+    if not text:
+        return [line.rstrip()]
+    indent = " " * len(prefix)
+    wrapped = textwrap.wrap(text, width=WIDTH, initial_indent=prefix, subsequent_indent=indent, break_on_hyphens=False)
+    return [line + wrapped[0][len(prefix) :], *wrapped[1:]]
+
+
 def format_table(rows: list[Row]) -> str:
-    head = (
-        f"{'case':<30} {'backend':<17} {'dtype':<8} {'max abs err':>11} {'max rel err':>11} {'tolerance':>10} "
-        f"{'result':<6} properties"
-    )
+    """The agreement table: per row the max abs error, the bound it is compared with, their ratio and the result."""
+    head = f"{'case':<30} {'backend':<16} {'dtype':<7} {'result':<6} {'max abs err':>11} {'bound':>9} {'err/bound':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
+        start = f"{r.case:<30} {r.backend:<16} {r.dtype:<7} {'ok' if r.passed else 'FAIL':<6} "
+        props = ", ".join(f"{n} {'ok' if ok else 'FAIL'}" for n, ok in r.properties)
         if r.case.startswith("properties"):
-            errs = tol = "-"
-            ae = re_ = "-"
-        else:
-            ae, re_ = f"{r.max_abs:.2e}", f"{r.max_rel:.2e}"
-            tol = f"{r.tolerance * r.scale:.1e}"
-            errs = ""
-        props = ", ".join(f"{n} {'ok' if ok else 'FAIL'}" for n, ok in r.properties) or errs
+            note = f"ERROR {r.error}" if r.error else props
+            lines += _fit(start, " " * len(start), note)
+            continue
+        bound = r.tolerance * r.scale
         if r.error:
-            props = f"ERROR {r.error}"
+            lines += _fit(start, " " * len(start), f"ERROR {r.error}")
+            continue
+        ratio = r.max_abs / bound if bound > 0 else math.inf if r.max_abs > 0 else 0.0
+        lines.append(f"{start}{r.max_abs:>11.2e} {bound:>9.1e} {ratio:>9.3f}".rstrip())
+        if props:
+            lines += _fit(" " * len(start), " " * len(start), props)
+    return "\n".join(lines)
+
+
+def _format_oracle(rows: list[dict[str, Any]]) -> str:
+    """The oracle table: per row the error of the entry closest to its bound, that bound and their ratio."""
+    head = (
+        f"{'family':<14} {'backend':<16} {'dtype':<8} {'entries':>7}  {'ok':<3} {'err there':>10} {'bound there':>11}"
+    )
+    head += f" {'err/bound':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        backend = r["backend"].replace("array_api_compat.", "")
+        worst_err = r["ratio"] * r["bound"]  # the entry with the largest err/bound: err = ratio x its bound
         lines.append(
-            f"{r.case:<30} {r.backend:<17} {r.dtype:<8} {ae:>11} {re_:>11} {tol:>10} "
-            f"{'ok' if r.passed else 'FAIL':<6} {props}"
+            f"{r['family']:<14} {backend:<16} {r['dtype']:<8} {r['cases']:>7}  {'yes' if r['passed'] else 'NO':<3} "
+            f"{worst_err:>10.3g} {r['bound']:>11.3g} {r['ratio']:>9.3f}"
         )
     return "\n".join(lines)
 
 
+class Progress:
+    """Progress of the long steps on stderr: on a terminal one status line rewritten in place (``\\r``), otherwise a
+    plain line each time a new stage (a backend and dtype) starts, so a log gets a few lines, not hundreds."""
+
+    def __init__(self, stream: TextIO | None = None, *, enabled: bool = True) -> None:
+        self.stream = sys.stderr if stream is None else stream
+        self.enabled = enabled
+        isatty = getattr(self.stream, "isatty", None)
+        self.tty = enabled and callable(isatty) and bool(isatty())
+        self.start = time.perf_counter()
+        self.stage: str | None = None
+        self.shown = 0
+
+    def __call__(self, stage: str, item: str = "") -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        if self.tty:
+            text = f"verify {elapsed:5.1f} s: {stage} {item}".rstrip()[: WIDTH - 1]
+            self.stream.write("\r" + text.ljust(self.shown))
+            self.shown = len(text)
+            self.stream.flush()
+        elif stage != self.stage:
+            self.stream.write(f"verify {elapsed:5.1f} s: {stage}\n")
+            self.stream.flush()
+        self.stage = stage
+
+    def close(self) -> None:
+        """Erase the status line (a terminal), so the tables that follow start on a clean line."""
+        if self.tty and self.shown:
+            self.stream.write("\r" + " " * self.shown + "\r")
+            self.stream.flush()
+        self.shown = 0
+
+
 def main_verify(args: Any) -> int:
+    """Run ``relpos-ref verify``: 0 when every row passes, 1 on a failure or when a requested backend cannot run."""
     start = time.perf_counter()
     backends = args.backend or None
     dtypes = tuple(args.dtype or ("float64", "float32", "float16"))
-    rows, notes = run_verify(backends=backends, dtypes=dtypes, seed=args.seed)
+    reasons = unrunnable(backends, dtypes) if backends else []
+    if reasons:
+        for reason in reasons:
+            print(f"relpos-ref verify: FAILED: {reason}", file=sys.stderr)
+        return 1
+    progress = Progress(enabled=not getattr(args, "no_progress", False))
+
+    def case_progress(text: str) -> None:
+        bname, dtype, case = text.split(" ", 2)  # run_verify's "<backend> <dtype or 'properties'> <case>"
+        progress(f"agreement {bname} {dtype}", case)
+
+    try:
+        rows, notes = run_verify(backends=backends, dtypes=dtypes, seed=args.seed, progress=case_progress)
+    finally:
+        progress.close()
     print("Backend agreement: each backend and dtype against NumPy float64 on the same rounded inputs")
+    tol = ", ".join(f"{k} {v:g}" for k, v in TOLERANCES.items())
+    print(textwrap.fill(AGREEMENT_LEGEND.format(tol=tol), width=WIDTH))
     print(format_table(rows))
     for n in notes:
         print(f"note: {n}")
     failed = [r for r in rows if not r.passed]
     n_props = sum(len(r.properties) for r in rows)
-    print(
-        f"{len(rows) - len(failed)} of {len(rows)} rows passed ({n_props} property checks); tolerance = normwise, "
-        f"max|x - x64| <= tol * max(1, max|x64|), tol = {TOLERANCES}"
-    )
+    print(f"{len(rows) - len(failed)} of {len(rows)} agreement rows passed ({n_props} property checks)")
 
-    oracle_failed = _print_oracle(backends, dtypes, thorough=args.thorough)
+    oracle_failed = _print_oracle(backends, dtypes, thorough=args.thorough, progress=progress)
     print(f"\nverify finished in {time.perf_counter() - start:.1f} s")
+    if not rows:
+        print("FAILED: nothing was checked (no backend and dtype asked for can run here)")
+        return 1
     if failed or oracle_failed:
         print(f"FAILED: {len(failed)} agreement rows, {oracle_failed} oracle rows")
         return 1
@@ -342,14 +452,15 @@ def main_verify(args: Any) -> int:
     return 0
 
 
-def _print_oracle(backends: Iterable[str] | None, dtypes: tuple[str, ...], *, thorough: bool) -> int:
+def _print_oracle(
+    backends: Iterable[str] | None, dtypes: tuple[str, ...], *, thorough: bool, progress: Progress | None = None
+) -> int:
     """The error of every family, the softmax and attention against the mpmath oracle, next to the documented bound
     (``spec/tolerances.md``); returns the number of rows over their bound."""
-    from .bounds import format_table as oracle_format
     from .bounds import oracle_table
 
-    namespaces = [
-        xp for name, xp, _ in available_backends() if xp is not None and (backends is None or name in backends)
+    named = [
+        (name, xp) for name, xp, _ in available_backends() if xp is not None and (backends is None or name in backends)
     ]
     wanted = list(dtypes)
     try:
@@ -358,12 +469,25 @@ def _print_oracle(backends: Iterable[str] | None, dtypes: tuple[str, ...], *, th
         wanted.append("bfloat16")
     except ImportError:
         pass
-    print(
-        f"\nAgainst the mpmath oracle (50 digits), {'thorough' if thorough else 'default'} case set: max error vs the "
-        "documented bound (err/bound <= 1 passes)"
+    kind = "thorough" if thorough else "default"
+    legend = (
+        f"Against the mpmath oracle (50 digits), {kind} case set. Each entry's error |x - oracle| has its own bound "
+        "(spec/tolerances.md), which grows with the entry's magnitude; 'there' is the entry with the largest "
+        "err/bound, and a row passes when that ratio is <= 1."
     )
-    rows = oracle_table(namespaces, wanted, thorough=thorough)
-    print(oracle_format(rows))
+    print("\n" + textwrap.fill(legend, width=WIDTH))
+    rows: list[dict[str, Any]] = []
+    try:
+        # One backend and dtype per call, in oracle_table's own order, so progress can be shown between them.
+        for name, xp in named:
+            for dtype in wanted:
+                if progress is not None:
+                    progress(f"oracle {name} {dtype}")
+                rows += oracle_table([xp], [dtype], thorough=thorough)
+    finally:
+        if progress is not None:
+            progress.close()
+    print(_format_oracle(rows))
     bad = [r for r in rows if not r["passed"]]
     print(f"{len(rows) - len(bad)} of {len(rows)} oracle rows within their bound")
     return len(bad)

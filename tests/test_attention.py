@@ -666,3 +666,605 @@ def test_nan_error_is_a_count_and_the_first_index():
         "q: expected finite values, got NaN or infinity in 2 of 16384 entries of an array of shape (1, 4, 64, 64), "
         "the first at index (0, 1, 2, 3): nan"
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Kernel features (window, softcap, explicit positions, lengths, segments) against a dense reference written from
+# their definitions. The check_* functions take the attention implementation, so test_mutants.py can run the same
+# checks on deliberately broken ones.
+
+
+def feature_layout(
+    nb,
+    sq,
+    sk,
+    *,
+    align="bottom_right",
+    causal=False,
+    window=None,
+    q_pos=None,
+    k_pos=None,
+    q_lens=None,
+    k_lens=None,
+    q_segment_ids=None,
+    k_segment_ids=None,
+    segment_positions="global",
+):
+    """Per batch row, from the definitions: positions (B, Sq) and (B, Sk), attendable (B, Sq, Sk), padding (B, Sq)."""
+    ql = np.full(nb, sq) if q_lens is None else np.asarray(q_lens)
+    kl = np.full(nb, sk) if k_lens is None else np.asarray(k_lens)
+
+    def restart(ids, n):
+        ids = np.broadcast_to(np.asarray(ids), (nb, n))
+        out = np.zeros((nb, n), dtype=np.int64)
+        for b in range(nb):
+            for t in range(n):
+                first = t
+                while first > 0 and ids[b, first - 1] == ids[b, t]:
+                    first -= 1
+                out[b, t] = t - first
+        return out
+
+    if segment_positions == "restart":
+        qp, kp = restart(q_segment_ids, sq), restart(k_segment_ids, sk)
+    else:
+        if q_pos is not None:
+            qp = np.broadcast_to(np.asarray(q_pos, dtype=np.int64), (nb, sq))
+        else:
+            qp = np.array(
+                [[i + (kl[b] - ql[b] if align == "bottom_right" else 0) for i in range(sq)] for b in range(nb)]
+            )
+        kp = np.broadcast_to(np.arange(sk), (nb, sk)) if k_pos is None else np.broadcast_to(np.asarray(k_pos), (nb, sk))
+    left, right = (None, None) if window is None else window
+    keep = np.zeros((nb, sq, sk), dtype=bool)
+    for b in range(nb):
+        for i in range(sq):
+            for j in range(sk):
+                d = int(qp[b, i]) - int(kp[b, j])
+                ok = i < ql[b] and j < kl[b]
+                ok = ok and not (causal and d < 0)
+                ok = ok and (left is None or d <= left) and (right is None or d >= -right)
+                if q_segment_ids is not None:
+                    qs_ = np.broadcast_to(np.asarray(q_segment_ids), (nb, sq))
+                    ks_ = np.broadcast_to(np.asarray(k_segment_ids), (nb, sk))
+                    ok = ok and qs_[b, i] == ks_[b, j]
+                keep[b, i, j] = ok
+    padded = np.arange(sq)[None, :] >= ql[:, None]
+    return np.asarray(qp), np.asarray(kp), keep, padded
+
+
+def dense(
+    q,
+    k,
+    v,
+    *,
+    bias=None,
+    causal=False,
+    align="bottom_right",
+    scale=None,
+    placement="post_scale",
+    mask=None,
+    fully_masked="zero",
+    window=None,
+    softcap=None,
+    q_pos=None,
+    k_pos=None,
+    q_lens=None,
+    k_lens=None,
+    q_segment_ids=None,
+    k_segment_ids=None,
+    segment_positions="global",
+):
+    """Dense float64 attention with the features; ``bias`` a NumPy family (evaluated at each row's positions)."""
+    q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
+    nb, nh, sq, d = q.shape
+    sk = k.shape[2]
+    qp, kp, keep, padded = feature_layout(
+        nb,
+        sq,
+        sk,
+        align=align,
+        causal=causal,
+        window=window,
+        q_pos=q_pos,
+        k_pos=k_pos,
+        q_lens=q_lens,
+        k_lens=k_lens,
+        q_segment_ids=q_segment_ids,
+        k_segment_ids=k_segment_ids,
+        segment_positions=segment_positions,
+    )
+    rep = nh // k.shape[1]
+    k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
+    tau = 1.0 / math.sqrt(d) if scale is None else scale
+    s = np.einsum("bhid,bhjd->bhij", q, k) * tau
+    if softcap is not None:
+        s = softcap * np.tanh(s / softcap)
+    b = 0.0
+    if bias is not None:
+        b = np.stack([np.asarray(bias.bias(qp[r], kp[r]), dtype=np.float64) for r in range(nb)])
+    z = s + (b if placement == "post_scale" else tau * b)
+    allowed = keep[:, None] if mask is None else keep[:, None] & np.asarray(mask, dtype=bool)
+    z = np.where(allowed, z, -np.inf)
+    empty = ~allowed.any(-1)
+    m = np.where(empty, 0.0, np.max(np.where(allowed, z, -np.inf), axis=-1, initial=-np.inf))
+    e = np.where(allowed, np.exp(z - m[..., None]), 0.0)
+    total = np.where(empty, 1.0, e.sum(-1))
+    out = (e / total[..., None]) @ v
+    lse = m + np.log(total)
+    fill = 0.0 if fully_masked == "zero" else np.nan
+    out = np.where(empty[..., None], fill, out)
+    lse = np.where(empty, -np.inf if fully_masked == "zero" else np.nan, lse)
+    pad = padded[:, None, :]
+    return np.where(pad[..., None], 0.0, out), np.where(pad, -np.inf, lse)
+
+
+def _xs(xp, kw):
+    """The feature keywords with their NumPy arrays moved to ``xp``."""
+    return {n: (xp.asarray(a) if isinstance(a, np.ndarray) else a) for n, a in kw.items()}
+
+
+def _run(attention, xp, q, k, v, bias=None, **kw):
+    out, lse = attention(xp.asarray(q), xp.asarray(k), xp.asarray(v), bias=bias, return_lse=True, **_xs(xp, kw))
+    return to_np(out), to_np(lse)
+
+
+def _fire(xp, nh, seed=3):
+    # FIRE depends on the absolute query position (its normaliser), so it tells positions apart that ALiBi would not.
+    rng = np.random.default_rng(seed)
+    w1, b1, w2, b2 = rng.standard_normal((4, 1)), rng.uniform(0.1, 1, 4), rng.standard_normal((nh, 4)), np.zeros(nh)
+    return rp.FIRE(*(xp.asarray(a) for a in (w1, b1, w2, b2)), c=0.5, L=3.0)
+
+
+def _segments(rng, nb, n, count=3):
+    ids = np.sort(rng.integers(0, count, size=(nb, n)), axis=1)
+    return ids + 10 * np.arange(nb)[:, None]  # distinct values per row do not matter, only equality within a row
+
+
+FEATURE_SHAPES = [(2, 4, 2, 5, 9), (3, 2, 1, 9, 5), (2, 2, 2, 7, 7), (1, 4, 1, 1, 12)]
+
+
+def feature_cases(nb, sq, sk, seed=0):
+    """(name, keywords) of feature combinations for a (B, Sq, Sk) problem; arrays are NumPy."""
+    rng = np.random.default_rng(seed)
+    q_lens = rng.integers(0, sq + 1, nb)
+    q_lens[0] = sq
+    k_lens = rng.integers(1, sk + 1, nb)
+    k_lens[-1] = sk
+    q_off = rng.integers(-3, 20, nb)
+    same = sq == sk
+    q_seg = _segments(rng, nb, sq)
+    k_seg = q_seg if same else _segments(rng, nb, sk)
+    return [
+        ("window", {"window": (2, 1)}),
+        ("window_causal", {"window": (3, None), "causal": True}),
+        ("window_right_only", {"window": (None, 0)}),
+        ("window_top_left", {"window": (1, 2), "align": "top_left", "causal": True}),
+        ("softcap_post", {"softcap": 0.4}),
+        ("softcap_pre", {"softcap": 0.7, "placement": "pre_scale", "causal": True}),
+        ("positions_shared", {"q_pos": np.arange(sq) + 40, "k_pos": np.arange(sk) + 37, "causal": True}),
+        (
+            "positions_rows",
+            {
+                "q_pos": np.arange(sq)[None, :] + q_off[:, None],
+                "k_pos": np.arange(sk),
+                "causal": True,
+                "window": (4, 0),
+            },
+        ),
+        ("q_pos_only", {"q_pos": np.arange(sq) * 2 + 1, "causal": True}),
+        ("lengths", {"q_lens": q_lens, "k_lens": k_lens, "causal": True}),
+        ("lengths_nan", {"q_lens": q_lens, "k_lens": k_lens, "causal": True, "fully_masked": "nan"}),
+        ("lengths_top_left", {"q_lens": q_lens, "k_lens": k_lens, "align": "top_left", "causal": True}),
+        ("k_lens_only", {"k_lens": k_lens}),
+        ("segments_global", {"q_segment_ids": q_seg, "k_segment_ids": k_seg, "causal": True}),
+        ("segments_restart", {"q_segment_ids": q_seg, "k_segment_ids": k_seg, "segment_positions": "restart"}),
+        (
+            "everything",
+            {
+                "q_segment_ids": q_seg,
+                "k_segment_ids": k_seg,
+                "q_lens": q_lens,
+                "k_lens": k_lens,
+                "window": (3, 1),
+                "softcap": 0.9,
+                "causal": True,
+                "mask": rng.random((nb, 1, sq, sk)) < 0.8,
+            },
+        ),
+    ]
+
+
+@pytest.mark.parametrize("shape", FEATURE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("blocks", [(None, None), (2, 3)], ids=["default_blocks", "small_blocks"])
+@pytest.mark.parametrize("bias", ["ALiBi", "FIRE"])
+def test_features_against_dense(xp, shape, blocks, bias):
+    nb, nh, nkv, sq, sk = shape
+    q, k, v = qkv(nb, nh, nkv, sq, sk, 4, 3, seed=sum(shape))
+    # q scaled up so the softcap bends the scores (|s| up to about 6 against caps of 0.4 to 0.9)
+    q = 3.0 * q
+    fam = rp.ALiBi.from_num_heads(nh, xp=xp) if bias == "ALiBi" else _fire(xp, nh)
+    fam_np = rp.ALiBi.from_num_heads(nh) if bias == "ALiBi" else _fire(np, nh)
+    for name, kw in feature_cases(nb, sq, sk, seed=sum(shape)):
+        got = _run(rp.attention, xp, q, k, v, fam, block_size=blocks[0], kv_block_size=blocks[1], **kw)
+        want = dense(q, k, v, bias=fam_np, **kw)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-13, err_msg=name)
+
+
+def check_window_against_dense(attention, xp):
+    q, k, v = qkv(2, 2, 1, 6, 9, 4, seed=61)
+    fam = rp.ALiBi(xp.asarray([0.5, 0.125]))
+    for window in [(0, 0), (1, 0), (0, 2), (2, 3), (None, 1), (4, None)]:
+        for causal in (False, True):
+            got = _run(attention, xp, q, k, v, fam, window=window, causal=causal, block_size=2, kv_block_size=2)
+            want = dense(q, k, v, bias=rp.ALiBi(np.array([0.5, 0.125])), window=window, causal=causal)
+            for g, w in zip(got, want):
+                np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-13, err_msg=str((window, causal)))
+
+
+def test_window_against_dense(xp):
+    check_window_against_dense(rp.attention, xp)
+
+
+def check_window_unbounded(attention, xp):
+    # A window as wide as every offset (or unbounded on both sides) is no window.
+    for sq, sk in [(5, 9), (9, 5), (6, 6)]:
+        q, k, v = qkv(2, 2, 2, sq, sk, 4, seed=sq + sk)
+        fam = rp.ALiBi.from_num_heads(2, xp=xp)
+        for causal in (False, True):
+            plain = _run(attention, xp, q, k, v, fam, causal=causal, block_size=2, kv_block_size=3)
+            wide = max(sq, sk)
+            for window in [(wide, wide), (None, None), (None, wide), (wide, None)]:
+                got = _run(attention, xp, q, k, v, fam, causal=causal, window=window, block_size=2, kv_block_size=3)
+                for g, w in zip(got, plain):
+                    np.testing.assert_allclose(g, w, rtol=1e-14, atol=1e-15, err_msg=str(window))
+
+
+def test_window_unbounded_is_no_window(xp):
+    check_window_unbounded(rp.attention, xp)
+
+
+def check_window_zero_causal_diagonal(attention, xp):
+    # window (0, 0) keeps the key at the query's own position only: the output is that key's value, the lse its logit.
+    sq, sk = 4, 7
+    q, k, v = qkv(1, 2, 1, sq, sk, 3, seed=71)
+    got_out, got_lse = _run(attention, xp, q, k, v, window=(0, 0), causal=True, block_size=3, kv_block_size=2)
+    for i in range(sq):
+        j = i + sk - sq  # bottom_right
+        np.testing.assert_allclose(got_out[0, :, i, :], np.repeat(v[0, :, j, :], 2, axis=0), rtol=1e-15, atol=0)
+        np.testing.assert_allclose(got_lse[0, :, i], q[0, :, i, :] @ k[0, 0, j, :] / math.sqrt(3), rtol=1e-14)
+
+
+def test_window_zero_causal_attends_only_the_diagonal(xp):
+    check_window_zero_causal_diagonal(rp.attention, xp)
+
+
+def check_softcap_against_dense(attention, xp):
+    q, k, v = qkv(2, 2, 1, 5, 8, 4, seed=81)
+    q = 4.0 * q
+    fam_xp, fam_np = rp.ALiBi(xp.asarray([1.0, 0.25])), rp.ALiBi(np.array([1.0, 0.25]))
+    for placement in ("post_scale", "pre_scale"):
+        for cap in (0.3, 2.0):
+            kw = {"softcap": cap, "placement": placement, "causal": True, "scale": 0.7}
+            got = _run(attention, xp, q, k, v, fam_xp, block_size=2, kv_block_size=3, **kw)
+            want = dense(q, k, v, bias=fam_np, **kw)
+            for g, w in zip(got, want):
+                np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-13, err_msg=str(kw))
+
+
+def test_softcap_against_dense(xp):
+    check_softcap_against_dense(rp.attention, xp)
+
+
+def check_softcap_large_is_none(attention, xp):
+    # c tanh(s / c) = s (1 - (s/c)^2 / 3 + ...): with |s| < 100 and c = 1e12 the correction is 1e-20 relative.
+    q, k, v = qkv(2, 2, 1, 5, 8, 4, seed=91)
+    fam = rp.ALiBi(xp.asarray([1.0, 0.25]))
+    for placement in ("post_scale", "pre_scale"):
+        plain = _run(attention, xp, 5 * q, k, v, fam, causal=True, placement=placement)
+        got = _run(attention, xp, 5 * q, k, v, fam, causal=True, placement=placement, softcap=1e12)
+        for g, w in zip(got, plain):
+            np.testing.assert_allclose(g, w, rtol=1e-14, atol=1e-14)
+
+
+def test_softcap_large_is_no_softcap(xp):
+    check_softcap_large_is_none(rp.attention, xp)
+
+
+def check_positions_equal_align(attention, xp):
+    # q_pos, k_pos = the positions of align give the result of align, for Sq < Sk, Sq > Sk and Sq = Sk.
+    for sq, sk in [(4, 9), (9, 4), (6, 6)]:
+        q, k, v = qkv(2, 2, 1, sq, sk, 4, seed=sq * sk)
+        fam = _fire(xp, 2)
+        for align, start in (("top_left", 0), ("bottom_right", sk - sq)):
+            want = _run(attention, xp, q, k, v, fam, causal=True, align=align)
+            got = _run(
+                attention, xp, q, k, v, fam, causal=True, q_pos=np.arange(start, start + sq), k_pos=np.arange(sk)
+            )
+            for g, w in zip(got, want):
+                np.testing.assert_allclose(g, w, rtol=1e-14, atol=1e-15, err_msg=f"{align} {sq}x{sk}")
+
+
+def test_explicit_positions_equal_align(xp):
+    check_positions_equal_align(rp.attention, xp)
+
+
+def test_per_row_positions_equal_running_each_row(xp):
+    # A KV cache whose rows hold different offsets: each batch row equals a call with that row's positions alone.
+    q, k, v = qkv(3, 2, 1, 3, 8, 4, seed=101)
+    offsets = np.array([5, 0, 17])
+    q_pos = np.arange(3)[None, :] + offsets[:, None]
+    fam = _fire(xp, 2)
+    got = _run(rp.attention, xp, q, k, v, fam, causal=True, window=(3, None), q_pos=q_pos, block_size=2)
+    for b in range(3):
+        one = _run(
+            rp.attention,
+            xp,
+            q[b : b + 1],
+            k[b : b + 1],
+            v[b : b + 1],
+            fam,
+            causal=True,
+            window=(3, None),
+            q_pos=q_pos[b],
+        )
+        for g, w in zip(got, one):
+            np.testing.assert_allclose(g[b : b + 1], w, rtol=1e-14, atol=1e-15)
+
+
+def check_lengths_rowwise(attention, xp, fully_masked="zero"):
+    # Each batch row at its own lengths equals that row alone, cut to those lengths; its padding queries give 0 and
+    # lse -inf whatever fully_masked says.
+    nb, sq, sk = 4, 6, 8
+    q, k, v = qkv(nb, 2, 1, sq, sk, 4, seed=111)
+    q_lens, k_lens = np.array([6, 3, 1, 4]), np.array([8, 5, 2, 1])
+    fam = _fire(xp, 2)
+    for align in ("bottom_right", "top_left"):
+        got = _run(
+            attention,
+            xp,
+            q,
+            k,
+            v,
+            fam,
+            causal=True,
+            align=align,
+            q_lens=q_lens,
+            k_lens=k_lens,
+            fully_masked=fully_masked,
+            block_size=2,
+            kv_block_size=3,
+        )
+        for b in range(nb):
+            ql, kl = int(q_lens[b]), int(k_lens[b])
+            one = _run(
+                attention,
+                xp,
+                q[b : b + 1, :, :ql],
+                k[b : b + 1, :, :kl],
+                v[b : b + 1, :, :kl],
+                fam,
+                causal=True,
+                align=align,
+                fully_masked=fully_masked,
+            )
+            for g, w in zip(got, one):
+                np.testing.assert_allclose(g[b : b + 1, :, :ql], w, rtol=1e-13, atol=1e-14, err_msg=f"{align} {b}")
+            np.testing.assert_array_equal(got[0][b, :, ql:], 0.0)
+            np.testing.assert_array_equal(got[1][b, :, ql:], -np.inf)
+
+
+@pytest.mark.parametrize("fully_masked", ["zero", "nan"])
+def test_lengths_equal_running_each_row_alone(xp, fully_masked):
+    check_lengths_rowwise(rp.attention, xp, fully_masked)
+
+
+def check_segments_separately(attention, xp, segment_positions):
+    # A pack of sequences equals each sequence run alone: at its positions in the pack ("global") or from 0
+    # ("restart"). FIRE depends on the absolute position, so the two conventions give different numbers.
+    ids = np.array([[0, 0, 0, 1, 1, 2, 2, 2, 2], [5, 5, 5, 5, 5, 5, 7, 7, 7]])
+    nb, n = ids.shape
+    q, k, v = qkv(nb, 2, 1, n, n, 4, seed=121)
+    fam = _fire(xp, 2)
+    for causal, window in ((True, None), (False, (2, 1))):
+        got = _run(
+            attention,
+            xp,
+            q,
+            k,
+            v,
+            fam,
+            causal=causal,
+            window=window,
+            q_segment_ids=ids,
+            k_segment_ids=ids,
+            segment_positions=segment_positions,
+            block_size=2,
+            kv_block_size=4,
+        )
+        for b in range(nb):
+            for sid in np.unique(ids[b]):
+                idx = np.flatnonzero(ids[b] == sid)
+                lo, hi = int(idx[0]), int(idx[-1]) + 1
+                pos = {} if segment_positions == "restart" else {"q_pos": np.arange(lo, hi), "k_pos": np.arange(lo, hi)}
+                one = _run(
+                    attention,
+                    xp,
+                    q[b : b + 1, :, lo:hi],
+                    k[b : b + 1, :, lo:hi],
+                    v[b : b + 1, :, lo:hi],
+                    fam,
+                    causal=causal,
+                    window=window,
+                    **pos,
+                )
+                for g, w in zip(got, one):
+                    np.testing.assert_allclose(g[b : b + 1, :, lo:hi], w, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("segment_positions", ["global", "restart"])
+def test_segments_equal_running_each_segment_alone(xp, segment_positions):
+    check_segments_separately(rp.attention, xp, segment_positions)
+
+
+def test_segment_positions_change_a_position_dependent_bias(xp):
+    # The control of the test above: with FIRE the two conventions differ, so each comparison there can fail.
+    ids = np.array([[0, 0, 0, 1, 1, 1, 1]])
+    q, k, v = qkv(1, 2, 1, 7, 7, 4, seed=131)
+    kw = {"q_segment_ids": ids, "k_segment_ids": ids, "causal": True}
+    glob = _run(rp.attention, xp, q, k, v, _fire(xp, 2), **kw)
+    rest = _run(rp.attention, xp, q, k, v, _fire(xp, 2), segment_positions="restart", **kw)
+    np.testing.assert_array_equal(glob[0][..., :3, :], rest[0][..., :3, :])  # first segment: same positions
+    assert np.abs(glob[0][..., 3:, :] - rest[0][..., 3:, :]).max() > 1e-3
+
+
+def check_streamed_equals_one_block(attention, xp):
+    nb, sq, sk = 2, 9, 11
+    q, k, v = qkv(nb, 4, 2, sq, sk, 4, seed=141)
+    fam = _fire(xp, 4)
+    for name, kw in feature_cases(nb, sq, sk, seed=7):
+        whole = _run(attention, xp, q, k, v, fam, block_size=sq, kv_block_size=sk, **kw)
+        for blocks in ((1, 1), (2, 3), (4, 2)):
+            got = _run(attention, xp, q, k, v, fam, block_size=blocks[0], kv_block_size=blocks[1], **kw)
+            for g, w in zip(got, whole):
+                np.testing.assert_allclose(g, w, rtol=1e-13, atol=1e-14, err_msg=f"{name} {blocks}")
+
+
+def test_streamed_features_equal_one_block(xp):
+    check_streamed_equals_one_block(rp.attention, xp)
+
+
+@pytest.mark.parametrize(
+    ("kw", "sizes"),
+    [
+        ({"window": (2, 0)}, (32, 32)),
+        ({"window": (3, 1), "causal": True}, (24, 40)),
+        ({"window": (0, 5)}, (40, 24)),
+        ({"k_lens": np.array([9, 20]), "q_lens": np.array([4, 13]), "align": "top_left"}, (24, 24)),
+        ({"q_pos": np.arange(16) + 100, "k_pos": np.arange(24) * 5, "causal": True, "window": (30, None)}, (16, 24)),
+    ],
+)
+def test_features_skip_the_tiles_they_empty(xp, kw, sizes):
+    # The family is asked for the bias of exactly the tiles holding a pair that the definition lets attend (the
+    # positions are shared by the batch rows here, so one call per tile).
+    sq, sk = sizes
+    bq, bk = 4, 4
+    log: list = []
+    fam = _recording(rp.ALiBi, log)(xp.asarray([0.5, 0.25]))
+    q, k, v = qkv(2, 2, 1, sq, sk, 4, seed=151)
+    out = _run(rp.attention, xp, q, k, v, fam, block_size=bq, kv_block_size=bk, **kw)
+    _, _, keep, _ = feature_layout(2, sq, sk, **kw)
+    want = {(qs, ks) for qs in range(0, sq, bq) for ks in range(0, sk, bk) if keep[:, qs : qs + bq, ks : ks + bk].any()}
+    q_all = feature_layout(2, sq, sk, **kw)[0][0]
+    k_all = feature_layout(2, sq, sk, **kw)[1][0]
+    seen = {(int(np.flatnonzero(q_all == r[0])[0]), int(np.flatnonzero(k_all == c[0])[0])) for r, c in log}
+    assert seen == want
+    assert len(log) == len(want) < (sq // bq) * (sk // bk)
+    np.testing.assert_allclose(out[0], dense(q, k, v, bias=rp.ALiBi(np.array([0.5, 0.25])), **kw)[0], atol=1e-13)
+
+
+def test_features_forward_is_streamed():
+    import tracemalloc
+
+    # S = 2048, B = 2: one (B, H, Sq, Sk) float64 array is 64 MiB; the tiles are 256 x 256.
+    rng = np.random.default_rng(161)
+    q, k, v = (rng.standard_normal((2, 1, 2048, 8)) for _ in range(3))
+    tracemalloc.start()
+    try:
+        rp.attention(
+            q,
+            k,
+            v,
+            bias=rp.ALiBi([0.5]),
+            causal=True,
+            window=(700, None),
+            q_lens=np.array([2048, 1500]),
+            k_lens=np.array([2048, 1600]),
+            softcap=5.0,
+            block_size=256,
+            kv_block_size=256,
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    full = 2 * 2048 * 2048 * 8
+    assert peak < full / 8, f"peak {peak / 2**20:.1f} MiB against {full / 2**20:.0f} MiB for one full logits array"
+
+
+def _ones(*shape):
+    return np.ones(shape)
+
+
+_Q = (_ones(2, 2, 3, 4), _ones(2, 1, 5, 4), _ones(2, 1, 5, 4))
+
+
+@pytest.mark.parametrize(
+    ("kw", "exc", "pattern"),
+    [
+        ({"window": 3}, TypeError, r"^window: expected a pair \(left, right\), each an int >= 0 or None, got 3$"),
+        ({"window": (1, 2, 3)}, TypeError, r"^window: expected a pair"),
+        ({"window": (-1, 0)}, ValueError, r"^window\[0\]: expected an integer >= 0, got -1$"),
+        ({"window": (0, 1.5)}, TypeError, r"^window\[1\]: expected an integer, got 1\.5"),
+        ({"window": (True, 0)}, TypeError, r"^window\[0\]: expected an integer, got True"),
+        ({"softcap": 0.0}, ValueError, r"^softcap: expected a number > 0, got 0\.0$"),
+        ({"softcap": math.inf}, ValueError, r"^softcap: expected a finite number, got inf$"),
+        ({"softcap": "1"}, TypeError, r"^softcap: expected a real number, got '1'"),
+        ({"q_pos": np.arange(3.0)}, TypeError, r"^q_pos: expected an integer dtype, got float64$"),
+        ({"q_pos": np.arange(4)}, ValueError, r"^q_pos: expected shape \(3,\) or \(2, 3\) \(one row .*got \(4,\)$"),
+        ({"k_pos": np.zeros((3, 5), int)}, ValueError, r"^k_pos: expected shape \(5,\) or \(2, 5\) .*got \(3, 5\)$"),
+        ({"q_pos": [0, 1, 2]}, TypeError, r"^q_pos: expected an array .*got list$"),
+        (
+            {"q_pos": np.array([2**62, 0, 0]), "k_pos": np.array([-(2**62), 0, 0, 0, 0])},
+            ValueError,
+            r"^q_pos, k_pos: expected positions whose offsets",
+        ),
+        ({"q_lens": np.array([1, 4])}, ValueError, r"^q_lens: expected lengths in \[0, 3\], got values from 1 to 4$"),
+        ({"k_lens": np.array([-1, 4])}, ValueError, r"^k_lens: expected lengths in \[0, 5\], got values from -1 to 4$"),
+        ({"k_lens": np.array([1, 2, 3])}, ValueError, r"^k_lens: expected shape \(2,\) \(one length per batch row\)"),
+        ({"q_lens": np.array([1.0, 2.0])}, TypeError, r"^q_lens: expected an integer dtype, got float64$"),
+        (
+            {"q_segment_ids": np.zeros((2, 3), int)},
+            ValueError,
+            r"^q_segment_ids, k_segment_ids: expected both or neither, got only q_segment_ids$",
+        ),
+        (
+            {"q_segment_ids": np.zeros((2, 3), int), "k_segment_ids": np.zeros((2, 4), int)},
+            ValueError,
+            r"^k_segment_ids: expected shape \(5,\) or \(2, 5\)",
+        ),
+        ({"segment_positions": "restart"}, ValueError, r"^segment_positions: expected 'global' without"),
+        ({"segment_positions": "local"}, ValueError, r"^segment_positions: expected one of 'global', 'restart'"),
+        (
+            {
+                "q_segment_ids": np.zeros((2, 3), int),
+                "k_segment_ids": np.array([0, 1, 0, 0, 0]),
+                "segment_positions": "restart",
+            },
+            ValueError,
+            r"^k_segment_ids: expected each segment to be one contiguous run .*got id 0 reappearing",
+        ),
+        (
+            {
+                "q_segment_ids": np.zeros((2, 3), int),
+                "k_segment_ids": np.zeros((2, 5), int),
+                "segment_positions": "restart",
+                "q_pos": np.arange(3),
+            },
+            ValueError,
+            r"^q_pos, k_pos: expected None with segment_positions='restart'",
+        ),
+        ({"window": (1, 1), "backend": "fused"}, ValueError, r"^backend: expected 'reference' with window"),
+    ],
+)
+def test_feature_errors_name_the_argument(kw, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        rp.attention(*_Q, **kw)
+    if "backend" not in kw:
+        with pytest.raises(exc, match=pattern):
+            rp.attention_vjp(*_Q, np.ones((2, 2, 3, 4)), **kw)
+
+
+def test_feature_arrays_from_another_library_are_named():
+    with pytest.raises(TypeError, match=r"^q, k, v, bias, mask, q_lens: expected arrays from one array library"):
+        rp.attention(*_Q, q_lens=xs_ones((2,)))

@@ -210,3 +210,103 @@ def test_nan_mode_matches_the_oracle(family):
         w = np.array([float(x) for x in np.asarray(w, dtype=object).reshape(-1)]).reshape(np.shape(a))
         np.testing.assert_array_equal(np.isnan(a), np.isnan(w))
         np.testing.assert_allclose(a[~np.isnan(a)], w[~np.isnan(w)], rtol=1e-12, atol=1e-14)
+
+
+# Kernel features: the VJP against central differences of the dense float64 reference of tests/test_attention.py
+# (written from the definitions), for q, k, v and the ALiBi slopes, with an lse cotangent too.
+
+FEATURE_VJP_CASES = {
+    "window": {"window": (1, 2)},
+    "window_causal": {"window": (2, None), "causal": True},
+    "softcap_post": {"softcap": 0.6, "causal": True},
+    "softcap_pre": {"softcap": 0.8, "placement": "pre_scale"},
+    "lengths": {"q_lens": np.array([4, 2]), "k_lens": np.array([3, 5]), "causal": True},
+    "lengths_top_left": {"q_lens": np.array([1, 3]), "k_lens": np.array([5, 2]), "align": "top_left"},
+    "segments": {"q_segment_ids": np.array([[0, 0, 1, 1], [3, 3, 3, 4]]),
+                 "k_segment_ids": np.array([[0, 0, 0, 1, 1], [3, 3, 4, 4, 4]]), "causal": True},
+    "segments_restart": {"q_segment_ids": np.array([0, 0, 1, 1]), "k_segment_ids": np.array([0, 0, 0, 1, 1]),
+                         "segment_positions": "restart"},
+    "positions_rows": {"q_pos": np.array([[7, 8, 9, 10], [2, 3, 4, 5]]), "k_pos": np.arange(5) * 2, "causal": True,
+                       "window": (6, None)},
+    "everything": {"window": (3, 0), "softcap": 0.5, "q_lens": np.array([3, 4]), "k_lens": np.array([5, 4]),
+                   "q_segment_ids": np.array([0, 0, 1, 1]), "k_segment_ids": np.array([0, 0, 1, 1, 1])},
+}  # fmt: skip
+
+
+def _central(f, x, h=1e-6):
+    """Central differences of the scalar f at x, entry by entry."""
+    g = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[idx] += h
+        down[idx] -= h
+        g[idx] = (f(up) - f(down)) / (2 * h)
+    return g
+
+
+def check_feature_vjp_central_differences(attention_vjp, kw, *, block_size=2, kv_block_size=2):
+    from tests.test_attention import dense
+
+    q, k, v, d_out = _inputs(nb=2, nh=2, nkv=1, sq=4, sk=5, d=3, dv=2, seed=21)
+    q = 2.0 * q  # scores of order 1-3, where a softcap of 0.5-0.8 bends them
+    slopes = np.array([0.5, -0.3])
+    d_lse = np.random.default_rng(22).standard_normal((2, 2, 4))
+
+    def loss(q_, k_, v_, m_):
+        out, lse = dense(q_, k_, v_, bias=rp.ALiBi(m_, allow_any_sign=True), **kw)
+        # Padding and empty rows have lse -inf and ignore d_lse.
+        return float(np.sum(d_out * out) + np.sum(np.where(np.isfinite(lse), d_lse * lse, 0.0)))
+
+    got = attention_vjp(q, k, v, d_out, bias=rp.ALiBi(slopes, allow_any_sign=True), d_lse=d_lse,
+                        block_size=block_size, kv_block_size=kv_block_size, **kw)  # fmt: skip
+    want = (
+        _central(lambda x: loss(x, k, v, slopes), q),
+        _central(lambda x: loss(q, x, v, slopes), k),
+        _central(lambda x: loss(q, k, x, slopes), v),
+        _central(lambda x: loss(q, k, v, x), slopes),
+    )
+    for name, g, w in zip(("dq", "dk", "dv", "dslopes"), (*got[:3], got.dbias["slopes"]), want):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7, err_msg=name)
+    return got
+
+
+@pytest.mark.parametrize("case", list(FEATURE_VJP_CASES))
+def test_feature_vjp_against_central_differences(case):
+    kw = FEATURE_VJP_CASES[case]
+    got = check_feature_vjp_central_differences(rp.attention_vjp, kw)
+    # One tile for everything gives the gradients of the 2 x 2 tiles.
+    whole = check_feature_vjp_central_differences(rp.attention_vjp, kw, block_size=4, kv_block_size=5)
+    for a, b in zip((*got[:3], got.dbias["slopes"]), (*whole[:3], whole.dbias["slopes"])):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)
+
+
+def test_padding_rows_have_zero_gradients_in_both_modes():
+    q, k, v, d_out = _inputs(nb=2, nh=2, nkv=1, sq=5, sk=6, d=3, dv=2, seed=23)
+    q_lens, k_lens = np.array([5, 2]), np.array([6, 3])  # bottom_right: row 1's queries at positions 1, 2
+    fam = rp.ALiBi(np.array([0.5, 0.25]))
+    zero = rp.attention_vjp(q, k, v, d_out, bias=fam, causal=True, q_lens=q_lens, k_lens=k_lens)
+    nan = rp.attention_vjp(q, k, v, d_out, bias=fam, causal=True, q_lens=q_lens, k_lens=k_lens, fully_masked="nan")
+    np.testing.assert_array_equal(zero.dq[1, :, 2:], 0.0)
+    # Keys past k_lens are never attended: no gradient reaches them.
+    np.testing.assert_array_equal(zero.dk[1, :, 3:], 0.0)
+    np.testing.assert_array_equal(zero.dv[1, :, 3:], 0.0)
+    assert np.abs(zero.dk[1, :, :3]).min() > 0
+    # No row of these inputs is empty without being padding, so "nan" has nothing to spread.
+    for a, b in zip((*zero[:3], zero.dbias["slopes"]), (*nan[:3], nan.dbias["slopes"])):
+        np.testing.assert_array_equal(a, b)
+    # Changing the padding rows' inputs and cotangents changes nothing.
+    q2, d2 = q.copy(), d_out.copy()
+    q2[1, :, 2:] = 7.0
+    d2[1, :, 2:] = -3.0
+    again = rp.attention_vjp(q2, k, v, d2, bias=fam, causal=True, q_lens=q_lens, k_lens=k_lens)
+    for a, b in zip((*zero[1:3], zero.dbias["slopes"]), (*again[1:3], again.dbias["slopes"])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_nan_mode_spreads_only_from_empty_rows_not_padding():
+    # Row 1: q_lens 3 (rows 3, 4 padding), k_lens 0: rows 0-2 are real queries with nothing to attend.
+    q, k, v, d_out = _inputs(nb=2, nh=2, nkv=1, sq=5, sk=6, d=3, dv=2, seed=24)
+    g = rp.attention_vjp(q, k, v, d_out, q_lens=np.array([5, 3]), k_lens=np.array([6, 0]), fully_masked="nan")
+    assert np.isnan(g.dq[1, :, :3]).all()
+    np.testing.assert_array_equal(g.dq[1, :, 3:], 0.0)
+    assert np.isfinite(g.dq[0]).all()

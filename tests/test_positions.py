@@ -230,3 +230,24 @@ def test_positions_huge_lengths_fail_fast(q_len, k_len, name):
 def test_positions_bad_device_names_device():
     with pytest.raises(ValueError, match=r"^device: expected a device of numpy \(or None\), got 'gpu9'"):
         rp.positions(2, 2, device="gpu9")
+
+
+@pytest.mark.parametrize("func", [rp.relative_offsets, rp.causal_mask])
+@pytest.mark.parametrize(("sq", "sk"), [(2**28, 2**28), (2**15 + 1, 2**15)])
+def test_offsets_size_checked_before_allocating(func, sq, sk):
+    # Zero-stride positions cost 8 bytes each; their (Sq, Sk) int64 offsets would be 512 PiB (a MemoryError, after
+    # a 2 GiB copy of each operand) or just over 8 GiB. The limit is 2**30 entries.
+    q, k = np.broadcast_to(np.int64(0), (sq,)), np.broadcast_to(np.int64(0), (sk,))
+    pattern = (
+        rf"^q_pos, k_pos: expected sizes whose int64 offsets \(Sq, Sk\) fits the 8 GiB size limit, got shape \({sq}, "
+    )
+    with pytest.raises(ValueError, match=pattern):
+        func(q, k)
+
+
+def test_offsets_below_the_size_limit_accepted():
+    # Zero-stride positions below the limit are ordinary input: exact offsets (1 * 2**20 entries, 8 MiB).
+    q, k = np.zeros(1, np.int64), np.broadcast_to(np.int64(-3), (2**20,))
+    out = rp.relative_offsets(q, k)
+    assert out.shape == (1, 2**20)
+    assert int(out.min()) == int(out.max()) == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import math
 from decimal import Decimal
@@ -19,6 +20,7 @@ FILES = sorted(p.name for p in VECTORS.glob("*.json"))
 EXPECTED_FILES = {
     "alibi.json",
     "attention.json",
+    "features.json",
     "fire.json",
     "gradients.json",
     "kerple_log.json",
@@ -110,6 +112,9 @@ FAST_SUBSET = [
     ("softmax.json", "softmax-causal-Sq5-Sk3-bottom_right"),
     ("attention.json", "attention-mqa-Sq5-Sk3-bottom_right-fully-masked-zero"),
     ("gradients.json", "grad-alibi-H2-Sq4-Sk6-causal-post_scale"),
+    ("features.json", "feat-softcap-c4-pre_scale-bias"),
+    ("features.json", "feat-segments-lengths-packed-restart"),
+    ("features.json", "grad-feat-lengths-B2-nan-d_lse"),
 ]
 
 
@@ -241,6 +246,37 @@ def test_gradient_coverage():
     assert any("-inf" in list(_flatten(a)) for a in arrays), "a -inf entry in a tensor bias"
 
 
+def test_feature_coverage():
+    """features.json: the cases asked for per feature, checked on the committed data."""
+    cases = DOCS["features.json"]["cases"]
+    fwd = [c for c in cases if c["kind"] == "attention"]
+    windows = [c for c in fwd if c["window"] is not None]
+    assert any(None not in c["window"] for c in windows), "a window bounded on both sides"
+    assert any(None in c["window"] for c in windows), "a one-sided window"
+    assert any(c["causal"] for c in windows)
+    assert any(_shape(c["q"])[2] != _shape(c["k"])[2] for c in windows)
+    caps = [c for c in fwd if c["softcap"] is not None]
+    assert {c["placement"] for c in caps} == {"post_scale", "pre_scale"}
+    assert any(c["bias"] is None and c["family"] is None for c in caps)
+    assert any(c["bias"] is not None or c["family"] is not None for c in caps)
+    assert {float(c["softcap"]) for c in caps} >= {0.5, 64.0}, "logits far beyond and far below c"
+    pos = [c for c in fwd if c["q_pos"] is not None]
+    assert any(isinstance(c["q_pos"][0], list) for c in pos), "positions per batch row"
+    assert any(min(_flatten(c["k_pos"])) > 0 for c in pos), "a KV-cache offset"
+    lens = [c for c in fwd if c["q_lens"] is not None]
+    assert {c["align"] for c in lens} == {"bottom_right", "top_left"}
+    assert any(len(set(c["q_lens"])) > 1 for c in lens)
+    segs = [c for c in fwd if c["q_segment_ids"] is not None]
+    assert {c["segment_positions"] for c in segs} == {"global", "restart"}
+    grads = [c for c in cases if c["kind"] == "attention_vjp"]
+    for key in ("window", "softcap", "q_pos", "q_lens", "q_segment_ids"):
+        assert any(c[key] is not None for c in grads), key
+    for c in grads:
+        assert _shape(c["q"])[2] <= 4, c["id"]
+        assert _shape(c["k"])[2] <= 4, c["id"]
+        assert _shape(c["q"])[3] <= 2, c["id"]
+
+
 def _shape(x):
     if isinstance(x, dict):
         return tuple(x["shape"])
@@ -350,7 +386,60 @@ def _family(case, family, xp, dtype):
 CASES = [
     (name, case) for name in FILES for case in DOCS[name]["cases"] if case["kind"] not in ("slopes", "attention_vjp")
 ]
-GRAD_CASES = [c for c in DOCS["gradients.json"]["cases"] if c["kind"] == "attention_vjp"]
+GRAD_CASES = [
+    c for name in ("gradients.json", "features.json") for c in DOCS[name]["cases"] if c["kind"] == "attention_vjp"
+]
+
+#: The keywords of features.json cases, their JSON defaults, and how they reach the array code.
+FEATURE_DEFAULTS = {
+    "window": None,
+    "softcap": None,
+    "q_pos": None,
+    "k_pos": None,
+    "q_lens": None,
+    "k_lens": None,
+    "q_segment_ids": None,
+    "k_segment_ids": None,
+    "segment_positions": "global",
+}
+
+
+def _feature_kwargs(case, fn, xp):
+    """The feature keywords a case uses, converted for the array code; skips (never passes) the case when ``fn``
+    does not accept one of them yet."""
+    used = [k for k, default in FEATURE_DEFAULTS.items() if case.get(k, default) != default]
+    accepted = inspect.signature(fn).parameters
+    for key in used:
+        if key not in accepted:
+            pytest.skip(f"array code lacks {key}")
+    out = {}
+    for key in used:
+        val = case[key]
+        if key == "window":
+            out[key] = tuple(val)
+        elif key == "softcap":
+            out[key] = float(val)
+        elif key == "segment_positions":
+            out[key] = val
+        else:
+            out[key] = xp.asarray(np.asarray(val, dtype=np.int64))
+    return out
+
+
+def _bias_of(case, xp, dtype):
+    """A case's bias: a family object (features.json may give one to a forward case), an array, or None."""
+    if case.get("family") is not None:
+        return _family(case["family"], case["family"]["name"], xp, dtype)
+    return None if case["bias"] is None else _put(xp, _array(case["bias"]), dtype)
+
+
+def _check_empty_rows_are_zero(out, case, what):
+    """features.json: a row whose expected lse is -inf (padding, or nothing to attend under "zero") is exactly 0;
+    the out tolerance is fitted without those rows, so this is checked on its own."""
+    hi, _ = _expected(case["expected"]["lse"])
+    got = bounds.to_host(out)
+    empty = hi == -np.inf
+    assert np.all(got[empty] == 0), f"{what}: rows with lse -inf must be exactly 0"
 
 
 @pytest.mark.parametrize(("name", "case"), CASES, ids=[c["id"] for _, c in CASES])
@@ -424,8 +513,9 @@ def _run_softmax(case, xp, dtype, what):
 
 
 def _run_attention(case, xp, dtype, what):
+    features = _feature_kwargs(case, rp.attention, xp)
     q, k, v = (_put(xp, _array(case[n]), dtype) for n in ("q", "k", "v"))
-    bias = None if case["bias"] is None else _put(xp, _array(case["bias"]), dtype)
+    bias = _bias_of(case, xp, dtype)
     mask = None if case["mask"] is None else xp.asarray(np.asarray(case["mask"], dtype=bool))
     out, lse = rp.attention(
         q,
@@ -439,10 +529,13 @@ def _run_attention(case, xp, dtype, what):
         mask=mask,
         fully_masked=case["fully_masked"],
         return_lse=True,
+        **features,
     )
     tol = case["tolerance"][dtype]
     _check(out, case["expected"]["out"], tol["out"], what + " out")
     _check(lse, case["expected"]["lse"], tol["lse"], what + " lse")
+    if "segment_positions" in case:
+        _check_empty_rows_are_zero(out, case, what)
 
 
 @pytest.mark.parametrize("case", GRAD_CASES, ids=[c["id"] for c in GRAD_CASES])
@@ -467,6 +560,7 @@ def test_attention_vjp_matches_vectors(xp, case):
 
 
 def _run_attention_vjp(case, xp, dtype):
+    features = _feature_kwargs(case, rp.attention_vjp, xp)
     q, k, v, d_out = (_put(xp, _array(case[n]), dtype) for n in ("q", "k", "v", "d_out"))
     d_lse = None if case["d_lse"] is None else _put(xp, _array(case["d_lse"]), dtype)
     if case["family"] is not None:
@@ -487,6 +581,7 @@ def _run_attention_vjp(case, xp, dtype):
         mask=mask,
         fully_masked=case["fully_masked"],
         d_lse=d_lse,
+        **features,
     )
 
 
@@ -498,3 +593,15 @@ def test_alibi_slopes_match_vectors(xp):
         for dtype in _dtypes(case, xp):
             got = rp.alibi_slopes(case["num_heads"], dtype=bounds.xp_dtype(xp, dtype), xp=xp)
             _check(got, case["expected"]["slopes"], case["tolerance"][dtype], f"{case['id']} [{dtype}]")
+
+
+def test_feature_cases_are_skipped_not_passed_without_the_keyword():
+    """The guard of features.json: an attention without a case's keyword skips the case with the keyword named."""
+
+    def old_attention(q, k, v, *, bias=None, causal=False):
+        raise AssertionError("must not be called")
+
+    case = next(c for c in DOCS["features.json"]["cases"] if c["window"] is not None and c["softcap"] is None)
+    with pytest.raises(pytest.skip.Exception, match="array code lacks window"):
+        _feature_kwargs(case, old_attention, np)
+    assert _feature_kwargs(case, lambda q, k, v, *, window=None: None, np) == {"window": tuple(case["window"])}

@@ -34,8 +34,11 @@ FLOP/s
     convention), :math:`4 B H D \cdot\#\text{attended pairs}` otherwise. Compared with the float GEMM rate measured
     in the same run (NumPy on a 2048 x 2048 product for the CPU; CuPy or torch on 8192 x 8192 for a GPU).
 GB/s
-    For decoding (Sq = 1): the minimum bytes moved (q, K, V read once, output written once) per second, compared with a
-    measured copy bandwidth (read + write of a 128 MiB array; 1 GiB on a GPU).
+    For decoding (Sq = 1): the minimum bytes moved (q, K, V read once, output written once) per second. The calls
+    rotate over copies of K and V spanning four times the caches (CPU caches from sysfs, a GPU's L2), so that each
+    reads from memory as a decode step of a many-layer model does; the fraction is taken against a plain read of the
+    same copies in the same rotation (the faster of BLAS ``dot(x, x)`` on one and on all usable threads on the CPU, a
+    sum on a GPU). The copy bandwidth (read + write of a 128 MiB array; 1 GiB on a GPU) is reported next to it.
 Peak extra memory
     NumPy: ``tracemalloc`` peak above the level before the call (NumPy reports its buffers to tracemalloc), in a
     separate untimed call. torch on CUDA: ``torch.cuda.max_memory_allocated`` above the level before the call. CuPy:
@@ -82,13 +85,19 @@ from .config import (
     min_bytes,
 )
 from .measure import (
+    Rotation,
     Runner,
+    cpu_cache_bytes,
     cpu_roofline,
+    gpu_cache_bytes,
     gpu_roofline,
+    kv_copies,
     loadavg,
     machine_info,
     measure,
+    measure_read,
     output_errors,
+    rotating,
     time_call,
     tracemalloc_peak,
 )
@@ -130,6 +139,34 @@ __all__ = [
 _tracemalloc_peak = tracemalloc_peak  # the name the bench tests use
 
 
+def _kv_sets(shape: Shape, k: np.ndarray, v: np.ndarray, backends: list[str]) -> dict[str, Any]:
+    """The K/V copies a decode shape's calls rotate over, per device kind: enough that the copies span several times
+    the caches (each copy lives once in host memory; GPU backends copy each to the device)."""
+    sets: dict[str, Any] = {}
+    set_bytes = int(k.nbytes + v.nbytes)
+    for dev in ("cpu", "cuda"):
+        devs = [b for b in backends if (b in GPU_BACKENDS) == (dev == "cuda")]
+        if not devs:
+            continue
+        cache, cache_method = cpu_cache_bytes() if dev == "cpu" else gpu_cache_bytes(devs[0])
+        n, source = kv_copies(set_bytes, cache)
+        sets[dev] = {
+            "copies": n,
+            "rotation_bytes": n * set_bytes,
+            "cache_bytes": cache,
+            "cache_method": cache_method,
+            "kv_from": source,
+            "kv": [(k, v)] + [(k.copy(), v.copy()) for _ in range(n - 1)],
+            "rotation": Rotation(n),
+        }
+    return sets
+
+
+def _decode_runner(backend: str, fam: Any, q: Any, kv: dict[str, Any], shape: Shape, attn_kwargs: dict) -> Runner:
+    runners = [make_runner(backend, fam, q, ks, vs, shape, attn_kwargs) for ks, vs in kv["kv"]]
+    return rotating(runners, kv["rotation"])
+
+
 def run_matrix(cfg: BenchConfig, backends: list[str], rooflines: dict, log: Callable[[str], None]) -> list[dict]:
     """One row per (shape, family, backend): timings, rates, peak memory and the error against the reference."""
     dtype = bench_dtype(cfg.dtype)
@@ -139,6 +176,9 @@ def run_matrix(cfg: BenchConfig, backends: list[str], rooflines: dict, log: Call
     results: list[dict] = []
     for shape in shapes:
         q, k, v = make_inputs(shape, dtype, cfg.seed)
+        # A decode step reads its layer's K/V cache after every other layer has run, so from memory, not cache: the
+        # timed calls and their read reference rotate over copies that together exceed the caches.
+        kv_sets = _kv_sets(shape, k, v, backends) if shape.kind == "decode" else {}
         for fam_name in cfg.families:
             fam = make_family(fam_name, shape.heads, shape.head_dim, dtype=dtype, seed=cfg.seed)
             ref: np.ndarray | None = None
@@ -161,10 +201,17 @@ def run_matrix(cfg: BenchConfig, backends: list[str], rooflines: dict, log: Call
                     prog.step("skipped " + label)
                     continue
                 try:
-                    runner = make_runner(backend, fam, q, k, v, shape, cfg.attn_kwargs)
+                    kv = kv_sets.get("cuda" if backend in GPU_BACKENDS else "cpu")
+                    if kv is None:
+                        runner = make_runner(backend, fam, q, k, v, shape, cfg.attn_kwargs)
+                    else:
+                        runner = _decode_runner(backend, fam, q, kv, shape, cfg.attn_kwargs)
+                        row["kv_rotation"] = {key: val for key, val in kv.items() if key not in ("kv", "rotation")}
                     m = measure(runner, warmup=cfg.warmup, reps=cfg.reps, budget_s=cfg.budget_s)
                     out = runner.to_host(m.pop("output"))
                     row.update(status="ok", device=runner.device, **m)
+                    if kv is not None:
+                        row.update(measure_read(runner, reps=m["reps"]) or {})
                     if ref is None and backend in ("numpy", "cupy"):
                         ref, ref_name = out, backend
                         row["error_reference"] = "self"
@@ -185,18 +232,29 @@ def run_matrix(cfg: BenchConfig, backends: list[str], rooflines: dict, log: Call
                 gc.collect()
                 took = f" {row['median_s'] * 1e3:.2f} ms" if row.get("status") == "ok" else f" {row['status']}"
                 prog.step(label + took)
+        del kv_sets
     prog.close()
     return results
 
 
 def _add_rates(row: dict, rooflines: dict) -> None:
+    """FLOP/s against the GEMM roofline; for decode rows, GB/s against a plain read of the same K/V in the same
+    rotation (a copy reference would count writes the decode does not make, and was measured on other bytes)."""
     t = row["median_s"]
     roof = rooflines.get(row["device"])
     row["flops_per_s"] = row["flops"] / t
     row["bytes_per_s"] = row["min_bytes"] / t
     if roof:
         row["roofline_fraction"] = row["flops_per_s"] / roof["gemm_flops_per_s"]
-        row["bandwidth_fraction"] = row["bytes_per_s"] / roof["copy_bytes_per_s"]
+    if row["kind"] != "decode":
+        row["bandwidth_fraction"] = None
+        row["bandwidth_note"] = "prefill is compute-bound: see the GEMM roofline fraction"
+    elif row.get("read_s"):
+        row["read_bytes_per_s"] = row["read_bytes"] / row["read_s"]
+        row["bandwidth_fraction"] = row["bytes_per_s"] / row["read_bytes_per_s"]
+    else:
+        row["bandwidth_fraction"] = None
+        row["bandwidth_note"] = "no plain read of this backend's K/V to compare with"
 
 
 def run_bench(cfg: BenchConfig, *, log: Callable[[str], None] | None = None) -> dict:
@@ -259,54 +317,137 @@ def _name_list(text: str, choices: Sequence[str], what: str) -> tuple[str, ...]:
 
 
 def add_arguments(p: Any) -> None:
-    """The options of ``relpos-ref bench`` (added to an argparse parser)."""
+    """The options of ``relpos-ref bench`` (added to an argparse parser). Their defaults are a plain run's; --quick
+    and --gpu change several, as each help text says."""
     p.add_argument(
         "--quick",
         action="store_true",
-        help="small matrix (ALiBi, T5; S = 256..1024; decode Sk = 4096; NumPy and SDPA), < 1 min on a CPU",
+        help="a small run, under a minute on a CPU: ALiBi and T5 only, S = 256, 512, 1024, one decoding case with "
+        "4096 cached keys, 3 repetitions, no CPU performance targets",
     )
     p.add_argument(
         "--gpu",
         action="store_true",
-        help="GPU configuration (CuPy unfused and fused, torch on CUDA when available); fails without a GPU",
+        help="time on the GPU: relpos_ref on CuPy (as is, and with the bias computed inside a fused CUDA kernel) and "
+        "PyTorch on CUDA when installed, with longer sequences; exit 2 without a GPU",
     )
-    p.add_argument("--families", help=f"comma-separated subset of {','.join(FAMILIES)}")
-    p.add_argument("--backends", help=f"comma-separated subset of {','.join(BACKENDS)} (default: all available)")
-    p.add_argument("--seq-lens", help="prefill lengths S (Sq = Sk = S), comma-separated")
-    p.add_argument("--decode-lens", help="decode KV-cache lengths (Sq = 1), comma-separated; '' for none")
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--heads", type=int, default=None)
-    p.add_argument("--kv-heads", type=int, default=None, help="grouped-query kv heads (default: --heads)")
-    p.add_argument("--head-dim", type=int, default=None)
-    p.add_argument("--dtype", choices=["float32", "float64"], default=None)
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions per case (median, min, max)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls per case (>= 1)")
+    p.add_argument(
+        "--families",
+        metavar="NAME[,NAME...]",
+        help=f"bias families to time, comma-separated, from {','.join(FAMILIES)} (none: attention without a bias; "
+        "default: all but none; --quick: alibi,t5)",
+    )
+    p.add_argument(
+        "--backends",
+        metavar="NAME[,NAME...]",
+        help="implementations to time, comma-separated: numpy (relpos_ref itself), cupy and cupy-fused (relpos_ref "
+        "on a GPU; fused: the bias computed inside the softmax kernel), sdpa-cpu and sdpa-cuda (PyTorch's "
+        "scaled_dot_product_attention, given the bias as an additive mask), flex-cpu and flex-cuda (PyTorch's "
+        "FlexAttention) (default: every one that can run here, without flex-cpu under --quick)",
+    )
+    p.add_argument(
+        "--seq-lens",
+        metavar="S[,S...]",
+        help="sequence lengths of the full-sequence cases (S queries attending over S keys), comma-separated "
+        "(default: 512,1024,2048,4096; --quick: 256,512,1024; --gpu: 1024 to 16384)",
+    )
+    p.add_argument(
+        "--decode-lens",
+        metavar="S[,S...]",
+        help="key counts of the decoding cases (one new query attending over S cached keys), comma-separated; '' "
+        "for none (default: 4096,16384; --quick: 4096; --gpu: 16384,65536)",
+    )
+    p.add_argument("--batch", type=int, default=None, help="batch size B (default: 1)")
+    p.add_argument("--heads", type=int, default=None, help="number of query heads H (default: 8)")
+    p.add_argument(
+        "--kv-heads",
+        type=int,
+        default=None,
+        help="number of key/value heads, a divisor of --heads; fewer than --heads means each key/value head is "
+        "shared by several query heads (grouped-query attention) (default: --heads)",
+    )
+    p.add_argument("--head-dim", type=int, default=None, help="size D of each head's vectors (default: 64)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float64"],
+        default=None,
+        help="floating-point type of the inputs (default: float32)",
+    )
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help="timed calls per case; the median, fastest and slowest are reported (default: 5; --quick: 3; --gpu: 10)",
+    )
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed calls per case before the timed ones, at least 1 (default: 1)"
+    )
     p.add_argument(
         "--budget",
         type=float,
         default=None,
-        help="seconds of timed calls per case before repetitions are reduced (at least 3 are kept)",
+        help="seconds of timed calls per case after which fewer repetitions are made, at least 3 are kept "
+        "(default: 20; --quick: 3)",
     )
-    p.add_argument("--block-size", type=int, default=None, help="passed to rp.attention as block_size")
-    p.add_argument("--kv-block-size", type=int, default=None, help="passed to rp.attention as kv_block_size")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory calls")
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="queries per tile in relpos_ref's attention, its block_size argument (default: its own choice)",
+    )
+    p.add_argument(
+        "--kv-block-size",
+        type=int,
+        default=None,
+        help="keys per tile in relpos_ref's attention, its kv_block_size argument (default: its own choice)",
+    )
+    p.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="do not measure the peak extra memory of each case, which takes one more call (default: measured)",
+    )
     tg = p.add_mutually_exclusive_group()
     tg.add_argument(
-        "--targets", action="store_true", help="also measure the CPU targets (default without --quick/--gpu)"
+        "--targets",
+        action="store_true",
+        help="also check the CPU performance targets: relpos_ref's attention against PyTorch's at S = 4096 "
+        "(causal ALiBi) for time and memory, its share of the CPU's measured peak FLOP/s, and the memory of one "
+        "S = 32768 sequence; reported, never a failure (default: on, off with --quick or --gpu)",
     )
-    tg.add_argument("--no-targets", action="store_true", help="skip the CPU targets")
-    tg.add_argument("--targets-only", action="store_true", help="measure only the CPU targets")
-    p.add_argument("--long-len", type=int, default=None, help="sequence length of the long-context target (32768)")
-    p.add_argument("--seed", type=int, default=0)
+    tg.add_argument("--no-targets", action="store_true", help="skip the CPU performance targets")
+    tg.add_argument("--targets-only", action="store_true", help="check only the CPU performance targets")
+    p.add_argument(
+        "--long-len",
+        type=int,
+        default=None,
+        help="sequence length of the long-sequence memory target (default: 32768)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and bias parameters (default: 0)")
     p.add_argument(
         "--out",
         default=None,
-        help="output directory (default: relpos-bench/<date>-<cpu|gpu> under the current directory)",
+        help="directory for the results (default: relpos-bench/<date>-cpu, or -gpu, under the current directory)",
     )
-    p.add_argument("--no-plots", action="store_true", help="write JSON and Markdown only")
-    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
-    p.add_argument("--gemm-n", type=int, default=None, help="size of the CPU roofline GEMM (default 2048)")
-    p.add_argument("--copy-mib", type=int, default=None, help="MiB copied for the CPU bandwidth (default 128)")
+    p.add_argument(
+        "--no-plots",
+        action="store_true",
+        help="write results.json and results.md only (default: also the PNG plots when matplotlib is installed)",
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="print no progress lines on stderr (default: progress shown)"
+    )
+    p.add_argument(
+        "--gemm-n",
+        type=int,
+        default=None,
+        help="size N of the N x N matrix product that measures the CPU's peak FLOP/s (default: 2048)",
+    )
+    p.add_argument(
+        "--copy-mib",
+        type=int,
+        default=None,
+        help="MiB of the memory copy that measures the CPU's memory bandwidth (default: 128)",
+    )
 
 
 def _positive(args: Any, name: str) -> int | None:

@@ -6,13 +6,16 @@ import contextlib
 import dataclasses
 import gc
 import importlib.metadata
+import itertools
+import math
 import os
 import platform
 import statistics
 import sys
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -22,15 +25,23 @@ from .backends import UnavailableError, import_cupy, import_torch
 from .config import MiB
 
 __all__ = [
+    "Rotation",
     "Runner",
+    "blas_threads_text",
+    "cpu_cache_bytes",
     "cpu_roofline",
     "cupy_events",
     "cupy_peak",
+    "gpu_cache_bytes",
     "gpu_roofline",
+    "kv_copies",
     "loadavg",
     "machine_info",
     "measure",
+    "measure_read",
+    "numpy_reads",
     "output_errors",
+    "rotating",
     "time_call",
     "torch_cuda_peak",
     "torch_events",
@@ -65,6 +76,44 @@ class Runner:
     peak_memory: Callable[[], tuple[int | None, str]]
     sync: Callable[[], None] = lambda: None
     events: Callable[[], Events] | None = None
+    # Plain reads of the K and V arrays that fn reads, by method name: the same bytes in the same place, so that a
+    # decode row's bandwidth is a fraction of what a bare read of its own inputs achieves (see measure_read).
+    reads: dict[str, Callable[[], Any]] = dataclasses.field(default_factory=dict)
+    read_bytes: int = 0
+
+
+class Rotation:
+    """One cycle over the copies of a decode shape's K/V, shared by every call that reads them.
+
+    Decoding and the plain reads of its reference draw the next copy from the same counter, so each call reads the
+    copy that was touched longest ago: with the copies together several times larger than the caches, every call
+    reads K and V from memory, as a decode step of a many-layer model does.
+    """
+
+    def __init__(self, copies: int) -> None:
+        self.copies = copies
+        self._next = itertools.cycle(range(copies))
+
+    def next(self) -> int:
+        return next(self._next)
+
+
+def rotating(runners: Sequence[Runner], rotation: Rotation) -> Runner:
+    """One runner whose calls, timed or reference reads, go round ``runners`` (one per K/V copy) in ``rotation``."""
+    first = runners[0]
+    if len(runners) == 1:
+        return first
+    if len(runners) != rotation.copies:
+        msg = f"rotating: expected {rotation.copies} runners, one per copy, got {len(runners)}"
+        raise ValueError(msg)
+
+    def fn() -> Any:
+        return runners[rotation.next()].fn()
+
+    def cycled(name: str) -> Callable[[], Any]:
+        return lambda: runners[rotation.next()].reads[name]()
+
+    return dataclasses.replace(first, fn=fn, reads={name: cycled(name) for name in first.reads})
 
 
 def time_call(runner: Runner) -> tuple[float, Any]:
@@ -115,6 +164,125 @@ def output_errors(out: Any, ref: Any) -> tuple[float, float]:
     return abs_err, abs_err / scale
 
 
+def measure_read(runner: Runner, *, reps: int) -> dict[str, Any] | None:
+    """The fastest of the runner's plain reads of its K and V: median seconds of ``reps`` calls after one warm-up,
+    timed like the runner's own calls (CUDA events on a GPU); None when the runner has no reads."""
+    best: dict[str, Any] | None = None
+    for name, read in runner.reads.items():
+        r = dataclasses.replace(runner, fn=read)
+        time_call(r)
+        median = statistics.median(time_call(r)[0] for _ in range(max(1, reps)))
+        if best is None or median < best["read_s"]:
+            best = {"read_s": median, "read_method": name, "read_bytes": runner.read_bytes}
+    return best
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _self_dot(x: np.ndarray) -> Any:
+    return np.dot(x, x)
+
+
+def numpy_reads(arrays: Sequence[np.ndarray], threads: int | None = None) -> dict[str, Callable[[], Any]]:
+    """Plain reads of ``arrays`` (each byte once): BLAS ``dot(x, x)`` per array, and the same over ``threads`` threads
+    (default: the usable cores) when more than one; measure_read keeps the faster, since which one wins depends on
+    the BLAS build and on the other load."""
+    flat = [np.ascontiguousarray(a).reshape(-1) for a in arrays]
+    reads: dict[str, Callable[[], Any]] = {"np.dot(x, x) per array": lambda: [_self_dot(x) for x in flat]}
+    n = threads or _usable_cores()
+    if n > 1:
+        pool = _POOLS.setdefault(n, ThreadPoolExecutor(n, thread_name_prefix="relpos-read"))
+        chunks = [c for x in flat for c in np.array_split(x, n)]
+        reads[f"np.dot(x, x) over {n} threads"] = lambda: list(pool.map(_self_dot, chunks))
+    return reads
+
+
+# -- caches and the K/V rotation of decode rows ------------------------------------------------------------------------
+
+#: Decode K/V copies together span at least this many times the caches, so a cyclic read finds none of them there.
+CACHE_FACTOR = 4
+#: Limits of one rotation (copies are made once per decode shape and shared by its backends).
+MAX_COPIES = 64
+MAX_ROTATION_BYTES = 1 << 30
+#: Footprint of a rotation where the cache size is unknown.
+UNKNOWN_CACHE_ROTATION_BYTES = 256 * MiB
+
+
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _size_text(text: str) -> int:
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(text.rstrip("KMG")) * scale
+
+
+def cpu_cache_bytes(root: str = "/sys/devices/system/cpu") -> tuple[int | None, str]:
+    """(bytes of all data and unified CPU caches together, each shared cache counted once, how it was found)."""
+    seen: dict[tuple[str, str], int] = {}
+    with contextlib.suppress(OSError, ValueError):
+        for cpu in os.listdir(root):
+            cache_dir = os.path.join(root, cpu, "cache")
+            if not (cpu.startswith("cpu") and cpu[3:].isdigit() and os.path.isdir(cache_dir)):
+                continue
+            for idx in os.listdir(cache_dir):
+                d = os.path.join(cache_dir, idx)
+                if not idx.startswith("index"):
+                    continue
+
+                def field(name: str, d: str = d) -> str:
+                    with open(os.path.join(d, name), encoding="ascii") as f:
+                        return f.read().strip()
+
+                if field("type") == "Instruction":
+                    continue
+                seen[(field("level"), field("shared_cpu_list"))] = _size_text(field("size"))
+    if seen:
+        return sum(seen.values()), f"{root}/cpu*/cache: {len(seen)} data/unified caches, shared ones counted once"
+    total = 0
+    for name in ("SC_LEVEL1_DCACHE_SIZE", "SC_LEVEL2_CACHE_SIZE", "SC_LEVEL3_CACHE_SIZE", "SC_LEVEL4_CACHE_SIZE"):
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            total += max(0, os.sysconf(name))
+    if total:
+        return total, "os.sysconf cache sizes of one core (shared caches may be counted per core)"
+    return None, "no /sys/devices/system/cpu cache information and no os.sysconf cache sizes"
+
+
+def gpu_cache_bytes(backend: str) -> tuple[int | None, str]:
+    """(L2 cache bytes of CUDA device 0 as the backend's library reports it, how it was found)."""
+    with contextlib.suppress(Exception):
+        if backend.startswith("cupy"):
+            cupy = sys.modules.get("cupy")
+            if cupy is not None:
+                return int(cupy.cuda.runtime.getDeviceProperties(0)["l2CacheSize"]), "CuPy device properties (L2)"
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            size = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", None)
+            if size:
+                return int(size), "torch device properties (L2)"
+    return None, f"{backend}: the library reports no L2 cache size"
+
+
+def kv_copies(set_bytes: int, cache_bytes: int | None) -> tuple[int, str]:
+    """(copies of a decode shape's K/V to rotate over, where the timed calls read K/V from)."""
+    target = UNKNOWN_CACHE_ROTATION_BYTES if cache_bytes is None else CACHE_FACTOR * cache_bytes
+    n = max(1, min(math.ceil(target / max(1, set_bytes)), MAX_COPIES, MAX_ROTATION_BYTES // max(1, set_bytes)))
+    if cache_bytes is None:
+        return n, "unknown (cache size unknown)"
+    return n, _where(n * set_bytes, cache_bytes)
+
+
+def _where(span: int, cache_bytes: int) -> str:
+    """Where repeated cyclic reads of ``span`` bytes come from, given the caches' size."""
+    if span >= CACHE_FACTOR * cache_bytes:
+        return "memory"
+    return "cache" if span <= cache_bytes else "partly cache"
+
+
 # -- rooflines ---------------------------------------------------------------------------------------------------------
 
 
@@ -153,7 +321,11 @@ def cpu_roofline(dtype: Any = np.float32, *, gemm_n: int = 2048, copy_mib: int =
     dst = np.empty_like(src)
     tc = _median_time(lambda: np.copyto(dst, src), reps)
     method = f"median of {reps} NumPy calls after one warm-up; copy counts read + write"
-    return _roofline(gemm_n, t, src.nbytes, tc, method=method, device="cpu", gemm_dtype=dtype_name(dtype))
+    cache, cache_method = cpu_cache_bytes()
+    # The same copy repeated is served from cache when source and destination fit in it: a cache figure, not memory.
+    copy_from = "unknown (cache size unknown)" if cache is None else _where(2 * src.nbytes, cache)
+    info = {"cache_bytes": cache, "cache_method": cache_method, "copy_from": copy_from}
+    return _roofline(gemm_n, t, src.nbytes, tc, method=method, device="cpu", gemm_dtype=dtype_name(dtype), **info)
 
 
 def gpu_roofline(dtype: Any = np.float32, *, gemm_n: int = 8192, copy_mib: int = 1024, reps: int = 10) -> dict | None:
@@ -293,24 +465,52 @@ def _mem_total() -> int | None:
     return None
 
 
+_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def _blas_info() -> list[dict[str, Any]]:
-    """BLAS/OpenMP libraries in use (threadpoolctl when installed, else numpy's build configuration); no paths."""
+    """BLAS/OpenMP libraries in use (threadpoolctl when installed, else numpy's build configuration); no paths.
+
+    Every entry has ``num_threads`` (an int) or ``threads_unknown`` (the reason no count could be read)."""
     keep = ("user_api", "internal_api", "prefix", "version", "num_threads", "threading_layer", "architecture")
     try:
         from threadpoolctl import threadpool_info
     except ImportError:
         pass
     else:
-        return [{k: lib.get(k) for k in keep if k in lib} for lib in threadpool_info()]
+        out = []
+        for lib in threadpool_info():
+            d = {k: lib.get(k) for k in keep if k in lib}
+            if not isinstance(d.get("num_threads"), int):
+                d.pop("num_threads", None)
+                d["threads_unknown"] = "threadpoolctl reported no thread count for this library"
+            out.append(d)
+        return out
+    # NumPy's configuration names the library it was built against, not the pool size it runs with; a thread count
+    # read from the environment would be a guess (the library caps it), so only the variables are recorded.
+    why = "threadpoolctl is not installed (pip install 'relpos_ref[bench]'); NumPy's build configuration has no count"
+    env = ", ".join(f"{v}={os.environ[v]}" for v in _THREAD_VARS if v in os.environ)
+    if env:
+        why += f"; set: {env}"
     try:
         cfg = np.show_config(mode="dicts")["Build Dependencies"]
     except Exception:  # older NumPy: no dict mode
-        return []
+        return [{"user_api": "blas", "name": "unknown", "source": "none", "threads_unknown": why}]
     out = []
     for api in ("blas", "lapack"):
         d = cfg.get(api, {})
-        out.append({"user_api": api, "name": d.get("name"), "version": d.get("version"), "source": "numpy build"})
+        entry = {"user_api": api, "name": d.get("name"), "version": d.get("version"), "source": "numpy build"}
+        entry["threads_unknown"] = why
+        out.append(entry)
     return out
+
+
+def blas_threads_text(lib: dict[str, Any]) -> str:
+    """A BLAS entry's thread count for the report: the number, or "unknown" with the reason."""
+    n = lib.get("num_threads")
+    if isinstance(n, int):
+        return f"{n} threads"
+    return f"threads unknown: {lib.get('threads_unknown') or 'no thread count recorded'}"
 
 
 def machine_info() -> dict[str, Any]:
@@ -318,7 +518,7 @@ def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu": _cpu_model(),
         "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "usable_cores": _usable_cores(),
         "memory_total_bytes": _mem_total(),
         "os": f"{platform.system()} {platform.release()}",
         "machine": platform.machine(),

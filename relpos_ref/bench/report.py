@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .config import MiB, Shape
+from .measure import blas_threads_text
 
 __all__ = ["Progress", "markdown_report", "write_outputs"]
 
@@ -107,7 +108,8 @@ def _machine_markdown(result: dict) -> list[str]:
     blas = [b for b in m.get("blas", []) if b.get("user_api") == "blas"]
     if blas:
         names = [
-            f"{b.get('internal_api', b.get('name', '?'))} {b.get('version', '')} ({b.get('num_threads', '?')} threads)"
+            f"{b.get('internal_api') or b.get('name') or 'unnamed library'} {b.get('version') or ''} "
+            f"({blas_threads_text(b)})"
             for b in blas
         ]
         lines.append("BLAS: " + "; ".join(names) + ".")
@@ -124,20 +126,52 @@ def _machine_markdown(result: dict) -> list[str]:
     for dev, r in result.get("rooflines", {}).items():
         lines.append(
             f"- {dev}: {r['gemm_dtype']} GEMM {r['gemm_n']}x{r['gemm_n']}: {r['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s; "
-            f"copy bandwidth {r['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write)."
+            f"copy bandwidth {r['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write{_copy_from(r)})."
         )
     lines.append("")
     return lines
+
+
+def _copy_from(r: dict) -> str:
+    src = r.get("copy_from")
+    if src is None:
+        return ""
+    cache = r.get("cache_bytes")
+    return f"; {2 * r['copy_bytes'] / MiB:.0f} MiB touched, from {src}" + (
+        f", caches {cache / MiB:.1f} MiB" if cache else ""
+    )
+
+
+def _rotation_lines(rows: list[dict]) -> list[str]:
+    seen: dict[tuple, dict] = {}
+    for r in rows:
+        rot = r.get("kv_rotation")
+        if rot and r.get("status") == "ok":
+            seen.setdefault((r["device"], Shape(**r["shape"]).label()), rot)
+    lines = []
+    for (dev, label), rot in seen.items():
+        cache = rot.get("cache_bytes")
+        cache_s = f"{cache / MiB:.1f} MiB of caches" if cache else rot.get("cache_method", "cache size unknown")
+        lines.append(
+            f"- decode {label} on {dev}: K/V read from {rot['kv_from']}: {rot['copies']} copies, "
+            f"{rot['rotation_bytes'] / MiB:.0f} MiB in rotation ({cache_s})."
+        )
+    return [*lines, ""] if lines else []
 
 
 def _rows_markdown(rows: list[dict]) -> list[str]:
     lines = [
         "Times are medians over the repetitions (min-max in brackets), warm-up excluded; GPU times from CUDA "
         "events. GFLOP/s count 4·B·H·D·S²/2 for causal prefill; decode rows give GB/s of the minimum traffic "
-        "(q, K, V read once, output written once) and its fraction of the copy bandwidth. Peak extra memory: "
-        "see the method column in results.json (NumPy: tracemalloc; n/a where not measured).",
+        "(q, K, V read once, output written once). A decode step reads a K/V cache last touched a whole forward "
+        "pass ago, so the decode calls rotate over copies of K/V spanning several times the caches (listed below). "
+        "`% read BW` is the decode's GB/s over that of a plain read (the fastest of the listed methods in "
+        "results.json: a BLAS dot on the CPU, a sum on a GPU) of the same K/V copies in the same rotation: the "
+        "same bytes from the same place. Prefill rows have none: they are compute-bound (see % GEMM). Peak extra "
+        "memory: see the method column in results.json (NumPy: tracemalloc; n/a where not measured).",
         "",
-        "| family | kind | shape | backend | median ms | min-max ms | GFLOP/s | % GEMM | GB/s | % copy BW "
+        *_rotation_lines(rows),
+        "| family | kind | shape | backend | median ms | min-max ms | GFLOP/s | % GEMM | GB/s | % read BW "
         "| peak extra MiB | max abs err |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -150,12 +184,13 @@ def _rows_markdown(rows: list[dict]) -> list[str]:
             )
             continue
         ref = r.get("error_reference")
+        bw_s = _pct(r.get("bandwidth_fraction")) if r["kind"] == "decode" else "-"
         err_s = "ref" if ref == "self" else ("n/a" if ref is None else _g(r.get("max_abs_err"), 2))
         lines.append(
             f"| {r['family']} | {r['kind']} | {s.label()} | {r['backend']} | {r['median_s'] * 1e3:.2f} "
             f"| {r['min_s'] * 1e3:.2f}-{r['max_s'] * 1e3:.2f} | {r['flops_per_s'] / 1e9:.2f} "
             f"| {_pct(r.get('roofline_fraction'))} | {r['bytes_per_s'] / 1e9:.2f} "
-            f"| {_pct(r.get('bandwidth_fraction'))} | {_fmt_bytes(r.get('peak_extra_bytes'))} | {err_s} |"
+            f"| {bw_s} | {_fmt_bytes(r.get('peak_extra_bytes'))} | {err_s} |"
         )
     lines.append("")
     lines.append("`max abs err`: largest |difference| from the NumPy reference output (`ref` marks the reference).")

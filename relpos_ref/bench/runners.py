@@ -14,7 +14,7 @@ from ..families import FIRE
 from ..positions import causal_mask, positions
 from .backends import UnavailableError, import_cupy, import_torch
 from .config import BACKENDS, Shape
-from .measure import Runner, cupy_events, cupy_peak, torch_cuda_peak, torch_events, tracemalloc_peak
+from .measure import Runner, cupy_events, cupy_peak, numpy_reads, torch_cuda_peak, torch_events, tracemalloc_peak
 
 __all__ = ["host_copy", "make_runner"]
 
@@ -28,7 +28,14 @@ def _numpy_runner(fam: Any, q: Any, k: Any, v: Any, shape: Shape, attn_kwargs: d
     def fn() -> Any:
         return attention(q, k, v, bias=fam, causal=shape.causal, **attn_kwargs)
 
-    return Runner(fn=fn, device="cpu", to_host=host_copy, peak_memory=lambda: tracemalloc_peak(fn))
+    return Runner(
+        fn=fn,
+        device="cpu",
+        to_host=host_copy,
+        peak_memory=lambda: tracemalloc_peak(fn),
+        reads=numpy_reads((k, v)),
+        read_bytes=int(k.nbytes + v.nbytes),
+    )
 
 
 def _cupy_runner(name: str, fam: Any, q: Any, k: Any, v: Any, shape: Shape, attn_kwargs: dict) -> Runner:
@@ -65,6 +72,8 @@ def _cupy_runner(name: str, fam: Any, q: Any, k: Any, v: Any, shape: Shape, attn
         peak_memory=lambda: cupy_peak(cupy, fn),
         sync=lambda: cupy.cuda.Device().synchronize(),
         events=lambda: cupy_events(cupy),
+        reads={"cupy sum per array": lambda: [x.sum() for x in (kc, vc)]},
+        read_bytes=int(kc.nbytes + vc.nbytes),
     )
 
 
@@ -143,12 +152,17 @@ def _torch_runner(name: str, fam: Any, q: Any, k: Any, v: Any, shape: Shape, att
             peak_memory=lambda: torch_cuda_peak(torch, fn),
             sync=torch.cuda.synchronize,
             events=lambda: torch_events(torch),
+            reads={"torch sum per tensor": lambda: [x.sum() for x in (kt, vt)]},
+            read_bytes=int(k.nbytes + v.nbytes),
         )
     return Runner(
         fn=fn,
         device="cpu",
         to_host=host_copy,
         peak_memory=lambda: (None, "torch CPU allocations are invisible to tracemalloc; see the targets (RSS)"),
+        # torch.from_numpy shares the arrays' memory, so the NumPy reads read the very bytes SDPA reads.
+        reads=numpy_reads((k, v)),
+        read_bytes=int(k.nbytes + v.nbytes),
     )
 
 

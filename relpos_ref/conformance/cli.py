@@ -21,11 +21,14 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .. import _checks
 from ..conventions import (
     ALIGNMENTS,
     EQUIVALENCES,
@@ -46,7 +49,7 @@ from .buckets import bucket_checks
 from .options import AttentionOptions
 from .plugin import load_target
 
-__all__ = ["add_arguments", "build_checks", "main_conform", "parse_env_args"]
+__all__ = ["DefaultsHelpFormatter", "add_arguments", "build_checks", "main_conform", "parse_env_args"]
 
 #: ``--family`` values: every registered family but the tensor one (a fixed array, nothing to build from options).
 FAMILIES = ("none", *[n for n in _REGISTRY if n != "tensor"])
@@ -76,6 +79,69 @@ left unchecked, 2 on a usage error (also a target that cannot be imported), 130 
 """
 
 
+#: Largest ``--max-distance``: the bucket checks evaluate every offset up to 4 x max_distance, so 2**20 already
+#: means about 8 million candidate outputs (real T5 models use 128 to a few thousand).
+MAX_DISTANCE = 1 << 20
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help unless it states its default, and keeps the line breaks of a
+    description or epilog written with them (the examples) while wrapping one written as a single paragraph.
+
+    Unlike argparse's ArgumentDefaultsHelpFormatter it leaves out defaults that say nothing (None, False, []) and
+    help texts that already name their default in words ("default: any")."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            action.option_strings
+            and "default" not in text
+            # identity: 0 == False, and a default of 0 is worth showing
+            and not any(default is nothing for nothing in (None, False, argparse.SUPPRESS))
+            and default != []
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _int_type(minimum: int, maximum: int | None = None, why: str = "") -> Callable[[str], int]:
+    """An argparse ``type`` reading an integer in [minimum, maximum]; argparse names the option in the message."""
+
+    def parse(text: str) -> int:
+        try:
+            value: int | None = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            allowed = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}{f' ({why})' if why else ''}"
+            shown = repr(text) if value is None or len(text) <= 24 else _checks.show_number(value)
+            msg = f"expected an integer {allowed}, got {shown}"
+            raise argparse.ArgumentTypeError(msg)
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _head_dims(text: str) -> tuple[int, ...]:
+    one = _int_type(1)
+    try:
+        return tuple(one(x.strip()) for x in text.split(","))
+    except argparse.ArgumentTypeError:
+        msg = f"expected comma-separated positive integers such as 64,128, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
+_SIZE_WHY = "the size limit of one array"
+_LENGTH = _int_type(1, _checks.MAX_ARRAY_BYTES // 8, _SIZE_WHY)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "target",
@@ -89,7 +155,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--kind",
         choices=("bias", "attention", "backward", "buckets"),
         default="bias",
-        help="what the candidate computes (default: bias)",
+        help="what the candidate computes",
     )
     g = p.add_argument_group("reference bias family")
     g.add_argument(
@@ -98,33 +164,67 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="bias family of the reference (bias: required unless --reference; attention, backward: default none)",
     )
-    g.add_argument("--heads", type=int, help="number of heads H (alibi, sandwich)")
+    g.add_argument(
+        "--heads",
+        type=_int_type(1, _checks.MAX_HEADS),
+        help="number of heads H (alibi, sandwich; default for alibi: the length of the slopes in --params)",
+    )
     g.add_argument(
         "--params",
         metavar="FILE.npz",
         help="parameter arrays named as the family's constructor arguments (t5: table; offset: table; "
-        "alibi: slopes; kerple: r1, r2; fire: w1, b1, w2, b2 and optionally c, L)",
+        "alibi: slopes; kerple: r1, r2; fire: w1, b1, w2, b2 and optionally c, L) (default: none; required for "
+        "t5, offset, kerple and fire)",
     )
-    g.add_argument("--reference", metavar="MODULE:NAME", help="a relpos_ref family object to use as the reference")
     g.add_argument(
-        "--bidirectional", action=argparse.BooleanOptionalAction, default=True, help="T5 mode (default: bidirectional)"
+        "--reference",
+        metavar="MODULE:NAME",
+        help="a relpos_ref family object to use as the reference instead of --family (default: built from --family)",
     )
-    g.add_argument("--num-buckets", type=int, default=32, help="T5 buckets (buckets kind; default 32)")
-    g.add_argument("--max-distance", type=int, default=128, help="T5 max_distance (default 128)")
+    g.add_argument(
+        "--bidirectional",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="T5 mode: bidirectional (encoder) or causal (decoder)",
+    )
+    g.add_argument("--num-buckets", type=_int_type(1), default=32, help="T5 number of buckets (--kind buckets)")
+    g.add_argument(
+        "--max-distance",
+        type=_int_type(1, MAX_DISTANCE, "offsets up to 4 x max_distance are checked"),
+        default=128,
+        help="T5 max_distance: offsets at least this far apart share the last bucket",
+    )
     g.add_argument(
         "--layout",
         choices=LAYOUTS,
         default="heads_buckets",
-        help="layout of the T5 table in --params (HF nn.Embedding weight: buckets_heads)",
+        help="layout of the T5 table in --params: (heads, buckets) or (buckets, heads), as a Hugging Face "
+        "nn.Embedding weight stores it",
     )
-    g.add_argument("--head-dim", type=int, help="Sandwich head dimension d")
-    g.add_argument("--fire-eps", type=float, default=0.0, help="FIRE eps (default 0)")
+    g.add_argument(
+        "--head-dim", type=_int_type(1), help="Sandwich head dimension d (default: none; required for sandwich)"
+    )
+    g.add_argument("--fire-eps", type=float, default=0.0, help="FIRE eps, added to the normaliser psi(max(L, i))")
     c = p.add_argument_group("comparison")
-    c.add_argument("--q-len", type=int, default=8, help="bias: number of queries of the main case (default 8)")
-    c.add_argument("--k-len", type=int, default=24, help="bias: number of keys of the main case (default 24)")
-    c.add_argument("--align", choices=ALIGNMENTS, default="bottom_right")
-    c.add_argument("--equivalence", choices=EQUIVALENCES, default="exact")
-    c.add_argument("--causal", action="store_true", help="compare only what a causal mask keeps / causal attention")
+    c.add_argument("--q-len", type=_LENGTH, default=8, help="bias: number of queries of the main case")
+    c.add_argument("--k-len", type=_LENGTH, default=24, help="bias: number of keys of the main case")
+    c.add_argument(
+        "--align",
+        choices=ALIGNMENTS,
+        default="bottom_right",
+        help="where the queries sit among the keys: bottom_right (the last query at the last key, as in decoding) "
+        "or top_left (query i at position i)",
+    )
+    c.add_argument(
+        "--equivalence",
+        choices=EQUIVALENCES,
+        default="exact",
+        help="bias: what counts as equal to the reference: exact (entry by entry) or row_shift (up to a constant "
+        "per query row, which leaves the attention probabilities unchanged)",
+    )
+    c.add_argument(
+        "--causal", action="store_true", help="compare only what a causal mask keeps / causal attention (default: off)"
+    )
     c.add_argument(
         "--dtype",
         choices=FLOAT_DTYPES,
@@ -144,54 +244,81 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="attention, backward: require bitwise identical results from two calls (default: within tolerance)",
     )
-    c.add_argument("--rtol", type=float, help="override the tolerance rule: |c - r| <= atol + rtol |r|")
-    c.add_argument("--atol", type=float, help="override the tolerance rule: |c - r| <= atol + rtol |r|")
+    c.add_argument(
+        "--rtol", type=float, help="override the tolerance rule: |c - r| <= atol + rtol |r| (default: per dtype)"
+    )
+    c.add_argument(
+        "--atol", type=float, help="override the tolerance rule: |c - r| <= atol + rtol |r| (default: per dtype)"
+    )
     a = p.add_argument_group("attention")
-    a.add_argument("--placement", choices=PLACEMENTS, default="post_scale")
+    a.add_argument(
+        "--placement",
+        choices=PLACEMENTS,
+        default="post_scale",
+        help="where the bias joins the logits: post_scale, after the 1/sqrt(D) scale (ALiBi, FlashAttention), or "
+        "pre_scale, before it",
+    )
     a.add_argument("--scale", type=float, default=None, help="softmax scale (default 1/sqrt(D))")
-    a.add_argument("--with-lse", action="store_true", help="the candidate returns (out, lse)")
+    a.add_argument("--with-lse", action="store_true", help="the candidate returns (out, lse) (default: out only)")
     a.add_argument(
         "--xp",
         choices=("numpy", "torch", "cupy", "array_api_strict"),
         default="numpy",
-        help="library of the q, k, v handed to the candidate (default numpy)",
+        help="library of the q, k, v handed to the candidate",
     )
-    a.add_argument("--device", default=None, help="device for --xp (e.g. cuda)")
-    a.add_argument("--fully-masked", choices=FULLY_MASKED, default="zero")
+    a.add_argument("--device", default=None, help="device for --xp, e.g. cuda (default: the library's)")
+    a.add_argument(
+        "--fully-masked",
+        choices=FULLY_MASKED,
+        default="zero",
+        help="what the candidate returns for a query whose keys are all masked: zero (FlashAttention, xformers) "
+        "or nan (a plain softmax over -inf)",
+    )
     a.add_argument(
         "--level",
         choices=LEVELS,
         default="default",
-        help="kernel-shaped case set: quick (smoke test), default, thorough (nightly) (default: default)",
+        help="attention, backward: kernel-shaped case set: quick (smoke test), default, thorough (nightly)",
     )
     a.add_argument(
         "--tensor-layout",
         choices=TENSOR_LAYOUTS,
         default="bhsd",
-        help="layout of q, k, v and the output: bhsd (SDPA) or bshd (FlashAttention, xformers, vLLM) (default bhsd)",
+        help="layout of q, k, v and the output: bhsd (PyTorch SDPA) or bshd (FlashAttention, xformers, vLLM)",
     )
     a.add_argument(
         "--head-dims",
-        type=lambda text: tuple(int(x) for x in text.split(",")),
+        type=_head_dims,
         default=None,
         metavar="D[,D...]",
         help="head dims the candidate accepts, e.g. 64,128 (default: any)",
     )
-    a.add_argument("--max-q-len", type=int, default=None, help="longest query length the candidate accepts")
-    a.add_argument("--max-k-len", type=int, default=None, help="longest key length the candidate accepts")
     a.add_argument(
-        "--no-gqa", dest="gqa", action="store_false", help="the candidate needs as many kv heads as query heads"
+        "--max-q-len", type=_LENGTH, default=None, help="longest query length the candidate accepts (default: any)"
     )
-    a.add_argument("--plot-dir", default=None, help="write the effective-bias heatmaps (PNG) into this directory")
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument(
+        "--max-k-len", type=_LENGTH, default=None, help="longest key length the candidate accepts (default: any)"
+    )
+    a.add_argument(
+        "--no-gqa",
+        dest="gqa",
+        action="store_false",
+        help="the candidate needs as many kv heads as query heads (default: grouped-query heads are tested too)",
+    )
+    a.add_argument(
+        "--plot-dir",
+        default=None,
+        help="write the effective-bias heatmaps (PNG) into this directory (default: no plots)",
+    )
+    a.add_argument("--seed", type=_int_type(0), default=0, help="seed of the random inputs")
     o = p.add_argument_group("output")
-    o.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    o.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH (default: no file)")
     o.add_argument(
         "--xfail",
         action="append",
         default=[],
         metavar="NAME[=REASON]",
-        help="declare a known divergence (check name or fnmatch pattern; repeatable)",
+        help="declare a known divergence (check name or fnmatch pattern; repeatable; default: none)",
     )
     o.add_argument(
         "--allow-incomplete",
@@ -199,14 +326,64 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="exit 0 even when some checks were not run because the candidate did not provide what they compare "
         "(they are still listed)",
     )
-    o.add_argument("--quiet", action="store_true", help="print only the table and the verdict")
+    o.add_argument(
+        "--quiet", action="store_true", help="print only the table and the verdict (default: the full report)"
+    )
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    """A parser whose errors are ValueError (argparse would print usage and exit, which pytest reports as an
+    internal error when it happens inside a collection hook)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ValueError(message)
 
 
 def parse_env_args(target: str, text: str) -> argparse.Namespace:
-    """Parse the target and ``RELPOS_REF_ARGS``-style options (everything but the target)."""
-    p = argparse.ArgumentParser(prog="RELPOS_REF_ARGS", add_help=False, exit_on_error=False)
+    """Parse the target and ``RELPOS_REF_ARGS``-style options (everything but the target).
+
+    Raises ValueError naming ``RELPOS_REF_ARGS``, the option, what it expects and what it got."""
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        msg = f"RELPOS_REF_ARGS: expected options quoted as in a shell, got {text!r} ({exc})"
+        raise ValueError(msg) from None
+    p = _RaisingParser(prog="RELPOS_REF_ARGS", add_help=False)
     add_arguments(p)
-    return p.parse_args([target, *shlex.split(text)])
+    try:
+        return p.parse_args([target, *words])
+    except ValueError as exc:
+        msg = f"{exc}; got RELPOS_REF_ARGS={text!r} (see 'relpos-ref conform --help' for the options)"
+        raise ValueError(msg) from None
+
+
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip archive, or an empty one (np.savez with no arrays)
+
+
+def _load_params(path_text: str) -> dict[str, np.ndarray]:
+    """The arrays of the ``--params`` archive; ValueError naming --params, what it expects and what it got."""
+    path = Path(path_text).expanduser()
+    expected = "--params: expected an .npz archive of arrays (as numpy.savez writes)"
+    if not path.is_file():
+        why = "a directory" if path.is_dir() else "no such file"
+        msg = f"{expected}, got {path_text!r} ({why})"
+        raise ValueError(msg)
+    with path.open("rb") as f:
+        head = f.read(6)
+    if head.startswith(b"\x93NUMPY"):
+        msg = f"{expected}, got {path_text!r}, a single-array .npy file (save with numpy.savez(path, name=array))"
+        raise ValueError(msg)
+    if not head.startswith(_ZIP_MAGIC):
+        msg = f"{expected}, got {path_text!r}, which is not a zip archive (an .npz file is one)"
+        raise ValueError(msg)
+    try:
+        # allow_pickle=False: an .npz given on the command line must not run code when it is read.
+        # Opened here, not by np.load: it leaves its file open when the archive is corrupt.
+        with path.open("rb") as f, np.load(f, allow_pickle=False) as data:
+            return {k: np.asarray(data[k]) for k in data.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        msg = f"{expected}, got {path_text!r}, which cannot be read ({type(exc).__name__}: {exc})"
+        raise ValueError(msg) from None
 
 
 def _reference(args: argparse.Namespace) -> BiasFamily | None:
@@ -217,10 +394,7 @@ def _reference(args: argparse.Namespace) -> BiasFamily | None:
             raise TypeError(msg)
         return obj
     fam = args.family or "none"
-    params: dict[str, Any] = {}
-    if args.params:
-        with np.load(args.params) as data:
-            params = {k: np.asarray(data[k]) for k in data.files}
+    params: dict[str, Any] = _load_params(args.params) if args.params else {}
     if fam == "none":
         return None
     cls = family_class(fam)
@@ -274,6 +448,7 @@ def build_checks(args: argparse.Namespace, candidate: Any = None) -> list[Check]
         if ref is None:
             raise ValueError("--family: expected a bias family (or --reference) for --kind bias")
         _BiasSuite.check_candidate(candidate)  # first, as in the public functions
+        _check_bias_size(ref.num_heads, args.q_len, args.k_len)
         return _bias_checks(candidate, BiasOptions.of(given))
     backward = args.kind == "backward"
     if backward and args.with_lse:
@@ -281,6 +456,31 @@ def build_checks(args: argparse.Namespace, candidate: Any = None) -> list[Check]
     (_BackwardSuite if backward else _AttentionSuite).check_candidate(candidate)  # first, as in the public functions
     options = AttentionOptions.of({**given, "dtype": args.dtype or "float32"})
     return (_backward_checks if backward else _attention_checks)(candidate, options)
+
+
+def _check_bias_size(heads: int, q_len: int, k_len: int) -> None:
+    """--q-len and --k-len each fit an array, but the (H, Sq, Sk) float64 bias they ask for must fit one too."""
+    nbytes = 8 * heads * q_len * k_len
+    if nbytes > _checks.MAX_ARRAY_BYTES:
+        msg = (
+            f"--q-len, --k-len: expected an (H, Sq, Sk) float64 bias within the {_checks.MAX_ARRAY_BYTES >> 30} GiB "
+            f"size limit of one array, got H={heads} x Sq={q_len} x Sk={k_len} = {nbytes / 2**30:.3g} GiB"
+        )
+        raise ValueError(msg)
+
+
+def _check_json_path(path_text: str | None) -> None:
+    """Before anything runs: a report that cannot be written is a usage error, found before minutes of checks."""
+    if path_text is None:
+        return
+    path = Path(path_text).expanduser()
+    parent = path.absolute().parent
+    if path.is_dir():
+        msg = f"--json: expected a file path, got {path_text!r}, which is a directory"
+        raise ValueError(msg)
+    if not parent.is_dir():
+        msg = f"--json: expected a file path in an existing directory, got {path_text!r} (no directory {parent})"
+        raise ValueError(msg)
 
 
 def expected_from_args(items: list[str]) -> dict[str, str]:
@@ -294,6 +494,7 @@ def expected_from_args(items: list[str]) -> dict[str, str]:
 def main_conform(args: argparse.Namespace) -> int:
     """Run ``relpos-ref conform``; the exit status is described in this module's docstring (0, 1, 2 or 130)."""
     try:
+        _check_json_path(args.json)
         checks = build_checks(args)
         expected = expected_from_args(args.xfail)
         _match_expected(checks, expected)  # an unknown check name is a usage error, reported before running
@@ -314,8 +515,6 @@ def main_conform(args: argparse.Namespace) -> int:
         print(f"relpos-ref conform: error: the candidate raised SystemExit({exc.code!r}); no report", file=sys.stderr)
         return 1
     print(report.table() if args.quiet else report.text(), end="" if not args.quiet else "\n")
-    if args.json:
-        Path(args.json).write_text(report.to_json() + "\n", encoding="utf-8")
     complete = report.complete or args.allow_incomplete
     verdict = "PASSED" if report.passed and report.complete else "FAILED" if not report.passed else "INCOMPLETE"
     print(f"\n{verdict}: {report.counts()} checks")
@@ -327,4 +526,10 @@ def main_conform(args: argparse.Namespace) -> int:
             else "exit status 1 (--allow-incomplete accepts this)"
         )
         print(f"NOT CHECKED: {names}: the candidate did not provide what they compare; {consequence}")
+    if args.json:
+        try:
+            Path(args.json).expanduser().write_text(report.to_json() + "\n", encoding="utf-8")
+        except OSError as exc:  # checked before the run, but the directory may have gone or be read-only
+            print(f"relpos-ref conform: error: --json: cannot write {args.json!r}: {exc}", file=sys.stderr)
+            return 2
     return 0 if report.passed and complete else 1

@@ -196,6 +196,9 @@ def _import_error(target: str, what: str, exc: BaseException) -> ImportError:
 
 def _where(exc: BaseException) -> str:
     """ "Type: message (at file:line)" at the deepest frame outside importlib's machinery."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        # The error is in the source, not in a frame: the traceback's last frame is importlib's compile call.
+        return f"{type(exc).__name__}: {exc.msg} (at {exc.filename}:{exc.lineno})"
     text = f"{type(exc).__name__}({exc.code!r})" if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<frozen")]
     if frames and Path(frames[-1].filename).resolve() != Path(__file__).resolve():

@@ -38,12 +38,12 @@ def _suite() -> tuple[list[Any], dict[str, str]]:
     try:
         args = parse_env_args(impl, text)
         checks = build_checks(args)
-    except SystemExit as exc:  # argparse reports the problem on stderr, then exits
+    except SystemExit:  # argparse reports the problem on stderr, then exits
         msg = f"RELPOS_REF_ARGS: expected options of 'relpos-ref conform' (see its --help), got {text!r}"
-        raise pytest.UsageError(msg) from exc
+        raise pytest.UsageError(msg) from None  # the message says it all; no chained traceback
     except (ImportError, AttributeError, ValueError, TypeError, OSError) as exc:
         msg = f"RELPOS_REF_IMPL / RELPOS_REF_ARGS: {exc}"
-        raise pytest.UsageError(msg) from exc
+        raise pytest.UsageError(msg) from None  # the message says it all; no chained traceback
     items = [x for x in os.environ.get("RELPOS_REF_XFAIL", "").split(",") if x.strip()]
     return checks, expected_from_args(items)
 

@@ -75,26 +75,54 @@ class ALiBi(BiasFamily, name="alibi"):
     Parameters
     ----------
     slopes : float array of shape (H,)
-        Finite and > 0. See :func:`alibi_slopes` and :meth:`from_num_heads`. Where :math:`m_h |i - j|` is beyond
-        the dtype's range the bias is -inf, its rounding (float16 slope 0.5 from :math:`|i - j| = 131040`).
+        Finite and >= 0. See :func:`alibi_slopes` and :meth:`from_num_heads`. A slope of 0 is a head without bias
+        (NeMo's ``num_attention_heads_alibi``, x-transformers' ``alibi_num_heads``: the heads past the ALiBi ones).
+        Where :math:`m_h |i - j|` is beyond the dtype's range the bias is -inf, its rounding (float16 slope 0.5 from
+        :math:`|i - j| = 131040`).
+    allow_any_sign : bool, default False
+        Accept any finite slope, negative included (kernel tests that draw random slopes, as vLLM's do with
+        ``torch.randn``). A negative slope rewards distance: its bias :math:`+|m_h|\,|i - j|` grows with the
+        offset, up to +inf beyond the dtype's range.
     xp, dtype, device : optional
         Used only when ``slopes`` is not already an array.
+
+    Notes
+    -----
+    The penalty :math:`-b_h = m_h |i - j|` is non-decreasing in :math:`|i - j|` exactly when :math:`m_h \ge 0`: the
+    class trait ``monotone`` is that of the default parameter set (slopes >= 0), and an object built with a negative
+    slope has ``monotone = False``, so :func:`relpos_ref.verify` and the conformance harness do not check it there.
     """
 
     _head_params = ("slopes",)
     monotone = True
     zero_at_zero = True
 
-    def __init__(self, slopes: Any, *, xp: Any = None, dtype: Any = None, device: Any = None) -> None:
+    def __init__(
+        self, slopes: Any, *, allow_any_sign: bool = False, xp: Any = None, dtype: Any = None, device: Any = None
+    ) -> None:
         slopes = _checks.as_param("slopes", slopes, xp, dtype, device)
         ns = _checks.namespace(slopes, names=("slopes",))
         _checks.float_array("slopes", slopes, ns, ndim=1)
         _checks.nonempty("slopes", slopes)
         _checks.finite("slopes", slopes, ns)
-        _checks.positive("slopes", slopes, ns)
+        allow_any_sign = _checks.boolean("allow_any_sign", allow_any_sign)
+        nonnegative = slopes >= 0
+        if not allow_any_sign and not bool(ns.all(nonnegative)):
+            msg = (
+                "slopes: expected values >= 0 (or allow_any_sign=True for any finite slope), "
+                f"got {_checks._preview(slopes, ~nonnegative)}"
+            )
+            raise ValueError(msg)
         self._finish(
-            {"slopes": slopes}, num_heads=slopes.shape[0], xp=ns, dtype=slopes.dtype, device=array_device(slopes)
+            {"slopes": slopes},
+            num_heads=slopes.shape[0],
+            xp=ns,
+            dtype=slopes.dtype,
+            device=array_device(slopes),
+            options={"allow_any_sign": True} if allow_any_sign else None,
         )
+        # The monotone penalty is a fact of these slopes, not of every ALiBi: readers of the trait see this one.
+        object.__setattr__(self, "monotone", bool(ns.all(nonnegative)))
 
     @classmethod
     def from_num_heads(cls, num_heads: int, *, dtype: Any = None, xp: Any = None, device: Any = None) -> ALiBi:

@@ -167,9 +167,10 @@ class BiasFamily:
         Raises
         ------
         ValueError
-            Where an overflow inside the arithmetic leaves no value at all (NaN: FIRE hidden units at +inf whose
-            output weights cancel), naming the positions; a family whose parameters bound it inside the range
-            (:meth:`_bias_bound`) pays no check.
+            Where an overflow inside the arithmetic leaves no value at all (NaN), naming the positions; a family
+            whose parameters bound it inside the range (:meth:`_bias_bound`) pays no check, and FIRE recomputes such
+            entries on a power-of-two scale instead. Also when the (h, Sq, Sk) result (or the (Sq, Sk) int64
+            offsets) would exceed ``MAX_ARRAY_BYTES`` (8 GiB), checked before allocating.
         """
         if not self._bias_may_overflow:
             return self._evaluate(self._compute, q_pos, k_pos, heads)
@@ -206,6 +207,9 @@ class BiasFamily:
         xp = _positions_pair(q_pos, k_pos, self.xp)
         arrays = self._select_heads(heads)
         cdtype = _checks.compute_dtype(xp, self.dtype)
+        h = self.num_heads if heads is None else len(_head_indices(heads, self.num_heads))
+        itemsize = max(_itemsize(xp, cdtype), _itemsize(xp, self.dtype))
+        _checks.result_size("q_pos, k_pos", (h, q_pos.shape[0], k_pos.shape[0]), itemsize, what="bias (h, Sq, Sk)")
         if cdtype != self.dtype:
             arrays = {k: xp.astype(v, cdtype) for k, v in arrays.items()}
         delta = relative_offsets(q_pos, k_pos, xp=xp)
@@ -242,11 +246,22 @@ class BiasFamily:
             Keyed by the constructor argument names, each gradient with the shape and dtype of that parameter (see
             each family and ``spec/gradients.md``); empty for a family without learned parameters.
 
+        Raises
+        ------
+        ValueError
+            ``d_bias`` not finite or of the wrong shape; a gradient whose arithmetic has no value (NaN) even on a
+            power-of-two scale (FIRE weights whose hidden units overflow).
+
         Notes
         -----
         Families that depend on :math:`\Delta = i - j` alone first sum ``d_bias`` over each diagonal (every entry of
         one offset) when the positions are consecutive integers, as they are inside attention; the parameter
         gradient is then a short sum over the distinct offsets. Other positions are handled entry by entry.
+
+        The gradients are linear in ``d_bias``: when a partial sum overflows (``d_bias`` entries of 1e308 at
+        offsets 1 and 2 with opposite signs), the call is recomputed on ``d_bias`` divided by a power of two and the
+        result multiplied back, which is exact; a gradient is then :math:`\pm\infty` only where its exact value is
+        beyond the dtype's range.
         """
         xp = _positions_pair(q_pos, k_pos, self.xp)
         _checks.float_array("d_bias", d_bias, xp, ndim=3)
@@ -254,17 +269,30 @@ class BiasFamily:
         if tuple(d_bias.shape) != want:
             msg = f"d_bias: expected shape (H, Sq, Sk) = {want} (heads, len(q_pos), len(k_pos)), got {d_bias.shape}"
             raise ValueError(msg)
-        _checks.finite("d_bias", d_bias, xp)
+        top = _checks.abs_max_finite("d_bias", d_bias, xp)
         self._check_positions(q_pos, k_pos)
-        return self._grads_out(xp, self._vjp_compute(xp, q_pos, k_pos, d_bias))
+        with _checks.quiet_overflow():  # an overflow is detected below and recomputed, or is the exact value's rounding
+            grads = self._vjp_compute(xp, q_pos, k_pos, d_bias)
+            if not _all_finite(xp, grads) and top > 0:
+                grads = self._vjp_compute(xp, q_pos, k_pos, d_bias, shift=math.frexp(top)[1])
+            _no_nan_grads(self, xp, grads)
+            return self._grads_out(xp, grads)
 
-    def _vjp_compute(self, xp: Any, q_pos: Any, k_pos: Any, d_bias: Any) -> dict[str, Any]:
-        """Unchecked parameter gradients in the compute dtype (attention accumulates these over its tiles)."""
+    def _vjp_compute(self, xp: Any, q_pos: Any, k_pos: Any, d_bias: Any, *, shift: int = 0) -> dict[str, Any]:
+        """Unchecked parameter gradients in the compute dtype (attention accumulates these over its tiles).
+
+        ``shift``: compute on ``d_bias / 2**shift`` and multiply the gradients by ``2**shift`` (exact: they are
+        linear in ``d_bias``), so that no partial sum overflows when ``max |d_bias| < 2**shift``.
+        """
         cdtype = _checks.compute_dtype(xp, self.dtype)
         arrays = {**self._params, **self._derived}
         arrays = {k: (xp.astype(v, cdtype) if v.dtype != cdtype else v) for k, v in arrays.items()}
         g = xp.astype(d_bias, cdtype) if d_bias.dtype != cdtype else d_bias
-        return self._vjp(xp, arrays, g, q_pos, k_pos, cdtype)
+        if not shift:
+            return self._vjp(xp, arrays, g, q_pos, k_pos, cdtype)
+        emax = _checks.max_exponent(xp, cdtype)
+        grads = self._vjp(xp, arrays, scale_pow2(g, -shift, emax), q_pos, k_pos, cdtype)
+        return {k: scale_pow2(v, shift, emax) for k, v in grads.items()}
 
     def _check_positions(self, q_pos: Any, k_pos: Any) -> None:
         """Hook for families with a fixed (Sq, Sk) (TensorBias)."""
@@ -321,6 +349,41 @@ def host_abs_max(value: Any) -> float:
 
     host = np.asarray(host_numpy(value)).astype(np.float64)
     return float(np.max(np.abs(host))) if host.size else 0.0
+
+
+def _itemsize(xp: Any, dtype: Any) -> int:
+    """Bytes per element of ``dtype`` (from an empty array: the standard has no itemsize)."""
+    try:
+        return int(xp.empty((0,), dtype=dtype).itemsize)
+    except (AttributeError, TypeError):  # a library whose arrays have no itemsize: the float64 worst case
+        return 8
+
+
+def scale_pow2(a: Any, e: int, emax: int) -> Any:
+    """``a * 2**e``, exact unless the result leaves the normal range, in steps of at most ``2**(emax - 2)`` so that
+    no factor itself under- or overflows (2**-1100 is 0 in float64; 2**-140 is subnormal in float32)."""
+    step = emax - 2
+    while e:
+        part = max(-step, min(step, e))
+        a = a * 2.0**part
+        e -= part
+    return a
+
+
+def _all_finite(xp: Any, arrays: dict[str, Any]) -> bool:
+    return all(bool(xp.all(xp.isfinite(v))) for v in arrays.values())
+
+
+def _no_nan_grads(family: BiasFamily, xp: Any, grads: dict[str, Any]) -> None:
+    """ValueError when a parameter gradient is NaN (an intermediate of the family's own arithmetic overflowed)."""
+    bad = [k for k, v in grads.items() if bool(xp.any(xp.isnan(v)))]
+    if bad:
+        msg = (
+            f"d_bias: expected a cotangent for which the {type(family).__name__} parameter gradients have a value in "
+            f"{dtype_name(family.dtype)}, got one for which the gradient of {', '.join(bad)} overflows to inf - inf "
+            "(NaN) even on a power-of-two scale: a wider dtype or smaller parameters keep it finite"
+        )
+        raise ValueError(msg)
 
 
 def _no_nan_bias(family: BiasFamily, out: Any, q_pos: Any, k_pos: Any) -> None:

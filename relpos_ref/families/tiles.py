@@ -40,14 +40,23 @@ class BiasTiles:
         return None, bias, None
 
     def tile(self, xp: Any, qs: int, qe: int, ks: int, ke: int, q_pos: Any, k_pos: Any) -> Any:
-        """Bias of query rows qs:qe and key columns ks:ke; ``q_pos``/``k_pos`` are those rows' and columns'."""
+        """Bias of query rows qs:qe and key columns ks:ke; ``q_pos``/``k_pos`` are those rows' and columns'.
+
+        Positions (rows,) and (cols,) give (H, rows, cols) for every batch row; per-row positions (B, rows) and
+        (B, cols) give (B, H, rows, cols), the family evaluated at each batch row's own positions.
+        """
         if self.family is not None:
-            try:
-                return self.family.bias(q_pos, k_pos)
-            except ValueError as exc:  # attention's positions are valid: the family's arithmetic overflowed at them
-                msg = f"bias: expected a family whose bias has a value at this call's positions; {exc}"
-                raise ValueError(msg) from None
+            if q_pos.ndim == 2:
+                return xp.stack([self._family_bias(q_pos[b, :], k_pos[b, :]) for b in range(q_pos.shape[0])])
+            return self._family_bias(q_pos, k_pos)
         return tile(self.array, qs, qe, ks, ke, self.sq, self.sk)
+
+    def _family_bias(self, q_pos: Any, k_pos: Any) -> Any:
+        try:
+            return self.family.bias(q_pos, k_pos)
+        except ValueError as exc:  # attention's positions are valid: the family's arithmetic overflowed at them
+            msg = f"bias: expected a family whose bias has a value at this call's positions; {exc}"
+            raise ValueError(msg) from None
 
     def rows(self, qs: int, qe: int) -> Any:
         """Bias argument of the fused kernel for query rows qs:qe: the family itself, or those rows of the array."""
@@ -56,6 +65,17 @@ class BiasTiles:
     def family_vjp(self, xp: Any, q_pos: Any, k_pos: Any, d_bias: Any) -> dict[str, Any]:
         """Unchecked parameter gradients of the family for the cotangent (H, rows, cols) of one tile, compute dtype."""
         return self.family._vjp_compute(xp, q_pos, k_pos, d_bias)
+
+    def family_vjp_batch(self, xp: Any, q_pos: Any, k_pos: Any, d_bias: Any) -> dict[str, Any]:
+        """:meth:`family_vjp` of a (B, H, rows, cols) cotangent: summed over the batch first for shared positions,
+        batch row by batch row for per-row positions (B, rows) and (B, cols)."""
+        if q_pos.ndim == 1:
+            return self.family_vjp(xp, q_pos, k_pos, xp.sum(d_bias, axis=0))
+        total = None
+        for b in range(q_pos.shape[0]):
+            g = self.family_vjp(xp, q_pos[b, :], k_pos[b, :], d_bias[b, ...])
+            total = g if total is None else {n: total[n] + g[n] for n in total}
+        return total
 
     def family_grads(self, xp: Any, grads: dict[str, Any]) -> dict[str, Any]:
         """Accumulated parameter gradients in the family's own dtype and layout."""

@@ -51,15 +51,17 @@ from .families import (
     t5_bucket_thresholds,
 )
 from .gradients import attention_vjp, bias_vjp, work_dps
-from .positions import causal_mask, positions, relative_offsets
+from .positions import SEGMENT_POSITIONS, attention_layout, causal_mask, positions, relative_offsets
 
 __all__ = [
     "DEFAULT_DPS",
     "FAMILY_PARAMS",
+    "SEGMENT_POSITIONS",
     "alibi_bias",
     "alibi_slope_log2",
     "alibi_slopes",
     "attention",
+    "attention_layout",
     "attention_vjp",
     "bias_vjp",
     "biased_softmax",

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ._mp import DEFAULT_DPS, _num, context
-from .positions import positions
+from .families import family_bias
+from .positions import attention_layout
 
 # ---------------------------------------------------------------------------------------------
 # Biased softmax and attention
@@ -126,6 +127,25 @@ def _rank(x):
     return r
 
 
+def _softcap(ctx, softcap):
+    """The softcap as an mpf (None: no cap); a positive finite real."""
+    if softcap is None:
+        return None
+    c = _num(ctx, softcap, "softcap")
+    if not (ctx.isfinite(c) and c > 0):
+        raise ValueError(f"softcap must be a finite number > 0 or None, got {softcap!r}")
+    return c
+
+
+def _logit(ctx, s, b, sc, cap, placement):
+    """Final logit of raw score ``s = q.k``: the scaled score ``sc*s`` capped to ``cap*tanh(sc*s/cap)``, then
+    ``+ b`` (post_scale) or ``+ sc*b`` (pre_scale); without a cap, pre_scale is ``(s + b)*sc`` as written."""
+    if cap is None:
+        return s * sc + b if placement == "post_scale" else (s + b) * sc
+    capped = cap * ctx.tanh(s * sc / cap)
+    return capped + b if placement == "post_scale" else capped + sc * b
+
+
 def attention(
     q,
     k,
@@ -138,6 +158,18 @@ def attention(
     placement="post_scale",
     mask=None,
     fully_masked="zero",
+    window=None,
+    softcap=None,
+    q_pos=None,
+    k_pos=None,
+    q_lens=None,
+    k_lens=None,
+    q_segment_ids=None,
+    k_segment_ids=None,
+    segment_positions="global",
+    family=None,
+    params=None,
+    options=None,
     dps=DEFAULT_DPS,
 ):
     """Attention ``softmax(q k^T * scale + bias) v`` with grouped-query heads, exactly.
@@ -147,12 +179,28 @@ def attention(
     lists broadcastable to (B, H, Sq, Sk). ``causal`` adds the mask ``k_pos <= q_pos`` with
     positions from :func:`positions` and ``align``. ``scale`` defaults to ``1/sqrt(D)``.
     Returns ``(out, lse)``: ``out`` (B, H, Sq, Dv), ``lse`` (B, H, Sq).
+
+    Further keywords (see :func:`attention_layout` for the positions and attend-flags they give):
+
+    * ``window=(left, right)``: key j only when ``-right <= q_pos_i - k_pos_j <= left`` (a None side unbounded).
+    * ``softcap=c``: the scaled score ``s = scale * q.k`` becomes ``c * tanh(s / c)`` before the bias is added
+      (post_scale: ``+ b``; pre_scale: ``+ scale * b``) and before masking.
+    * ``q_pos``/``k_pos`` ((S,) or (B, S) ints): positions overriding ``align``; the bias family (and causal,
+      window) use them.
+    * ``q_lens``/``k_lens`` (B,): queries ``i >= q_lens[b]`` are padding (output 0, lse -inf, whatever
+      ``fully_masked`` says), keys ``j >= k_lens[b]`` are never attended; ``align`` applies to each row's lengths.
+    * ``q_segment_ids``/``k_segment_ids`` (B, S): a key of another segment is masked; ``segment_positions``
+      ``"global"`` keeps the positions, ``"restart"`` counts them from each segment's first token.
+    * ``family``, ``params``, ``options``: a bias family named as in :func:`family_bias`, evaluated at each batch
+      row's positions (instead of a ``bias`` array).
     """
     ctx = context(dps)
     _check_options(placement, fully_masked)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if _rank(x.tolist() if hasattr(x, "tolist") else x) != 4:
             raise ValueError(f"{name} must be 4-D")
+    if family is not None and bias is not None:
+        raise ValueError("family and bias: give a bias family or a bias array, not both")
     q, k, v = (x.tolist() if hasattr(x, "tolist") else x for x in (q, k, v))
     nb, nh, sq, dim = len(q), len(q[0]), len(q[0][0]), len(q[0][0][0])
     nkv, sk = len(k[0]), len(k[0][0])
@@ -160,9 +208,29 @@ def attention(
         raise ValueError(f"the number of query heads {nh} must be a multiple of kv heads {nkv}")
     group = nh // nkv
     sc = ctx.mpf(1) / ctx.sqrt(dim) if scale is None else _num(ctx, scale, "scale")
+    cap = _softcap(ctx, softcap)
+    qp, kp, structural, padded = attention_layout(
+        nb,
+        sq,
+        sk,
+        causal=causal,
+        align=align,
+        window=window,
+        q_pos=q_pos,
+        k_pos=k_pos,
+        q_lens=q_lens,
+        k_lens=k_lens,
+        q_segment_ids=q_segment_ids,
+        k_segment_ids=k_segment_ids,
+        segment_positions=segment_positions,
+    )
+    if family is not None:
+        bias = [family_bias(family, params or {}, qp[b], kp[b], options=options, dps=dps) for b in range(nb)]
+        if any(len(plane) != nh for plane in bias):
+            raise ValueError(f"the bias family has {len(bias[0])} heads, q has {nh}")
     get_bias = _as4(bias, "bias", (nb, nh, sq, sk)) if bias is not None else None
     get_mask = _as4(mask, "mask", (nb, nh, sq, sk)) if mask is not None else None
-    q_pos, k_pos = positions(sq, sk, align=align)
+    zero, ninf = ctx.mpf(0), ctx.mpf("-inf")
     out, lse_out = [], []
     for bb in range(nb):
         ob, lb = [], []
@@ -175,20 +243,23 @@ def attention(
                     [[_num(ctx, t, "v") for t in row] for row in v[bb][g]],
                 )
             kk, vv = kv_cache[g]
+            width = len(vv[0]) if vv else 0
             oh, lh = [], []
             for ii in range(sq):
+                if padded[bb][ii]:
+                    # A padding query is not a query with nothing to attend: zeros and -inf in both modes.
+                    oh.append([zero] * width)
+                    lh.append(ninf)
+                    continue
                 qi = [_num(ctx, t, "q") for t in q[bb][hh][ii]]
                 z, keep = [], []
                 for jj in range(sk):
                     s = ctx.fsum(qi[t] * kk[jj][t] for t in range(dim))
                     b = _num(ctx, get_bias(bb, hh, ii, jj), "bias") if get_bias else 0
-                    z.append(s * sc + b if placement == "post_scale" else (s + b) * sc)
+                    z.append(_logit(ctx, s, b, sc, cap, placement))
                     ok = bool(get_mask(bb, hh, ii, jj)) if get_mask else True
-                    if causal:
-                        ok = ok and k_pos[jj] <= q_pos[ii]
-                    keep.append(ok)
+                    keep.append(ok and structural[bb][ii][jj])
                 p, lse = _softmax_row(ctx, z, keep, fully_masked)
-                width = len(vv[0]) if vv else 0
                 # Masked keys have p = 0 exactly; a fully masked row already has p = 0 (zero)
                 # or NaN (nan) everywhere, which this sum propagates.
                 oh.append([ctx.fsum(p[jj] * vv[jj][t] for jj in range(sk)) for t in range(width)])

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from ._mp import DEFAULT_DPS, _exact, _int_list, _leaves, _map, _shape, _tree, context
-from .attention import _as4, _check_options, attention
+from .attention import _as4, _check_options, _softcap, attention
 from .families import FAMILY_PARAMS, _option, family_bias, fire_inputs
-from .positions import positions
+from .positions import attention_layout
 
 # ---------------------------------------------------------------------------------------------
 # Gradients by central differences
@@ -200,6 +200,15 @@ def attention_vjp(
     mask=None,
     fully_masked="zero",
     d_lse=None,
+    window=None,
+    softcap=None,
+    q_pos=None,
+    k_pos=None,
+    q_lens=None,
+    k_lens=None,
+    q_segment_ids=None,
+    k_segment_ids=None,
+    segment_positions="global",
     dps=DEFAULT_DPS,
     step=None,
 ):
@@ -209,10 +218,14 @@ def attention_vjp(
     ----------
     q, k, v, causal, align, scale, placement, mask, fully_masked
         As in :func:`attention`.
+    window, softcap, q_pos, k_pos, q_lens, k_lens, q_segment_ids, k_segment_ids, segment_positions
+        As in :func:`attention` (softcap is a constant, not differentiated). Padding queries contribute nothing,
+        in both ``fully_masked`` modes.
     d_out : nested list (B, H, Sq, Dv)
     family, params, options : optional
         A bias family as in :func:`bias_vjp`. Its bias (H, Sq, Sk) is built inside the perturbed function from the
-        parameters and the positions ``positions(Sq, Sk, align=align)``.
+        parameters and each batch row's positions (:func:`attention_layout`: ``positions(Sq, Sk, align=align)``
+        unless positions, lengths or restarted segments say otherwise).
     bias : nested list, optional
         A bias array broadcastable to (B, H, Sq, Sk) (not together with ``family``).
     d_lse : nested list (B, H, Sq), optional
@@ -268,7 +281,27 @@ def attention_vjp(
     if not all(cw.isfinite(x) for x in (*_leaves(d_o), *(_leaves(d_l) if d_l is not None else ()))):
         raise ValueError("d_out and d_lse must be finite")
     sc = None if scale is None else _exact(_tree(cw, scale, "scale"))
-    q_pos, k_pos = positions(sq, sk, align=align)
+    cap = _softcap(cw, softcap)
+    cap = None if cap is None else _exact(cap)
+    q_pos, k_pos, structural, padded = attention_layout(
+        nb,
+        sq,
+        sk,
+        causal=causal,
+        align=align,
+        window=window,
+        q_pos=q_pos,
+        k_pos=k_pos,
+        q_lens=q_lens,
+        k_lens=k_lens,
+        q_segment_ids=q_segment_ids,
+        k_segment_ids=k_segment_ids,
+        segment_positions=segment_positions,
+    )
+    # Batch rows that share their positions share one bias evaluation (every perturbation re-evaluates it).
+    rows_at = {}
+    for b in range(nb):
+        rows_at.setdefault((tuple(q_pos[b]), tuple(k_pos[b])), []).append(b)
     shape4 = (nb, nh, sq, sk)
 
     # What gets perturbed for the bias: a family's parameters, or an array. A tensor family's array is perturbed as
@@ -276,16 +309,24 @@ def attention_vjp(
     fam = None
     if family is not None:
         fam = _family_params(cw, family, params)
-        family_bias(family, fam, q_pos, k_pos, options=options, dps=wdps)  # validates the options and shapes
-        if family == "fire":
-            _check_relu_margin(fam, q_pos, k_pos, options, dps)
+        for qp, kp in rows_at:
+            family_bias(family, fam, qp, kp, options=options, dps=wdps)  # validates the options and shapes
+            if family == "fire":
+                _check_relu_margin(fam, qp, kp, options, dps)
     holder, hkey = ({"bias": _tree(cw, bias, "bias")}, "bias") if bias is not None else (fam, "array")
     has_array = bias is not None or family == "tensor"
 
     def current_bias():
         if has_array:
             return holder[hkey]
-        return None if family is None else family_bias(family, fam, q_pos, k_pos, options=options, dps=wdps)
+        if family is None:
+            return None
+        per_row = [None] * nb
+        for (qp, kp), rows in rows_at.items():
+            plane = family_bias(family, fam, qp, kp, options=options, dps=wdps)
+            for b in rows:
+                per_row[b] = plane
+        return per_row
 
     base = current_bias()
     get_b = _as4(base, "bias", shape4) if base is not None else None
@@ -295,9 +336,9 @@ def attention_vjp(
 
     def attend(b, h, i, j):
         return (
-            (get_m is None or bool(get_m(b, h, i, j)))
+            structural[b][i][j]
+            and (get_m is None or bool(get_m(b, h, i, j)))
             and (get_b is None or get_b(b, h, i, j) != cw.ninf)
-            and (not causal or k_pos[j] <= q_pos[i])
         )
 
     keep = [[[[attend(b, h, i, j) for j in range(sk)] for i in range(sq)] for h in range(nh)] for b in range(nb)]
@@ -321,6 +362,7 @@ def attention_vjp(
             placement=placement,
             mask=[[keep[b][h] for h in heads]],
             fully_masked="zero",
+            softcap=cap,
             dps=wdps,
         )
         terms = []
@@ -368,7 +410,7 @@ def attention_vjp(
             grads[name] = _gradient(fam, name, family_loss, h_rel)
 
     if fully_masked == "nan":
-        _nan_rule(cw, keep, res, grads, family, group)
+        _nan_rule(cw, keep, padded, res, grads, family, group)
 
     result = {name: _map(ctx.mpf, res[name]) for name in ("dq", "dk", "dv")}
     if family is not None:
@@ -378,10 +420,13 @@ def attention_vjp(
     return result
 
 
-def _nan_rule(cw, keep, res, grads, family, group):
-    """Write NaN where autograd through a naive softmax puts it for rows with nothing to attend (in place)."""
+def _nan_rule(cw, keep, padded, res, grads, family, group):
+    """Write NaN where autograd through a naive softmax puts it for rows with nothing to attend (in place).
+
+    Padding queries are not such rows: they are left out of the loss, not fully masked.
+    """
     nb, nh, sq = len(keep), len(keep[0]), len(keep[0][0])
-    empty = [[[not any(keep[b][h][i]) for i in range(sq)] for h in range(nh)] for b in range(nb)]
+    empty = [[[not padded[b][i] and not any(keep[b][h][i]) for i in range(sq)] for h in range(nh)] for b in range(nb)]
     if not any(_leaves(empty)):
         return
     nan = cw.nan

@@ -984,6 +984,15 @@ def attention_cases():
 
 GRAD_DTYPES = ("float64", "float32")
 
+#: ulps charged to a tanh evaluation (softcap). bounds/model.py has no tanh entry; this assumes the largest limit
+#: that model charges any library function (float32 log, 4 ulp).
+TANH_ULP = 4.0
+
+
+def tanh_rel(cdtype: str) -> float:
+    """Relative error bound of one tanh evaluation, (TANH_ULP + 1/2) 2u, as bounds.libm_rel for the others."""
+    return (TANH_ULP + 0.5) * 2.0 * bounds.unit_roundoff(cdtype)
+
 
 class Run:
     """One quantity of the computation in the running-error model: exact value ``v``, magnitude ``a`` (the same
@@ -1071,12 +1080,15 @@ def family_bias_error(name, params, options, q_pos, k_pos, exact, dtype):
     return np.zeros(val.shape)  # T5, offset, tensor: table look-ups, exact
 
 
-def attention_grad_bound(q, k, v, d_out, d_lse, bias4, bias_err4, keep, tau, tau_rel, placement, dtype):
+def attention_grad_bound(q, k, v, d_out, d_lse, bias4, bias_err4, keep, tau, tau_rel, placement, dtype, softcap=None):
     """Elementwise bounds of dq, dk, dv and of the bias cotangent (B, H, Sq, Sk) of the library's backward.
 
     The forward logits, probabilities, lse and output follow ``bounds.softmax_bound``/``attention_bound``; the
     backward is FlashAttention-2's: P recomputed as exp(z - lse), delta = rowsum(dO * O) - d_lse, dP = dO v^T,
     dz = P (dP - delta), dq = tau dz K, dk = tau dz^T q, dv = P^T dO, bias cotangent dz (post_scale) or tau dz.
+    With a softcap c the scaled score s becomes c tanh(s / c) (see softcap_logit_error) and dq, dk take
+    dz (1 - t^2), t = tanh(s / c) charged one more rounding (recovered from the capped logit as z_c / c, or
+    recomputed).
     """
     cd = bounds.compute_dtype(dtype)
     u = bounds.unit_roundoff(cd)
@@ -1090,6 +1102,13 @@ def attention_grad_bound(q, k, v, d_out, d_lse, bias4, bias_err4, keep, tau, tau
     do = Run(d_out)
     # Logits: (q * tau) . k over D, then + b (post_scale) or + b * tau (pre_scale); the bias carries its own error.
     s = r_total(r_mul(r_mul(qq, big_t, u)[..., :, None, :], kk[..., None, :, :], u), -1, u)
+    if softcap is not None:
+        cap = Run(softcap)
+        # s / c as a division or a product with a rounded reciprocal: two roundings charged
+        x = r_div(s, cap, 2 * u)
+        th = np.tanh(x.v)
+        t_run = r_fn(x, th, 1.0 - th**2, tanh_rel(cd))
+        s = r_mul(t_run, cap, u)
     z = s
     if bias4 is not None:
         b = Run(np.where(keep, bias4, 0.0), None, np.where(keep, bias_err4, 0.0))
@@ -1127,8 +1146,12 @@ def attention_grad_bound(q, k, v, d_out, d_lse, bias4, bias_err4, keep, tau, tau
         return x.map(lambda t: t.reshape(nb, nkv, group, *t.shape[2:]))
 
     dv = r_total(per_kv(r_mul(pp[..., :, :, None], do[..., :, None, :], u)), (2, 3), u)
-    dk = r_mul(r_total(per_kv(r_mul(dz[..., :, :, None], qq[..., :, None, :], u)), (2, 3), u), big_t, u)
-    dq = r_mul(r_total(r_mul(dz[..., :, :, None], kk[..., None, :, :], u), -2, u), big_t, u)
+    dzs = dz
+    if softcap is not None:
+        tt = Run(t_run.v, t_run.a, t_run.e + u * t_run.a)
+        dzs = r_mul(dz, r_add(Run(np.ones_like(tt.v)), r_mul(tt, tt, u), u, sign=-1.0), u).where(keep)
+    dk = r_mul(r_total(per_kv(r_mul(dzs[..., :, :, None], qq[..., :, None, :], u)), (2, 3), u), big_t, u)
+    dq = r_mul(r_total(r_mul(dzs[..., :, :, None], kk[..., None, :, :], u), -2, u), big_t, u)
     db = r_mul(dz, big_t, u) if placement == "pre_scale" else dz
     return {"dq": dq, "dk": dk, "dv": dv, "dbias": db}
 
@@ -1272,7 +1295,9 @@ def _gradient_case(
     mask=None,
     fully_masked="zero",
     with_d_lse=False,
+    features=None,
 ):
+    """One attention_vjp case; ``features`` (features.json only) holds the keywords of FEATURE_KEYS."""
     nb, nh, nkv, sq, sk, d, dv = dims
     qs, q = _grad_inputs(cid, (nb, nh, sq, d), "q", 16)
     ks, k = _grad_inputs(cid, (nb, nkv, sk, d), "k", 16)
@@ -1299,22 +1324,38 @@ def _gradient_case(
         fully_masked=fully_masked,
         d_lse=None if d_lse is None else d_lse.tolist(),
         dps=DPS,
+        **(features or {}),
     )
     # Exact bias (B, H, Sq, Sk) and its error in each dtype, for the bound.
-    q_pos, k_pos = oracle.positions(sq, sk, align=align)
     shape4 = (nb, nh, sq, sk)
+    softcap = None if features is None else features.get("softcap")
+    if features is None:
+        q_pos, k_pos = oracle.positions(sq, sk, align=align)
+        groups = [(q_pos, k_pos, list(range(nb)))]
+        structural = None
+    else:
+        layout = {n: x for n, x in features.items() if n != "softcap"}
+        qps, kps, structural, _ = oracle.attention_layout(nb, sq, sk, causal=causal, align=align, **layout)
+        groups = _position_groups(qps, kps)
     fam_exact = None
     if family in ("tensor",):
         bias4 = np.broadcast_to(np.asarray(params["array"], dtype=np.float64), shape4)
     elif family is not None:
-        fam_exact = oracle.family_bias(family, params, q_pos, k_pos, options=options, dps=DPS)
-        bias4 = np.broadcast_to(values(fam_exact), shape4)
+        fam_exact = [
+            (qp, kp, rows, oracle.family_bias(family, params, qp, kp, options=options, dps=DPS))
+            for qp, kp, rows in groups
+        ]
+        bias4 = np.zeros(shape4)
+        for _, _, rows, ex in fam_exact:
+            bias4[rows] = values(ex)
     elif bias_arr is not None:
         bias4 = np.broadcast_to(bias_arr.reshape((1,) * (4 - bias_arr.ndim) + bias_arr.shape), shape4)
     else:
         bias4 = None
     keep = np.ones(shape4, dtype=bool)
-    if causal:
+    if structural is not None:
+        keep &= np.asarray(structural, dtype=bool)[:, None]
+    elif causal:
         keep &= np.asarray(oracle.causal_mask(q_pos, k_pos), dtype=bool)
     if mask_arr is not None:
         keep &= np.broadcast_to(mask_arr.reshape((1,) * (4 - mask_arr.ndim) + mask_arr.shape), shape4)
@@ -1322,6 +1363,8 @@ def _gradient_case(
         keep &= bias4 != -np.inf
     tau = 1 / math.sqrt(d) if scale is None else scale
     finite_inputs = [*q.ravel(), *k.ravel(), *v.ravel(), *d_out.ravel(), *([] if d_lse is None else d_lse.ravel())]
+    if softcap is not None:
+        finite_inputs.append(softcap)
     if bias_arr is not None:
         finite_inputs += [x for x in bias_arr.ravel().tolist() if math.isfinite(x)]
     if params:
@@ -1342,7 +1385,9 @@ def _gradient_case(
     for dt in dts:
         cd = bounds.compute_dtype(dt)
         if fam_exact is not None:
-            berr = np.broadcast_to(family_bias_error(family, params, options, q_pos, k_pos, fam_exact, dt), shape4)
+            berr = np.zeros(shape4)
+            for qp, kp, rows, ex in fam_exact:
+                berr[rows] = family_bias_error(family, params, options, qp, kp, ex, dt)
         else:
             berr = np.zeros(shape4)
         r = attention_grad_bound(
@@ -1358,19 +1403,24 @@ def _gradient_case(
             _scale_err(tau, scale is None, cd),
             placement,
             dt,
+            softcap=softcap,
         )
-        tol = {n: fit_tolerance(_finish_bound(r[n], cd), values(expected[n])) for n in ("dq", "dk", "dv")}
+        # features.json fits without the exactly computed entries (fit_tolerance_tiny); the older files keep theirs.
+        fit = fit_tolerance if features is None else (lambda b_, v_, dt=dt: fit_tolerance_tiny(b_, v_, dt))
+        tol = {n: fit(_finish_bound(r[n], cd), values(expected[n])) for n in ("dq", "dk", "dv")}
         db = r["dbias"]
         u = bounds.unit_roundoff(cd)
         if family is not None:
-            g = r_total(db, 0, u)
-            pb = family_grad_bound(family, params, options, q_pos, k_pos, g, dt)
-            tol["dbias"] = {n: fit_tolerance(_finish_bound(pb[n], cd), values(expected["dbias"][n])) for n in pb}
+            pb = None
+            for qp, kp, rows, _ in fam_exact or [(*grp, None) for grp in groups]:
+                one = family_grad_bound(family, params, options, qp, kp, r_total(db[rows], 0, u), dt)
+                pb = one if pb is None else {n: r_add(pb[n], one[n], u) for n in pb}
+            tol["dbias"] = {n: fit(_finish_bound(pb[n], cd), values(expected["dbias"][n])) for n in pb}
         elif bias_arr is not None:
             dims4 = (1,) * (4 - bias_arr.ndim) + bias_arr.shape
             axes = tuple(ax for ax in range(4) if dims4[ax] == 1 and shape4[ax] != 1)
             red = r_total(db, axes, u, keepdims=True) if axes else db
-            tol["dbias"] = fit_tolerance(_finish_bound(red, cd).reshape(bias_arr.shape), values(expected["dbias"]))
+            tol["dbias"] = fit(_finish_bound(red, cd).reshape(bias_arr.shape), values(expected["dbias"]))
         else:
             tol["dbias"] = None
         tolerance[dt] = tol
@@ -1401,6 +1451,7 @@ def _gradient_case(
         "scale": None if scale is None else s(scale),
         "placement": placement,
         "fully_masked": fully_masked,
+        **({} if features is None else _feature_fields(features)),
         "dtypes": dts,
         "expected": {
             n: (
@@ -1560,6 +1611,539 @@ def gradient_cases():
     return [(cid, lambda cid=cid, desc=desc, kw=kw: _gradient_case(cid, desc, **kw)) for cid, desc, kw in specs]
 
 
+# -- attention features (features.json): windows, softcap, explicit positions, lengths, segments -------------------
+#
+# Expected values: oracle.attention / oracle.attention_vjp with the same keywords. Forward tolerances:
+# feature_attention_bound below (bounds.attention_bound's model with the logit error written out, so that a family
+# bias's own error and a softcap's tanh enter it); gradient tolerances: attention_grad_bound with its softcap terms.
+
+#: The keywords these cases add to attention / attention_vjp (besides a bias family), in the order of the JSON.
+FEATURE_KEYS = (
+    "window",
+    "softcap",
+    "q_pos",
+    "k_pos",
+    "q_lens",
+    "k_lens",
+    "q_segment_ids",
+    "k_segment_ids",
+    "segment_positions",
+)
+
+
+def fit_tolerance_tiny(bound, value, dtype: str) -> dict[str, str]:
+    """fit_tolerance on the entries whose bound exceeds the smallest normal of ``dtype``; atol then covers the rest.
+
+    An entry computed exactly (a product with an exact 0, a row with one key) has a bound at or near 0; in the fit
+    it forces atol to about 0 and leaves rtol to the smallest output. Fitted without them and covered by atol, every
+    entry still passes within its bound.
+    """
+    b = np.asarray(bound, dtype=np.float64)
+    v = np.asarray(value, dtype=np.float64)
+    tiny = b <= bounds.smallest_normal(dtype)
+    tol = fit_tolerance(b, np.where(tiny, np.nan, v))
+    rest = b[tiny & np.isfinite(v)]
+    if rest.size and float(tol["atol"]) < float(rest.max()):
+        tol["atol"] = fit_tolerance(np.array([rest.max()]), np.array([0.0]))["atol"]
+    return tol
+
+
+def _feature_fields(features: dict) -> dict:
+    """Every feature keyword of a case, null where unused (the JSON spelling: window [left, right], softcap a
+    decimal string)."""
+    out = {}
+    for key in FEATURE_KEYS:
+        val = features.get(key)
+        if key == "window" and val is not None:
+            val = list(val)
+        elif key == "softcap" and val is not None:
+            val = s(val)
+        elif key == "segment_positions" and val is None:
+            val = "global"
+        out[key] = val
+    return out
+
+
+def _position_groups(qps, kps):
+    """Batch rows grouped by their (q positions, k positions): [(q_pos, k_pos, rows)]."""
+    groups: dict[tuple, list[int]] = {}
+    for b, (qp, kp) in enumerate(zip(qps, kps)):
+        groups.setdefault((tuple(qp), tuple(kp)), []).append(b)
+    return [(list(qp), list(kp), rows) for (qp, kp), rows in groups.items()]
+
+
+def feature_attention_bound(q, k, v, z, keep, dtype, *, bias4, bias_err4, tau, tau_rel, placement, softcap):
+    """Bounds for out (B, H, Sq, Dv) and lse (B, H, Sq): bounds.attention_bound's model with the logit error zeta
+    written out here and handed to bounds.softmax_bound as its score error (scale 1, no bias, so nothing is counted
+    twice).
+
+    Scaled score s = tau q.k: gamma_D tau sum|q k| (the dot product) + (eps_tau + u) tau sum|q k| (tau applied to q
+    or to the score). Softcap c: s / c two roundings, tanh within tanh_rel, times c one rounding; the argument's
+    error passes through tanh' = 1 - t^2. Bias: its own error (a family's, per bounds) plus the addition,
+    pre_scale also tau b (both orders, tau (s + b) and tau s + tau b, are covered).
+    """
+    cd = bounds.compute_dtype(dtype)
+    u = bounds.unit_roundoff(cd)
+    group = q.shape[1] // k.shape[1]
+    kk, vv = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    s = q @ np.swapaxes(kk, -1, -2)
+    s_abs = np.abs(q) @ np.swapaxes(np.abs(kk), -1, -2)
+    zeta = tau * (bounds.gamma(q.shape[-1], u) + tau_rel + u) * s_abs
+    b = np.zeros(z.shape) if bias4 is None else np.where(keep, bias4, 0.0)
+    if softcap is not None:
+        x = tau * s / softcap
+        th = np.tanh(x)
+        e_t = (1.0 - th**2) * (zeta / softcap + 2 * u * np.abs(x)) + tanh_rel(cd) * np.abs(th)
+        zeta = softcap * e_t + u * softcap * np.abs(th)
+    if bias4 is not None:
+        berr = np.where(keep, bias_err4, 0.0)
+        if placement == "post_scale":
+            zeta = zeta + berr + u * np.abs(np.where(keep, z, 0.0))
+        else:
+            zeta = zeta + tau * berr + (tau_rel + u) * tau * np.abs(b) + u * np.abs(np.where(keep, z, 0.0))
+            if softcap is None:
+                zeta = zeta + u * tau * np.abs(s + b)
+    p_err, lse_err = bounds.softmax_bound(
+        z,
+        keep,
+        "float32" if cd == "float32" else "float64",
+        scores=np.zeros(z.shape),
+        scale=1.0,
+        score_err=np.where(keep, zeta, 0.0),
+    )
+    zm = np.where(keep, z, -np.inf)
+    top = zm.max(axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    e = np.where(keep, np.exp(zm - top), 0.0)
+    tot = e.sum(axis=-1, keepdims=True)
+    p = e / np.where(tot > 0, tot, 1.0)
+    av = np.abs(vv)
+    err = bounds.SLACK * (p_err @ av + bounds.gamma(keep.sum(axis=-1), u)[..., None] * (p @ av))
+    if dtype not in ("float64", "float32"):
+        uo = bounds.unit_roundoff(dtype)
+        err = err + uo * (np.abs(p @ vv) + err) + 0.5 * bounds.smallest_subnormal(dtype)
+    return err, lse_err
+
+
+def _feature_attention_case(
+    cid,
+    description,
+    q,
+    k,
+    v,
+    *,
+    bias=None,
+    family=None,
+    params=None,
+    options=None,
+    causal=False,
+    align="bottom_right",
+    scale=None,
+    placement="post_scale",
+    mask=None,
+    fully_masked="zero",
+    features=None,
+    dtypes=ALL,
+):
+    features = dict(features or {})
+    options = dict(options or {})
+    q, k, v = (np.asarray(t, dtype=np.float64) for t in (q, k, v))
+    b = None if bias is None else np.asarray(bias, dtype=np.float64)
+    m = None if mask is None else np.asarray(mask, dtype=bool)
+    o, lse = oracle.attention(
+        q.tolist(),
+        k.tolist(),
+        v.tolist(),
+        bias=None if b is None else b.tolist(),
+        family=family,
+        params=params,
+        options=options,
+        causal=causal,
+        align=align,
+        scale=scale,
+        placement=placement,
+        mask=None if m is None else m.tolist(),
+        fully_masked=fully_masked,
+        dps=DPS,
+        **features,
+    )
+    nb, nh, sq, d = q.shape
+    sk = k.shape[2]
+    shape4 = (nb, nh, sq, sk)
+    layout = {n: x for n, x in features.items() if n != "softcap"}
+    qps, kps, structural, _ = oracle.attention_layout(nb, sq, sk, causal=causal, align=align, **layout)
+    softcap = features.get("softcap")
+    tau = 1 / math.sqrt(d) if scale is None else scale
+    bias4 = None
+    fam_exact = []
+    if family is not None:
+        fam_exact = [
+            (qp, kp, rows, oracle.family_bias(family, params, qp, kp, options=options, dps=DPS))
+            for qp, kp, rows in _position_groups(qps, kps)
+        ]
+        bias4 = np.zeros(shape4)
+        for _, _, rows, ex in fam_exact:
+            bias4[rows] = values(ex)
+    elif b is not None:
+        bias4 = np.broadcast_to(b.reshape((1,) * (4 - b.ndim) + b.shape), shape4)
+    keep = np.broadcast_to(np.asarray(structural, dtype=bool)[:, None], shape4).copy()
+    if m is not None:
+        keep &= np.broadcast_to(m.reshape((1,) * (4 - m.ndim) + m.shape), shape4)
+    if bias4 is not None:
+        keep &= bias4 != -np.inf
+    z_s = tau * np.einsum("bhid,bhjd->bhij", q, np.repeat(k, nh // k.shape[1], axis=1))
+    if softcap is not None:
+        z_s = softcap * np.tanh(z_s / softcap)
+    bb = np.zeros(shape4) if bias4 is None else np.where(keep, bias4, 0.0)
+    z = z_s + (bb if placement == "post_scale" else tau * bb)
+    inputs = [*q.ravel().tolist(), *k.ravel().tolist(), *v.ravel().tolist()]
+    inputs += [x for x in ([] if b is None else b.ravel().tolist()) if math.isfinite(x)]
+    inputs += list(_flatten(list((params or {}).values()))) + ([] if softcap is None else [softcap])
+    dts = dtypes_for(inputs, dtypes)
+    ov, lv = values(o), values(lse)
+    # Rows with nothing attended (padding, or fully masked under "zero") are exactly 0, checked exactly by the rule
+    # of the README; left in the fit, their zero bound would force atol = 0 and an rtol set by the smallest output.
+    ov_fit = np.where(keep.any(axis=-1, keepdims=True), ov, np.nan)
+
+    def bias_err(dt):
+        err = np.zeros(shape4)
+        for qp, kp, rows, ex in fam_exact:
+            err[rows] = family_bias_error(family, params, options, qp, kp, ex, dt)
+        if fam_exact and dt not in ("float64", "float32"):
+            # A family's bias in a 16-bit dtype may be rounded to it (as a family's bias() output is) before the
+            # float32 logits use it: the bound covers either.
+            err = err + bounds.unit_roundoff(dt) * (np.abs(bias4) + err) + 0.5 * bounds.smallest_subnormal(dt)
+        return err
+
+    tolerance = {}
+    for dt in dts:
+        cd = bounds.compute_dtype(dt)
+        bo, bl = feature_attention_bound(
+            q,
+            k,
+            v,
+            z,
+            keep,
+            dt,
+            bias4=bias4,
+            bias_err4=bias_err(dt),
+            tau=tau,
+            tau_rel=_scale_err(tau, scale is None, cd),
+            placement=placement,
+            softcap=softcap,
+        )
+        tolerance[dt] = {"out": fit_tolerance_tiny(bo, ov_fit, dt), "lse": fit_tolerance_tiny(bl, lv, dt)}
+    return {
+        "id": cid,
+        "kind": "attention",
+        "description": description,
+        "q": nested(s, q.tolist()),
+        "k": nested(s, k.tolist()),
+        "v": nested(s, v.tolist()),
+        "bias": None if b is None else nested(s, b.tolist()),
+        "family": None
+        if family is None
+        else {
+            "name": family,
+            "parameters": {n: nested(s, p) for n, p in params.items()},
+            "options": {n: (s(x) if n == "eps" else x) for n, x in options.items()},
+        },
+        "mask": None if m is None else m.astype(int).tolist(),
+        "causal": causal,
+        "align": align,
+        "scale": None if scale is None else s(scale),
+        "placement": placement,
+        "fully_masked": fully_masked,
+        **_feature_fields(features),
+        "dtypes": dts,
+        "expected": {"out": out(o), "lse": out(lse)},
+        "tolerance": tolerance,
+    }
+
+
+def feature_cases():
+    """Forward cases of features.json: (case id, thunk)."""
+    rng = Lcg(41)
+
+    def arr(*shape, lo=-32, hi=32, den=16):
+        return np.array([rng.dyadic(lo, hi, den) for _ in range(int(np.prod(shape)))]).reshape(shape)
+
+    specs = []
+
+    def add(cid, description, q, k, v, **kw):
+        specs.append((cid, description, q, k, v, kw))
+
+    alibi2 = {"family": "alibi", "params": {"slopes": [0.5, 0.125]}}
+    # Windows
+    q, k, v = arr(1, 2, 6, 4), arr(1, 2, 6, 4), arr(1, 2, 6, 4)
+    add(
+        "feat-window-L2-R1-Sq6-Sk6",
+        "window (2, 1) on both sides, not causal, bias array (H, Sq, Sk)",
+        q,
+        k,
+        v,
+        bias=arr(2, 6, 6, lo=-16, hi=16, den=8),
+        features={"window": (2, 1)},
+    )
+    q, k, v = arr(1, 4, 4, 4), arr(1, 2, 7, 4), arr(1, 2, 7, 2)
+    add(
+        "feat-window-L3-causal-Sq4-Sk7-bottom_right",
+        "sliding window: left 3 (right unbounded) with causal bottom_right, Sq < Sk, grouped-query heads, ALiBi",
+        q,
+        k,
+        v,
+        causal=True,
+        family="alibi",
+        params={"slopes": [0.5, 0.25, 0.125, 0.0625]},
+        features={"window": (3, None)},
+    )
+    q, k, v = arr(1, 2, 5, 4), arr(1, 1, 3, 4), arr(1, 1, 3, 4)
+    add(
+        "feat-window-R1-Sq5-Sk3-top_left",
+        "window right 1 only (left unbounded), Sq > Sk, top_left, not causal",
+        q,
+        k,
+        v,
+        align="top_left",
+        features={"window": (None, 1)},
+    )
+    q, k, v = arr(1, 2, 3, 4), arr(1, 2, 5, 4), arr(1, 2, 5, 2)
+    add(
+        "feat-window-L0-R0-causal-Sq3-Sk5",
+        "window (0, 0) with causal: each query attends its diagonal key only (out = v of that key)",
+        q,
+        k,
+        v,
+        causal=True,
+        features={"window": (0, 0)},
+    )
+    q, k, v = arr(1, 2, 6, 4), arr(1, 1, 4, 4), arr(1, 1, 4, 4)
+    for fm in ("zero", "nan"):
+        add(
+            f"feat-window-L1-causal-Sq6-Sk4-fully-masked-{fm}",
+            f"window (1, 0) with causal bottom_right, Sq > Sk: the first two queries see no key (fully_masked={fm!r})",
+            q,
+            k,
+            v,
+            causal=True,
+            fully_masked=fm,
+            features={"window": (1, 0)},
+            **alibi2,
+        )
+    # Softcap: logits up to ~8 (|q|, |k| <= 2, D = 4, scale 1/2): c = 0.5 saturates, c = 4 is near, c = 64 far above
+    q, k, v = arr(1, 2, 3, 4), arr(1, 2, 5, 4), arr(1, 2, 5, 4)
+    bias = arr(2, 3, 5, lo=-16, hi=16, den=8)
+    for c in (0.5, 4.0, 64.0):
+        for placement in ("post_scale", "pre_scale"):
+            add(
+                f"feat-softcap-c{c:g}-{placement}-bias",
+                f"softcap {c:g} (|scaled scores| up to ~8), {placement}, bias array, causal bottom_right",
+                q,
+                k,
+                v,
+                bias=bias,
+                causal=True,
+                placement=placement,
+                features={"softcap": c},
+            )
+        add(
+            f"feat-softcap-c{c:g}-nobias",
+            f"softcap {c:g} without a bias, not causal, scale 1/2",
+            q,
+            k,
+            v,
+            scale=0.5,
+            features={"softcap": c},
+        )
+    q, k, v = arr(1, 2, 4, 4), arr(1, 2, 6, 4), arr(1, 2, 6, 4)
+    add(
+        "feat-softcap-c8-window-alibi-pre_scale",
+        "softcap 8 with a sliding window (2, 0), causal, ALiBi, pre_scale (Gemma-2 style local layer)",
+        q,
+        k,
+        v,
+        causal=True,
+        placement="pre_scale",
+        features={"softcap": 8.0, "window": (2, 0)},
+        **alibi2,
+    )
+    # Explicit positions
+    q, k, v = arr(2, 2, 3, 4), arr(2, 2, 5, 4), arr(2, 2, 5, 4)
+    add(
+        "feat-positions-B2-per-row-alibi-causal",
+        "q_pos and k_pos per batch row (B, S): causal is k_pos <= q_pos "
+        "and ALiBi is evaluated at the positions of each row",
+        q,
+        k,
+        v,
+        causal=True,
+        features={"q_pos": [[2, 4, 5], [100, 103, 104]], "k_pos": [[0, 1, 2, 4, 5], [99, 100, 101, 102, 104]]},
+        **alibi2,
+    )
+    q, k, v = arr(1, 2, 2, 4), arr(1, 1, 6, 4), arr(1, 1, 6, 4)
+    fire = {"family": "fire", "params": {"w1": [[1.5], [-2.25]], "b1": [-0.375, 1.0625],
+            "w2": [[0.5, -1.0], [-0.25, 0.75]], "b2": [0.125, -0.5], "c": 0.25, "L": 8.0},
+            "options": {"eps": 0.0}}  # fmt: skip
+    add(
+        "feat-positions-kv-cache-offset-fire",
+        "a KV cache at an offset: keys at positions 1000..1005 (shape (Sk,)), "
+        "two new queries at 1004, 1005; FIRE (which sees the absolute query position) at those positions, causal",
+        q,
+        k,
+        v,
+        causal=True,
+        features={"q_pos": [1004, 1005], "k_pos": list(range(1000, 1006))},
+        **fire,
+    )
+    # Lengths
+    q, k, v = arr(3, 2, 4, 4), arr(3, 1, 6, 4), arr(3, 1, 6, 4)
+    for align in ("bottom_right", "top_left"):
+        add(
+            f"feat-lengths-B3-causal-{align}",
+            f"q_lens (4, 2, 3), k_lens (6, 3, 5): padded queries give 0 and lse "
+            f"-inf, keys past k_lens are never attended; causal {align} on each row's own lengths; ALiBi",
+            q,
+            k,
+            v,
+            causal=True,
+            align=align,
+            features={"q_lens": [4, 2, 3], "k_lens": [6, 3, 5]},
+            **alibi2,
+        )
+    q, k, v = arr(2, 2, 3, 4), arr(2, 2, 4, 4), arr(2, 2, 4, 4)
+    add(
+        "feat-lengths-B2-k_lens0-fully-masked-nan",
+        "k_lens 0 in row 1 (its real queries are fully masked: NaN) and "
+        "q_lens (2, 1) (padding: 0 and -inf even under fully_masked='nan'), not causal",
+        q,
+        k,
+        v,
+        fully_masked="nan",
+        features={"q_lens": [2, 1], "k_lens": [4, 0]},
+    )
+    # Segments
+    seg = [[0, 0, 0, 1, 1, 2], [5, 5, 7, 7, 7, 7]]
+    q, k, v = arr(2, 2, 6, 4), arr(2, 2, 6, 4), arr(2, 2, 6, 4)
+    for sp in ("global", "restart"):
+        add(
+            f"feat-segments-packed-{sp}-causal-alibi",
+            f"two packed rows of segments, causal, ALiBi, positions {sp}",
+            q,
+            k,
+            v,
+            causal=True,
+            features={"q_segment_ids": seg, "k_segment_ids": seg, "segment_positions": sp},
+            **alibi2,
+        )
+        add(
+            f"feat-segments-packed-{sp}-causal-fire",
+            f"packed segments, causal, FIRE (absolute query positions: restart changes the bias), positions {sp}",
+            q[:1],
+            k[:1],
+            v[:1],
+            causal=True,
+            features={"q_segment_ids": seg[:1], "k_segment_ids": seg[:1], "segment_positions": sp},
+            **fire,
+        )
+    q, k, v = arr(1, 2, 3, 4), arr(1, 2, 6, 4), arr(1, 2, 6, 4)
+    add(
+        "feat-segments-restart-q-differs-from-k",
+        "q segments (0, 1, 1) over k segments (0, 0, 0, 1, 1, 1), "
+        "restart: the segment-1 queries sit at 0, 1 and their keys at 0, 1, 2 (the segment alone), ALiBi, not "
+        "causal",
+        q,
+        k,
+        v,
+        features={"q_segment_ids": [[0, 1, 1]], "k_segment_ids": [[0, 0, 0, 1, 1, 1]], "segment_positions": "restart"},
+        **alibi2,
+    )
+    q, k, v = arr(2, 2, 5, 4), arr(2, 2, 5, 4), arr(2, 2, 5, 4)
+    add(
+        "feat-segments-lengths-packed-restart",
+        "packed rows with a padded tail (q_lens = k_lens = (4, 5)), segments restart, causal, ALiBi",
+        q,
+        k,
+        v,
+        causal=True,
+        features={
+            "q_lens": [4, 5],
+            "k_lens": [4, 5],
+            "q_segment_ids": [[0, 0, 1, 1, 9], [3, 4, 4, 4, 4]],
+            "k_segment_ids": [[0, 0, 1, 1, 9], [3, 4, 4, 4, 4]],
+            "segment_positions": "restart",
+        },
+        **alibi2,
+    )
+    return [
+        (cid, lambda cid=cid, d=d, q=q, k=k, v=v, kw=kw: _feature_attention_case(cid, d, q, k, v, **kw))
+        for cid, d, q, k, v, kw in specs
+    ]
+
+
+def feature_gradient_cases():
+    """Gradient cases of features.json (tiny: Sq, Sk <= 4, D <= 2)."""
+    alibi = {"family": "alibi", "params": {"slopes": [0.5, 0.25]}}
+    specs = [
+        (
+            "grad-feat-window-L1-R0-alibi-Sq4-Sk4",
+            "window (1, 0) (with the causal side implied), ALiBi, not causal",
+            {"dims": (1, 2, 1, 4, 4, 2, 2), "features": {"window": (1, 0)}, **alibi},
+        ),
+        (
+            "grad-feat-window-R1-causal-Sq3-Sk4-top_left",
+            "window right 1 with causal top_left (the window's right side is then inert), bias array",
+            {"dims": (1, 2, 2, 3, 4, 2, 2), "causal": True, "align": "top_left",
+             "bias": _grad_inputs("feat-window-R1", (2, 3, 4), "b", 8), "features": {"window": (None, 1)}},
+        ),
+        (
+            "grad-feat-softcap-c2-post_scale-bias",
+            "softcap 2 (logits near it), post_scale, bias array (Sq, Sk), causal bottom_right",
+            {"dims": (1, 2, 1, 3, 4, 2, 2), "causal": True, "scale": 1.0,
+             "bias": _grad_inputs("feat-softcap-c2", (3, 4), "b", 8), "features": {"softcap": 2.0}},
+        ),
+        (
+            "grad-feat-softcap-c0.5-pre_scale-alibi-d_lse",
+            "softcap 0.5 (saturated logits: tanh' small), pre_scale, ALiBi, an lse cotangent",
+            {"dims": (1, 2, 1, 3, 3, 2, 2), "placement": "pre_scale", "scale": 2.0, "with_d_lse": True,
+             "features": {"softcap": 0.5}, **alibi},
+        ),
+        (
+            "grad-feat-positions-B2-per-row-alibi-causal",
+            "q_pos, k_pos per batch row: causal is k_pos <= q_pos, ALiBi (and its slope gradient) at each row's "
+            "positions",
+            {"dims": (2, 2, 1, 2, 4, 2, 2), "causal": True,
+             "features": {"q_pos": [[1, 3], [52, 50]], "k_pos": [[0, 1, 2, 3], [48, 49, 50, 51]]}, **alibi},
+        ),
+        (
+            "grad-feat-lengths-B2-nan-d_lse",
+            "q_lens (2, 3), k_lens (3, 1), not causal, fully_masked='nan' with a d_lse on every row: padded "
+            "queries contribute nothing (no NaN), keys past k_lens get zero gradients",
+            {"dims": (2, 2, 1, 3, 3, 2, 2), "fully_masked": "nan", "with_d_lse": True,
+             "features": {"q_lens": [2, 3], "k_lens": [3, 1]}, **alibi},
+        ),
+        (
+            "grad-feat-segments-restart-alibi",
+            "packed segments (0, 0, 1, 1) restart, causal, ALiBi",
+            {"dims": (1, 2, 1, 4, 4, 2, 2), "causal": True,
+             "features": {"q_segment_ids": [[0, 0, 1, 1]], "k_segment_ids": [[0, 0, 1, 1]],
+                          "segment_positions": "restart"}, **alibi},
+        ),
+        (
+            "grad-feat-segments-global-B2-bias",
+            "segments per row, global positions, not causal, bias array broadcast over batch",
+            {"dims": (2, 2, 2, 4, 4, 2, 2),
+             "bias": _grad_inputs("feat-segments-global", (2, 4, 4), "b", 8),
+             "features": {"q_segment_ids": [[0, 1, 1, 2], [4, 4, 4, 6]],
+                          "k_segment_ids": [[0, 1, 1, 2], [4, 4, 4, 6]]}},
+        ),
+    ]  # fmt: skip
+    return [(cid, lambda cid=cid, desc=desc, kw=kw: _gradient_case(cid, desc, **kw)) for cid, desc, kw in specs]
+
+
+def features_cases():
+    return feature_cases() + feature_gradient_cases()
+
+
 FILES: dict[str, tuple[str, Callable[[], list]]] = {
     "t5.json": ("t5", t5_cases),
     "offset.json": ("offset", offset_cases),
@@ -1571,6 +2155,7 @@ FILES: dict[str, tuple[str, Callable[[], list]]] = {
     "softmax.json": ("softmax", softmax_cases),
     "attention.json": ("attention", attention_cases),
     "gradients.json": ("gradients", gradient_cases),
+    "features.json": ("features", features_cases),
 }
 
 

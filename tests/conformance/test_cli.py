@@ -315,3 +315,212 @@ def test_load_target_rejects_malformed_targets(target):
     expected = "target: expected 'package.module:function' or 'path/to/file.py:function'"
     with pytest.raises(ValueError, match=re.escape(expected)):
         load_target(target)
+
+
+# -- hostile input: one line, exit 2, before anything runs (issue 15) ------------------------------------------------
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_syntax_error_at_import_names_the_file_and_line(workdir, capsys):
+    """The traceback's last frame of a SyntaxError is importlib's compile call; the line must name the source."""
+    path = _write(workdir, "bad_import_syntax.py", "x = 1\ndef f(:\n")
+    assert main(["conform", "bad_import_syntax:f", "--kind", "buckets"]) == 2
+    assert _one_error_line(capsys) == (
+        "relpos-ref conform: error: target 'bad_import_syntax:f': importing 'bad_import_syntax' raised SyntaxError: "
+        f"invalid syntax (at {path}:2)"
+    )
+
+
+def test_value_error_at_import_is_a_usage_error(workdir, capsys):
+    _write(workdir, "bad_import_value.py", "raise ValueError('needs a config file')\n")
+    assert main(["conform", "bad_import_value:f", "--kind", "buckets"]) == 2
+    assert "raised ValueError: needs a config file (at " in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"not an archive\n", "which is not a zip archive (an .npz file is one)"),
+        (b"\x93NUMPY\x01\x00", "a single-array .npy file (save with numpy.savez(path, name=array))"),
+        (b"PK\x03\x04 truncated", "which cannot be read (BadZipFile: "),
+    ],
+    ids=["text", "npy", "corrupt-zip"],
+)
+def test_params_that_is_not_an_npz_archive(workdir, capsys, content, why):
+    (workdir / "p.npz").write_bytes(content)
+    assert main(["conform", "clicands:good", "--family", "t5", "--params", "p.npz"]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(
+        "relpos-ref conform: error: --params: expected an .npz archive of arrays (as numpy.savez writes), got 'p.npz'"
+    )
+    assert why in line
+    assert "allow_pickle" not in line  # numpy's advice to unpickle an untrusted file must not be passed on
+
+
+def test_params_missing_file_or_directory(workdir, capsys):
+    assert main(["conform", "clicands:good", "--family", "t5", "--params", "none.npz"]) == 2
+    assert _one_error_line(capsys).endswith("got 'none.npz' (no such file)")
+    assert main(["conform", "clicands:good", "--family", "t5", "--params", str(workdir)]) == 2
+    assert _one_error_line(capsys).endswith(f"got {str(workdir)!r} (a directory)")
+
+
+def test_params_with_an_object_array_is_not_unpickled(workdir, capsys):
+    np.savez(workdir / "obj.npz", table=np.array([{"a": 1}], dtype=object))
+    assert main(["conform", "clicands:good", "--family", "t5", "--params", "obj.npz"]) == 2
+    assert "got 'obj.npz', which cannot be read (ValueError: " in _one_error_line(capsys)
+
+
+def test_json_into_a_missing_directory_fails_before_the_run(workdir, capsys, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the checks ran although the report could not be written")
+
+    monkeypatch.setattr(conform_cli, "run_checks", never)
+    target = workdir / "no_such_dir" / "report.json"
+    assert main(["conform", "clicands:good", "--kind", "buckets", "--json", str(target)]) == 2
+    assert _one_error_line(capsys) == (
+        f"relpos-ref conform: error: --json: expected a file path in an existing directory, got {str(target)!r} "
+        f"(no directory {target.parent})"
+    )
+    assert main(["conform", "clicands:good", "--kind", "buckets", "--json", str(workdir)]) == 2
+    assert "--json: expected a file path, got" in _one_error_line(capsys)
+
+
+def test_json_written_after_the_verdict(workdir, capsys):
+    assert main(["conform", "clicands:good", "--kind", "buckets", "--json", "r.json"]) == 0
+    assert "PASSED: 6 passed of 6 checks" in capsys.readouterr().out
+    assert (workdir / "r.json").read_text().startswith("{")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("--seed", "-1", "expected an integer >= 0, got '-1'"),
+        ("--q-len", str(10**12), "expected an integer from 1 to 1073741824 (the size limit of one array)"),
+        ("--k-len", "0", "expected an integer from 1 to 1073741824"),
+        ("--heads", str(10**12), "expected an integer from 1 to 65536, got '1000000000000'"),
+        ("--max-distance", str(10**12), "expected an integer from 1 to 1048576 (offsets up to 4 x max_distance"),
+        ("--num-buckets", "x", "expected an integer >= 1, got 'x'"),
+        ("--head-dims", "64,x", "expected comma-separated positive integers such as 64,128, got '64,x'"),
+        ("--max-k-len", "-5", "expected an integer from 1 to"),
+    ],
+)
+def test_absurd_numbers_are_usage_errors_naming_the_option(workdir, capsys, option, value, expected):
+    assert main(["conform", "clicands:good", "--kind", "buckets", option, value]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"relpos-ref conform: error: argument {option}: {expected}"), line
+
+
+def test_huge_number_is_shown_short(workdir, capsys):
+    assert main(["conform", "clicands:good", "--kind", "buckets", "--q-len", "9" * 40]) == 2
+    assert _one_error_line(capsys).endswith("got about 9.999e+39 (see 'relpos-ref conform --help')")
+
+
+def test_bias_too_large_as_a_whole_is_a_usage_error(workdir, capsys):
+    """Each length fits an array, but H x Sq x Sk float64 entries would be 358 GiB: refused before any check."""
+    assert main(["conform", "clicands:good", "--family", "alibi", "--heads", "2", "--q-len", str(10**9)]) == 2
+    assert _one_error_line(capsys) == (
+        "relpos-ref conform: error: --q-len, --k-len: expected an (H, Sq, Sk) float64 bias within the 8 GiB size "
+        "limit of one array, got H=2 x Sq=1000000000 x Sk=24 = 358 GiB"
+    )
+
+
+def test_usage_error_is_one_line_without_the_usage_block(workdir, capsys):
+    assert main(["conform", "clicands:good", "--kind", "nope"]) == 2
+    assert _one_error_line(capsys) == (
+        "relpos-ref conform: error: argument --kind: invalid choice: 'nope' (choose from 'bias', 'attention', "
+        "'backward', 'buckets') (see 'relpos-ref conform --help')"
+    )
+
+
+# -- RELPOS_REF_ARGS (the pytest entry point) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("--kind nope", "argument --kind: invalid choice: 'nope' (choose from 'bias', 'attention', 'backward', "),
+        ("--no-such-option", "unrecognized arguments: --no-such-option; got RELPOS_REF_ARGS='--no-such-option'"),
+        ("--seed -3", "argument --seed: expected an integer >= 0, got '-3'"),
+        ("--kind 'buckets", 'RELPOS_REF_ARGS: expected options quoted as in a shell, got "--kind \'buckets"'),
+    ],
+    ids=["choice", "unknown", "seed", "quoting"],
+)
+def test_env_args_errors_are_value_errors(text, expected):
+    """ValueError is what the pytest entry point turns into a usage error; argparse's SystemExit or ArgumentError
+    escaped as INTERNALERROR."""
+    with pytest.raises(ValueError, match=re.escape(expected)) as info:
+        conform_cli.parse_env_args("clicands:good", text)
+    assert "\n" not in str(info.value)
+
+
+def test_pytest_entry_point_reports_a_bad_choice_as_a_usage_error(workdir):
+    """End to end through ``pytest --pyargs relpos_ref.conformance``: exit 4 (usage error), not INTERNALERROR."""
+    env = {**_env(), "RELPOS_REF_IMPL": "clicands:good", "RELPOS_REF_ARGS": "--kind nope"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--pyargs", "relpos_ref.conformance"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    output = proc.stdout + proc.stderr
+    assert "INTERNALERROR" not in output
+    assert proc.returncode == pytest.ExitCode.USAGE_ERROR, output
+    assert "RELPOS_REF_IMPL / RELPOS_REF_ARGS: argument --kind: invalid choice: 'nope'" in output
+
+
+def test_env_args_size_errors_reach_build_checks(workdir):
+    args = conform_cli.parse_env_args("clicands:good", "--family alibi --heads 4 --q-len 100000 --k-len 100000")
+    with pytest.raises(ValueError, match=re.escape("--q-len, --k-len: expected an (H, Sq, Sk) float64 bias")):
+        conform_cli.build_checks(args)
+
+
+# -- help ---------------------------------------------------------------------------------------------------------
+
+
+def _conform_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="conform", formatter_class=conform_cli.DefaultsHelpFormatter)
+    conform_cli.add_arguments(p)
+    return p
+
+
+def test_every_conform_option_has_help_that_shows_its_default():
+    p = _conform_parser()
+    formatter = p._get_formatter()
+    missing, no_default = [], []
+    for action in p._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        if not action.help:
+            missing.append(action.option_strings[0])
+            continue
+        text = formatter._get_help_string(action) % {"default": action.default}
+        if action.nargs != 0 and "default" not in text:  # a flag (store_true, ...) is off unless given
+            no_default.append(action.option_strings[0])
+    assert missing == []
+    assert no_default == []
+
+
+def test_defaults_formatter_keeps_the_epilog_and_wraps_one_paragraph():
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="x", description="word " * 40, epilog="a\n  b", formatter_class=conform_cli.DefaultsHelpFormatter
+    )
+    p.add_argument("--n", type=int, default=3, help="a number")
+    p.add_argument("--m", type=int, default=4, help="another (default: four)")
+    text = p.format_help()
+    assert "\n  b\n" in text  # the epilog's indentation survives
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "a number (default: 3)" in text
+    assert "(default: four)" in text
+    assert "(default: 4)" not in text

@@ -141,6 +141,50 @@ def test_alibi_bias_values(xp, q_len, k_len, align):
     assert fam.options() == {}
 
 
+def test_alibi_zero_slope_is_a_head_without_bias(xp):
+    # NeMo's num_attention_heads_alibi, x-transformers' alibi_num_heads: the heads past the ALiBi ones get slope 0.
+    fam = rp.ALiBi(xp.asarray([0.5, 0.0]))
+    q_pos, k_pos = rp.positions(4, 6, xp=xp)
+    got = to_np(fam.bias(q_pos, k_pos))
+    delta = np.arange(2, 6)[:, None] - np.arange(6)[None, :]
+    np.testing.assert_array_equal(got[0], -0.5 * np.abs(delta))
+    np.testing.assert_array_equal(got[1], np.zeros((4, 6)))
+    assert fam.monotone
+    assert fam.options() == {}
+
+
+def test_alibi_negative_slopes_only_when_asked(xp):
+    with pytest.raises(
+        ValueError, match=r"^slopes: expected values >= 0 \(or allow_any_sign=True .*got \[ 0\.5 +-0\.25\]$"
+    ):
+        rp.ALiBi(xp.asarray([0.5, -0.25]))
+    fam = rp.ALiBi(xp.asarray([0.5, -0.25]), allow_any_sign=True)
+    q_pos, k_pos = rp.positions(3, 3, xp=xp)
+    got = to_np(fam.bias(q_pos, k_pos))
+    delta = np.abs(np.arange(3)[:, None] - np.arange(3)[None, :])
+    np.testing.assert_array_equal(got[1], 0.25 * delta)  # a negative slope rewards distance
+    # The monotone penalty holds only for slopes >= 0: this object says so, the class keeps its default's trait.
+    assert not fam.monotone
+    assert rp.ALiBi.monotone
+    assert rp.ALiBi(xp.asarray([0.5, 0.25]), allow_any_sign=True).monotone
+    # The keyword travels with the object (astype rebuilds it from its options).
+    assert fam.options() == {"allow_any_sign": True}
+    assert not fam.astype(xp.float32).monotone
+    with pytest.raises(TypeError, match=r"^allow_any_sign: expected True or False, got 1$"):
+        rp.ALiBi(xp.asarray([0.5]), allow_any_sign=1)
+    with pytest.raises(ValueError, match=r"^slopes: expected finite values"):
+        rp.ALiBi(xp.asarray([math.nan]), allow_any_sign=True)
+
+
+def test_monotone_penalty_holds_for_zero_slopes_and_fails_for_negative_ones():
+    from relpos_ref.properties import penalty_monotone
+
+    # The property itself fails on a negative slope, so a reader of `monotone` that ignored the sign would fail.
+    neg = rp.ALiBi(np.array([0.5, -0.25]), allow_any_sign=True)
+    assert not penalty_monotone(neg.bias, 10, xp=np, sides=("past",)).passed
+    assert penalty_monotone(rp.ALiBi(np.array([0.5, 0.0])).bias, 10, xp=np, sides=("past",)).passed
+
+
 # -- KERPLE ---------------------------------------------------------------------------------------------------------
 
 
@@ -568,6 +612,9 @@ def test_fuzz_kerple_log_against_mpmath(e, dist, dtype):
         ({"c": 1e-200, "L": 1e-200}, r"^c, L: expected c and c \* L in \[2\.23e-308, .*c \* L = 0\.0$"),
         ({"c": 1e-23, "L": 1e-23, "dtype": np.float32}, r"^c, L: expected c and c \* L in \[1\.18e-38, "),
         ({"c": 1e-320}, r"^c, L: expected c and c \* L in \[2\.23e-308"),
+        # c * L normal but the interpolant 43.7 / 3e-308 beyond float64 far from the query (issue 15)
+        ({"c": 1.0, "L": 3e-308}, r"^c, L: expected c, L and eps whose largest interpolant .* at most 4\.49e\+307 "),
+        ({"c": 1.0, "L": 1.2e-38, "dtype": np.float32}, r"^c, L: expected .*at most 8\.51e\+37 .*it is 3\.6"),
     ],
 )
 def test_fire_psi_range_validated(kw, pattern):
@@ -578,10 +625,15 @@ def test_fire_psi_range_validated(kw, pattern):
         rp.FIRE(*args, **kw)
 
 
-def test_fire_smallest_normal_c_times_l_is_finite():
-    tiny = float(np.finfo(np.float32).smallest_normal)
+def test_fire_interpolant_bound_eps_and_small_normaliser_accepted():
+    # eps keeps the normaliser away from 0: the interpolant is at most 43.7 / 1e-6 whatever L.
+    args = [np.ones((1, 1)), np.zeros(1), np.ones((1, 1)), np.zeros(1)]
+    rp.FIRE(*args, c=1.0, L=3e-308, eps=1e-6)
+    # x_max = log1p(2**63) / log1p(1e-36) = 4.4e37, below a quarter of the float32 range: finite everywhere.
     args = [np.ones((1, 1), np.float32), np.zeros(1, np.float32), np.ones((1, 1), np.float32), np.zeros(1, np.float32)]
-    fam = rp.FIRE(*args, c=1.0, L=tiny)
+    fam = rp.FIRE(*args, c=1.0, L=1e-36)
+    far = fam.interpolant(np.array([0]), np.array([-(2**62)]))
+    assert float(far[0, 0]) == pytest.approx(math.log1p(2.0**62) / float(np.float32(1e-36)), rel=1e-6)
     out = rp.attention(
         *(np.zeros((1, 1, 3, 2), np.float32),) * 2, np.ones((1, 1, 3, 2), np.float32), bias=fam, causal=True
     )
@@ -593,10 +645,10 @@ def test_bias_beyond_the_range_is_its_rounding_and_nan_an_error():
     assert rp.ALiBi([1e308]).bias(np.array([0]), np.array([2]))[0, 0, 0] == -math.inf
     assert rp.ALiBi([0.5], dtype=np.float16).bias(np.array([200000]), np.array([0]))[0, 0, 0] == -math.inf
     assert rp.KerplePower([1e308], [2.0]).bias(np.array([0]), np.array([2]))[0, 0, 0] == -math.inf
-    # Two hidden units at +inf with output weights +1 and -1: inf - inf has no value.
+    # Two hidden units at 2e308 (+inf in float64) with output weights +1 and -1: the exact bias is 0, and the
+    # power-of-two recomputation gives it (it was inf - inf, then an error).
     fam = rp.FIRE(np.full((2, 1), 1e308), np.full(2, 1e308), np.array([[1.0, -1.0]]), np.zeros(1), c=1.0, L=1.0)
-    with pytest.raises(ValueError, match=r"^q_pos, k_pos: expected positions at which the FIRE arithmetic stays "):
-        fam.bias(np.array([0]), np.array([1]))
+    assert fam.bias(np.array([0]), np.array([1]))[0, 0, 0] == 0.0
 
 
 def test_float16_alibi_in_range_needs_no_error():
@@ -729,5 +781,6 @@ def test_long_error_arrays_summarised():
     with pytest.raises(ValueError) as info:
         rp.ALiBi(slopes)
     assert str(info.value) == (
-        "slopes: expected values > 0, got 1 of 1000 entries of an array of shape (1000,), the first at index (7,): -1.0"
+        "slopes: expected values >= 0 (or allow_any_sign=True for any finite slope), got 1 of 1000 entries of an array "
+        "of shape (1000,), the first at index (7,): -1.0"
     )

@@ -459,3 +459,267 @@ def test_bad_inputs_name_the_argument():
         oracle.attention([[[[1.0]]] * 3], [[[[1.0]]] * 2], [[[[1.0]]] * 2])
     with pytest.raises(ValueError, match="dps"):
         oracle.context(5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Attention features: windows, softcap, explicit positions, lengths, segments
+# ---------------------------------------------------------------------------------------------------------------------
+
+MPX = mpmath.MPContext()
+MPX.dps = 60
+
+
+def _grid(shape, a, c, mod=17, off=8, den=8):
+    """Deterministic dyadic inputs: ((a . idx + c) mod M - off) / den, as nested lists."""
+    return np.fromfunction(lambda *idx: ((sum(x * i for x, i in zip(a, idx)) + c) % mod - off) / den, shape).tolist()
+
+
+def _near(got, want, tol="1e-45"):
+    """Every leaf of ``got`` within tol * max(1, |want|) of ``want``; -inf and NaN must match exactly."""
+    g, w = np.ravel(np.array(got, dtype=object)), np.ravel(np.array(want, dtype=object))
+    assert g.shape == w.shape
+    for a, b in zip(g, w):
+        a, b = MPX.mpf(a), MPX.mpf(b)
+        if MPX.isnan(b) or MPX.isinf(b):
+            assert (MPX.isnan(a) and MPX.isnan(b)) or a == b, (a, b)
+        else:
+            assert abs(a - b) <= MPX.mpf(tol) * max(1, abs(b)), (a, b)
+
+
+def _sub(x, axis, idx):
+    """x (nested lists, 4-D) restricted to the indices ``idx`` along ``axis`` (2: the sequence axis)."""
+    if axis == 0:
+        return [x[t] for t in idx]
+    return [_sub(t, axis - 1, idx) for t in x]
+
+
+@pytest.mark.parametrize(("sq", "sk"), [(4, 4), (2, 5)])
+def test_window_zero_zero_with_causal_attends_only_the_diagonal_key(sq, sk):
+    """window (0, 0) keeps only q_pos - k_pos = 0: each query's output is v of its diagonal key, exactly, and its
+    lse is that key's logit."""
+    q = _grid((1, 2, sq, 3), [0, 3, 5, 7], 1)
+    k = _grid((1, 1, sk, 3), [0, 0, 2, 3], 4)
+    v = _grid((1, 1, sk, 2), [0, 0, 5, 3], 2)
+    out, lse = oracle.attention(q, k, v, causal=True, window=(0, 0), scale=0.5)
+    for h in range(2):
+        for i in range(sq):
+            j = i + sk - sq  # bottom-right: the last query sits on the last key
+            assert [float(x) for x in out[0][h][i]] == v[0][0][j]
+            s = MPX.fsum(MPX.mpf(a) * b for a, b in zip(q[0][h][i], k[0][0][j]))
+            _near([lse[0][h][i]], [s / 2])
+
+
+@pytest.mark.parametrize(
+    ("window", "causal", "sq", "sk"),
+    [((2, 1), False, 5, 5), ((None, 0), False, 4, 6), ((1, None), True, 5, 3), ((3, 2), True, 3, 6)],
+)
+def test_window_equals_the_hand_written_band_mask(window, causal, sq, sk):
+    q = _grid((1, 2, sq, 2), [0, 3, 5, 7], 1)
+    k = _grid((1, 2, sk, 2), [0, 2, 2, 3], 4)
+    v = _grid((1, 2, sk, 2), [0, 1, 5, 3], 2)
+    left, right = window
+    band = []
+    for i in range(sq):
+        p = i + sk - sq
+        band.append(
+            [
+                (left is None or p - j <= left) and (right is None or j - p <= right) and (not causal or j <= p)
+                for j in range(sk)
+            ]
+        )
+    got = oracle.attention(q, k, v, window=window, causal=causal)
+    want = oracle.attention(q, k, v, mask=band)
+    _near(got[0], want[0])
+    _near(got[1], want[1])
+    # the band is neither everything nor nothing, so the comparison has something to see
+    assert any(not x for row in band for x in row)
+    assert all(any(row) for row in band) or causal
+
+
+@pytest.mark.parametrize("placement", ["post_scale", "pre_scale"])
+def test_softcap_with_one_key_gives_v_and_the_capped_logit(placement):
+    q, k, v = [[[[2.0, 1.5]]]], [[[[3.0, -0.5]]]], [[[[0.75, -1.25]]]]
+    c, tau, b = 2.5, 0.5, -0.375
+    out, lse = oracle.attention(q, k, v, bias=[[[[b]]]], scale=tau, placement=placement, softcap=c)
+    assert [float(x) for x in out[0][0][0]] == [0.75, -1.25]
+    s = MPX.mpf(tau) * (2.0 * 3.0 + 1.5 * -0.5)
+    tb = b if placement == "post_scale" else tau * b
+    _near([lse[0][0][0]], [c * MPX.tanh(s / c) + tb])
+
+
+@pytest.mark.parametrize("placement", ["post_scale", "pre_scale"])
+@pytest.mark.parametrize("c", [0.75, 8.0, 1000.0])
+def test_softcap_with_two_keys_is_the_softmax_of_the_capped_logits(placement, c):
+    """Logits far beyond c (c = 0.75), near it (8) and far below it (1000)."""
+    q = [[[[3.0, -2.0]]]]
+    k = [[[[1.5, 0.5], [-1.0, 2.25]]]]
+    v = [[[[1.0, 2.0], [-3.0, 0.5]]]]
+    bias = [[[[0.25, -0.625]]]]
+    tau = 1.25
+    out, lse = oracle.attention(q, k, v, bias=bias, scale=tau, placement=placement, softcap=c)
+    z = []
+    for j in range(2):
+        s = tau * MPX.fsum(MPX.mpf(a) * b for a, b in zip(q[0][0][0], k[0][0][j]))
+        b = bias[0][0][0][j] * (1 if placement == "post_scale" else tau)
+        z.append(c * MPX.tanh(s / c) + b)
+    p0 = 1 / (1 + MPX.exp(z[1] - z[0]))
+    p1 = 1 - p0
+    want = [p0 * v[0][0][0][t] + p1 * v[0][0][1][t] for t in range(2)]
+    _near(out[0][0][0], want)
+    _near([lse[0][0][0]], [z[0] + MPX.log(1 + MPX.exp(z[1] - z[0]))])
+    # without the cap the answer differs (the cap does something at every c tested)
+    plain = oracle.attention(q, k, v, bias=bias, scale=tau, placement=placement)[0][0][0][0]
+    assert abs(MPX.mpf(plain[0]) - want[0]) > MPX.mpf("1e-12")
+
+
+def test_explicit_positions_per_batch_row_and_a_kv_cache_offset():
+    """Per-row q_pos/k_pos give the causal mask k_pos <= q_pos and the ALiBi bias at those positions; a decode step
+    (one query at position 7 over 8 cached keys) equals the bottom-right default."""
+    q = _grid((2, 2, 2, 2), [5, 3, 5, 7], 1)
+    k = _grid((2, 1, 4, 2), [3, 0, 2, 3], 4)
+    v = _grid((2, 1, 4, 2), [7, 0, 5, 3], 2)
+    q_pos = [[1, 3], [10, 6]]
+    k_pos = [[0, 1, 2, 3], [5, 6, 7, 8]]
+    slopes = [0.5, -0.25]  # a negative slope: the oracle computes it, it does not police signs
+    got = oracle.attention(q, k, v, q_pos=q_pos, k_pos=k_pos, causal=True, family="alibi", params={"slopes": slopes})
+    for b in range(2):
+        mask = [[kp <= qp for kp in k_pos[b]] for qp in q_pos[b]]
+        bias = [[[-m * abs(qp - kp) for kp in k_pos[b]] for qp in q_pos[b]] for m in slopes]
+        want = oracle.attention(_sub(q, 0, [b]), _sub(k, 0, [b]), _sub(v, 0, [b]), bias=bias, mask=mask)
+        _near(got[0][b], want[0][0])
+        _near(got[1][b], want[1][0])
+    q1 = _grid((1, 1, 1, 2), [0, 0, 0, 1], 3)
+    k8, v8 = _grid((1, 1, 8, 2), [0, 0, 3, 5], 1), _grid((1, 1, 8, 2), [0, 0, 7, 2], 5)
+    fam = {"family": "alibi", "params": {"slopes": [0.125]}}
+    step = oracle.attention(q1, k8, v8, q_pos=[7], causal=True, window=(3, None), **fam)
+    default = oracle.attention(q1, k8, v8, causal=True, window=(3, None), **fam)
+    top_left = oracle.attention(q1, k8, v8, causal=True, window=(3, None), align="top_left", **fam)
+    assert step == default
+    assert step != top_left
+
+
+def test_alibi_slope_zero_is_no_bias_and_negative_slopes_are_computed():
+    assert oracle.alibi_bias([0.0, -0.5], [3], [0, 5]) == [[[0, 0]], [[1.5, 1.0]]]
+    q, k = _grid((1, 1, 3, 2), [0, 0, 3, 5], 1), _grid((1, 1, 3, 2), [0, 0, 2, 3], 4)
+    v = _grid((1, 1, 3, 2), [1] * 4, 2)
+    assert oracle.attention(q, k, v, family="alibi", params={"slopes": [0.0]}) == oracle.attention(q, k, v)
+
+
+@pytest.mark.parametrize("fully_masked", ["zero", "nan"])
+@pytest.mark.parametrize("align", ["bottom_right", "top_left"])
+def test_lengths_padding_rows_and_keys(fully_masked, align):
+    """Row b uses its own lengths: its valid queries equal attention on the truncated inputs (positions from align
+    on those lengths); padded queries are 0 with lse -inf in both modes; a real query with no key (k_lens = 0)
+    follows fully_masked."""
+    sq, sk = 4, 5
+    q = _grid((3, 2, sq, 2), [5, 3, 5, 7], 1)
+    k = _grid((3, 2, sk, 2), [3, 1, 2, 3], 4)
+    v = _grid((3, 2, sk, 3), [7, 2, 5, 3], 2)
+    q_lens, k_lens = [2, 4, 3], [3, 5, 0]
+    fam = {"family": "alibi", "params": {"slopes": [0.5, 0.25]}}
+    out, lse = oracle.attention(
+        q, k, v, q_lens=q_lens, k_lens=k_lens, causal=True, align=align, fully_masked=fully_masked, **fam
+    )
+    for b in range(3):
+        nq, nk = q_lens[b], k_lens[b]
+        for i in range(nq, sq):
+            for h in range(2):
+                assert out[b][h][i] == [0, 0, 0]
+                assert lse[b][h][i] == -math.inf
+        if nk == 0:
+            for h in range(2):
+                for i in range(nq):
+                    if fully_masked == "zero":
+                        assert out[b][h][i] == [0, 0, 0]
+                        assert lse[b][h][i] == -math.inf
+                    else:
+                        assert all(MPX.isnan(x) for x in out[b][h][i])
+                        assert MPX.isnan(lse[b][h][i])
+            continue
+        qb = [[row[:nq] for row in q[b]]]
+        kb, vb = [[row[:nk] for row in k[b]]], [[row[:nk] for row in v[b]]]
+        ref = oracle.attention(qb, kb, vb, causal=True, align=align, fully_masked=fully_masked, **fam)
+        for h in range(2):
+            _near(out[b][h][:nq], ref[0][0][h])
+            _near(lse[b][h][:nq], ref[1][0][h])
+    qp, _, _, padded = oracle.attention_layout(3, sq, sk, q_lens=q_lens, k_lens=k_lens, align=align)
+    shift = align == "bottom_right"
+    assert qp == [[i + (k_lens[b] - q_lens[b]) * shift for i in range(sq)] for b in range(3)]
+    assert padded == [[i >= n for i in range(sq)] for n in q_lens]
+
+
+def test_segments_global_positions_see_only_their_segment():
+    """A packed row: each query's output equals attention over its own segment alone (causal, ALiBi at the packed
+    positions, which within a segment differ from the segment's own only by a common shift)."""
+    seg = [[0, 0, 1, 1, 1, 2], [4, 4, 4, 4, 9, 9]]
+    q = _grid((2, 1, 6, 2), [5, 3, 5, 7], 1)
+    k = _grid((2, 1, 6, 2), [3, 1, 2, 3], 4)
+    v = _grid((2, 1, 6, 2), [7, 2, 5, 3], 2)
+    fam = {"family": "alibi", "params": {"slopes": [0.375]}}
+    out, lse = oracle.attention(q, k, v, q_segment_ids=seg, k_segment_ids=seg, causal=True, **fam)
+    for b in range(2):
+        for sid in set(seg[b]):
+            idx = [t for t, x in enumerate(seg[b]) if x == sid]
+            qs, ks, vs = (_sub(_sub(x, 0, [b]), 2, idx) for x in (q, k, v))
+            ref = oracle.attention(qs, ks, vs, causal=True, **fam)
+            _near([out[b][0][i] for i in idx], ref[0][0][0])
+            _near([lse[b][0][i] for i in idx], ref[1][0][0])
+    full = oracle.attention(q, k, v, causal=True, **fam)
+    assert full[1] != lse
+
+
+def test_restart_positions_give_the_bias_of_the_segment_alone():
+    """Queries of segment 1 at packed indices 1..2 over keys of segment 1 at indices 3..5: with restart the ALiBi
+    bias is that of the segment alone (q positions 0, 1; keys 0, 1, 2, i.e. top_left); with global positions (the
+    queries bottom-right at 4, 5) it is not."""
+    q_seg, k_seg = [[0, 1, 1]], [[0, 0, 0, 1, 1, 1]]
+    q = _grid((1, 2, 3, 2), [0, 3, 5, 7], 1)
+    k = _grid((1, 1, 6, 2), [0, 1, 2, 3], 4)
+    v = _grid((1, 1, 6, 2), [0, 2, 5, 3], 2)
+    fam = {"family": "alibi", "params": {"slopes": [0.5, 0.75]}}
+    seg = {"q_segment_ids": q_seg, "k_segment_ids": k_seg}
+    out, lse = oracle.attention(q, k, v, segment_positions="restart", **seg, **fam)
+    alone = oracle.attention(_sub(q, 2, [1, 2]), _sub(k, 2, [3, 4, 5]), _sub(v, 2, [3, 4, 5]), align="top_left", **fam)
+    for h in range(2):
+        _near(out[0][h][1:], alone[0][0][h])
+        _near(lse[0][h][1:], alone[1][0][h])
+    glob = oracle.attention(q, k, v, segment_positions="global", **seg, **fam)
+    assert glob[1][0][0][1:] != lse[0][0][1:]
+    qp, kp, _, _ = oracle.attention_layout(1, 6, 6, q_segment_ids=[[5, 5, 7, 7, 7, 2]],
+                                           k_segment_ids=[[1] * 6], segment_positions="restart")  # fmt: skip
+    assert qp == [[0, 1, 0, 1, 2, 0]]
+    assert kp == [[0, 1, 2, 3, 4, 5]]
+
+
+def test_feature_arguments_are_checked_with_named_errors():
+    q, k, v = [[[[1.0]], [[0.5]]]], [[[[1.0]]]], [[[[2.0]]]]
+    bad = [
+        ({"window": (-1, 0)}, ValueError, "window left"),
+        ({"window": (0,)}, ValueError, r"window must be \(left, right\)"),
+        ({"window": (True, 0)}, TypeError, "window left"),
+        ({"window": (0, 1.5)}, TypeError, "window right"),
+        ({"softcap": 0.0}, ValueError, "softcap"),
+        ({"softcap": -1.0}, ValueError, "softcap"),
+        ({"softcap": math.inf}, ValueError, "softcap"),
+        ({"softcap": True}, TypeError, "softcap"),
+        ({"q_lens": [2]}, ValueError, r"q_lens\[0\] must be in \[0, 1\]"),
+        ({"k_lens": [1, 1]}, ValueError, r"k_lens must have shape \(1,\)"),
+        ({"q_pos": [0, 1]}, ValueError, "q_pos must have shape"),
+        ({"k_pos": [[0], [1]]}, ValueError, "k_pos must have shape"),
+        ({"q_pos": [0.5]}, TypeError, "q_pos"),
+        ({"q_segment_ids": [[0]]}, ValueError, "give both or neither"),
+        ({"segment_positions": "restart"}, ValueError, "needs q_segment_ids"),
+        ({"segment_positions": "local"}, ValueError, "segment_positions must be"),
+        (
+            {"q_segment_ids": [[0]], "k_segment_ids": [[0]], "segment_positions": "restart", "q_pos": [3]},
+            ValueError,
+            "do not also give q_pos",
+        ),
+        ({"bias": [[[[0.0]]]], "family": "alibi", "params": {"slopes": [1.0]}}, ValueError, "not both"),
+    ]
+    for kw, err, match in bad:
+        with pytest.raises(err, match=match):
+            oracle.attention(q, k, v, **kw)
+    with pytest.raises(ValueError, match="reappears"):
+        oracle.attention_layout(1, 3, 3, q_segment_ids=[[0, 1, 0]], k_segment_ids=[[0, 0, 0]],
+                                segment_positions="restart")  # fmt: skip
