@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -11,7 +11,17 @@ from . import _checks
 from ._host import numpy_dtype
 from .conventions import LEVELS, TENSOR_LAYOUTS, Level, TensorLayout
 
-__all__ = ["AttentionShape", "KernelCase", "attention_inputs", "from_layout", "kernel_cases", "to_layout"]
+__all__ = [
+    "AttentionShape",
+    "KernelCase",
+    "PagedInputs",
+    "attention_inputs",
+    "from_layout",
+    "gather_pages",
+    "kernel_cases",
+    "paged_inputs",
+    "to_layout",
+]
 
 
 class AttentionShape(NamedTuple):
@@ -211,3 +221,125 @@ def kernel_cases(
     if heads & (heads - 1) == 0:
         notes.append(f"heads: a head count that is not a power of two is not covered (the cases use {heads})")
     return cases, notes
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Kernel-feature cases: ragged batches, packed sequences, paged KV caches (relpos_ref.conformance.features, .paged)
+# ------------------------------------------------------------------------------------------------------------------
+
+PAGED_LAYOUTS = ("flash", "vllm")
+
+
+class PagedInputs(NamedTuple):
+    """One paged case: q, k, v (B, H, S, D) contiguous (k, v padded to max_blocks pages per row: what the reference
+    reads), the caches, the block table and the lengths (int64 here; handed over as int32)."""
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    k_cache: np.ndarray
+    v_cache: np.ndarray
+    block_table: np.ndarray
+    cache_seqlens: np.ndarray
+
+
+def paged_inputs(
+    shape: AttentionShape | tuple[int, ...],
+    cache_seqlens: Sequence[int],
+    *,
+    page_block_size: int,
+    layout: str = "flash",
+    dtype: str = "float32",
+    seed: int = 0,
+) -> PagedInputs:
+    """The seeded paged case of ``shape`` (k_len: pages per row times ``page_block_size``) and ``cache_seqlens``.
+
+    The physical blocks are a seeded permutation, with three spare blocks of random data no row uses; the pages of a
+    row past its length hold random data too, so a candidate that reads them or the wrong block is seen.
+    """
+    shape = AttentionShape(*shape)
+    page = _checks.integer("page_block_size", page_block_size, minimum=1)
+    _checks.option("layout", layout, PAGED_LAYOUTS)
+    lens = np.asarray(cache_seqlens, dtype=np.int64)
+    b, _, hkv, _, sk, d = shape[:6]
+    if lens.shape != (b,) or lens.min() < 0 or lens.max() > sk or sk % page:
+        msg = f"cache_seqlens: expected (B,) = ({b},) lengths in [0, {sk}] with k_len a multiple of {page}, got {lens}"
+        raise ValueError(msg)
+    q, k, v = attention_inputs(shape, dtype=dtype, seed=seed)
+    per_row = sk // page
+    rng = np.random.default_rng([seed, *[int(x) for x in shape[:6]], page, 7])
+    num_blocks = b * per_row + 3
+    table = rng.permutation(num_blocks)[: b * per_row].reshape(b, per_row)
+    nd = numpy_dtype(dtype)
+    caches = []
+    for x in (k, v):
+        cache = rng.standard_normal((num_blocks, page, hkv, d)).astype(nd)
+        pages = np.swapaxes(x, 1, 2).reshape(b, per_row, page, hkv, d)  # (B, blocks, page, H_kv, D)
+        cache[table] = pages
+        caches.append(cache)
+    k_cache, v_cache = caches
+    if layout == "vllm":
+        xw = 16 // nd.itemsize
+        if d % xw:
+            msg = f"head_dims: vLLM's key cache splits D into D // x with x = {xw} in {dtype}, got D = {d}"
+            raise ValueError(msg)
+        k_cache = np.ascontiguousarray(k_cache.reshape(num_blocks, page, hkv, d // xw, xw).transpose(0, 2, 3, 1, 4))
+        v_cache = np.ascontiguousarray(v_cache.transpose(0, 2, 3, 1))
+    return PagedInputs(q, k, v, k_cache, v_cache, table.astype(np.int64), lens)
+
+
+def gather_pages(k_cache: np.ndarray, table: np.ndarray, layout: str) -> np.ndarray:
+    """The contiguous (B, H_kv, max_blocks * page, D) keys (or values) a block table reads from a cache."""
+    if layout == "vllm":
+        if k_cache.ndim == 5:  # (N, H_kv, D // x, P, x) -> (N, P, H_kv, D)
+            n, h, dx, p, xw = k_cache.shape
+            k_cache = k_cache.transpose(0, 3, 1, 2, 4).reshape(n, p, h, dx * xw)
+        else:  # (N, H_kv, D, P)
+            k_cache = k_cache.transpose(0, 3, 1, 2)
+    b, m = table.shape
+    _, p, h, d = k_cache.shape
+    return np.swapaxes(k_cache[table].reshape(b, m * p, h, d), 1, 2)
+
+
+# (name, q_len, lengths as functions of the page size P, purpose); k_len is (max length // P + 1) pages.
+PAGED_CASES: dict[str, tuple[tuple[str, int, Callable[[int], list[int]], str], ...]] = {
+    "quick": (
+        ("decode", 1, lambda p: [3 * p + 5, 1, p, p + 1], "decode, ragged: 1 key, a page, one past a page"),
+        ("chunk", 17, lambda p: [max(17, p + 1), 2 * p, 3 * p + 5], "a chunk of 17 queries at ragged cache ends"),
+    ),
+    "default": (
+        ("decode", 1, lambda p: [2067, 1, p, p + 1], "decode against ragged caches up to 2067 keys, page edges"),
+        ("chunk", 17, lambda p: [max(17, p + 1), 2 * p, 2067], "a chunk of 17 queries at ragged cache ends"),
+    ),
+}
+
+
+# (name, Sq, Sk, q_lens, k_lens, purpose) per level group: B = 4 rows of different lengths, ragged on both sides,
+# with a row of length 1 and rows at (16, 32, 64, 128, 256) and one past a tile edge.
+VARLEN_CASES: dict[str, tuple[tuple[Any, ...], ...]] = {
+    "quick": (
+        ("varlen", 33, 65, [33, 1, 16, 7], [65, 1, 32, 17], "ragged q and k, a row of length 1, rows at 16/32 edges"),
+        ("varlen_decode", 1, 130, [1, 1, 1, 1], [130, 1, 16, 17], "decode against ragged caches of 1..130 keys"),
+    ),
+    "default": (
+        ("varlen", 129, 257, [129, 1, 64, 37], [257, 1, 128, 129], "ragged q and k, length 1, rows at tile edges"),
+        ("varlen_decode", 1, 2067, [1, 1, 1, 1], [2067, 1, 256, 257], "decode against ragged caches up to 2067"),
+    ),
+}
+# (name, Sq, Sk, k segment runs per row, purpose): Sq < Sk takes the last Sq tokens (a chunk of a packed prefill).
+PACKED_CASES: dict[str, tuple[tuple[Any, ...], ...]] = {
+    "quick": (
+        ("packed", 33, 33, [[10, 1, 22], [16, 17]], "packed sequences, a segment of one token"),
+        (
+            "packed_chunk",
+            17,
+            33,
+            [[10, 14, 9], [16, 1, 16]],
+            "the last 17 tokens of packed sequences, across a boundary",
+        ),
+    ),
+    "default": (
+        ("packed", 129, 129, [[60, 1, 68], [64, 65]], "packed sequences, a segment of one token, tile edges"),
+        ("packed_chunk", 17, 129, [[60, 60, 9], [100, 1, 12, 16]], "the last 17 tokens, across segment boundaries"),
+    ),
+}

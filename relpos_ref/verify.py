@@ -249,6 +249,46 @@ def _cases(rng: np.random.Generator) -> list[tuple[str, Callable[[Any, str], tup
     for name, fam in fams.items():
         cases.append((f"gradients {name}", grad_case(fam, "post_scale")))
     cases.append(("gradients kerple_log pre_scale", grad_case(fams["kerple_log"], "pre_scale")))
+
+    # The kernel features, one row each (forward) and all at once (gradients): ragged lengths and packed segments
+    # per batch row, explicit per-row positions, a window narrower than the rows, a softcap below
+    # the largest logits.
+    seg = np.asarray([[0] * 10 + [1] * 14, [0] * 5 + [1] * 19])
+    kseg = np.asarray([[0] * 20 + [1] * 20, [0] * 12 + [1] * 28])
+    features: dict[str, dict[str, Any]] = {
+        "window": {"window": (9, 3)},
+        "softcap": {"softcap": 2.5},
+        # Per-row query positions (row 1 seven keys behind row 0), offsets as short as elsewhere: verify's fixed
+        # tolerances are for logits of order 1, and a bias of -m * 1000 rounds by more in float32.
+        "positions": {"q_pos": np.arange(SK - SQ, SK)[None] - np.asarray([[0], [7]]), "k_pos": np.arange(SK)},
+        "lengths": {"q_lens": np.asarray([SQ, 11]), "k_lens": np.asarray([SK, 19])},
+        "segments": {"q_segment_ids": seg, "k_segment_ids": kseg, "segment_positions": "restart"},
+    }
+
+    def on(xp: Any, opts: dict[str, Any]) -> dict[str, Any]:
+        return {n: xp.asarray(a) if isinstance(a, np.ndarray) else a for n, a in opts.items()}
+
+    def feature_case(opts: dict[str, Any], *, grads: bool) -> Callable[[Any, str], tuple[Any, Any]]:
+        fam = fams["alibi"]
+
+        def run(xp: Any, dtype: str) -> tuple[Any, Any]:
+            low = _convert_family(fam, xp, dtype)
+            dt = getattr(xp, dtype)
+            args = [xp.asarray(a, dtype=dt) for a in ((q, k, v, d_out) if grads else (q, k, v))]
+            args64 = [np_xp.asarray(to_numpy(a).astype(np.float64)) for a in args]
+            common = {"causal": not opts.get("segment_positions"), "block_size": 7, "kv_block_size": 9}
+            fn = attention_vjp if grads else attention
+            got = fn(*args, bias=low, **common, **on(xp, opts))
+            want = fn(*args64, bias=_as64(low), **common, **on(np_xp, opts))
+            return (_flat(got), _flat(want)) if grads else (got, want)
+
+        return run
+
+    for name, opts in features.items():
+        cases.append((f"attention alibi {name}", feature_case(opts, grads=False)))
+    combined = {**features["window"], **features["softcap"], **features["lengths"]}
+    cases.append(("gradients alibi win+cap+lens", feature_case(combined, grads=True)))
+    cases.append(("gradients alibi segments", feature_case(features["segments"], grads=True)))
     return cases
 
 

@@ -451,6 +451,30 @@ def _attention_cases(dtype: str, thorough: bool, rng: np.random.Generator) -> It
         bias = round_to(-np.abs(rng.normal(0, 3, (nh, sq, sk))), dtype)
         for placement in ("post_scale", "pre_scale"):
             yield {"q": q, "k": k, "v": v, "bias": bias, "causal": causal, "align": align, "placement": placement}
+    # The structural kernel features (they only decide which keys a query attends, so the bound is the same model
+    # on their mask): a window, per-row positions, ragged lengths with padding rows, packed segments. Softcap changes
+    # the logits through tanh, whose error the bound model does not have: it is covered by spec/vectors/features.json.
+    nb, nh, nkv, sq, sk, d = 3, 4, 2, 9, 21, 16
+    q = round_to(rng.normal(0, 1, (nb, nh, sq, d)), dtype)
+    k = round_to(rng.normal(0, 1, (nb, nkv, sk, d)), dtype)
+    v = round_to(rng.normal(0, 1, (nb, nkv, sk, d)), dtype)
+    bias = round_to(-np.abs(rng.normal(0, 3, (nh, sq, sk))), dtype)
+    seg_q = [[0] * 4 + [1] * 5, [0] * 9, [0, 0, 1, 1, 1, 2, 2, 2, 2]]
+    seg_k = [[0] * 10 + [1] * 11, [0] * 21, [0] * 5 + [1] * 8 + [2] * 8]
+    features = (
+        {"window": (5, 1)},
+        {"window": (None, 0), "causal": True},
+        {"q_pos": [[3 + i for i in range(sq)], [12 + i for i in range(sq)], list(range(sq))], "causal": True},
+        {"q_lens": [9, 1, 5], "k_lens": [21, 8, 13], "causal": True},
+        {"q_segment_ids": seg_q, "k_segment_ids": seg_k, "segment_positions": "restart"},
+    )
+    for feat in features:
+        opts = {"causal": False, **feat}
+        yield {"q": q, "k": k, "v": v, "bias": bias, "align": "bottom_right", "placement": "post_scale", **opts}
+
+
+#: The kernel-feature keywords an attention case may carry (the same names in relpos_ref.attention and the oracle).
+_FEATURES = ("window", "q_pos", "k_pos", "q_lens", "k_lens", "q_segment_ids", "k_segment_ids", "segment_positions")
 
 
 def measure_attention(case: dict[str, Any], xp: Any, dtype: str, *, dps: int = 30) -> tuple[Measurement, Measurement]:
@@ -464,6 +488,11 @@ def measure_attention(case: dict[str, Any], xp: Any, dtype: str, *, dps: int = 3
     q, k, v, bias = case["q"], case["k"], case["v"], case.get("bias")
     causal, align, placement = case["causal"], case["align"], case["placement"]
     scale = case.get("scale", 1.0 / math.sqrt(q.shape[-1]))
+    feats = {n: case[n] for n in _FEATURES if n in case}
+    ints = {
+        n: (xp.asarray(np.asarray(a), dtype=xp.int64) if n not in ("window", "segment_positions") else a)
+        for n, a in feats.items()
+    }
     out_x, lse_x = attention(
         put(q),
         put(k),
@@ -474,6 +503,7 @@ def measure_attention(case: dict[str, Any], xp: Any, dtype: str, *, dps: int = 3
         scale=scale,
         placement=placement,
         return_lse=True,
+        **ints,
     )
     out_e, lse_e = oracle.attention(
         q.tolist(),
@@ -485,14 +515,14 @@ def measure_attention(case: dict[str, Any], xp: Any, dtype: str, *, dps: int = 3
         scale=scale,
         placement=placement,
         dps=dps,
+        **feats,
     )
-    # logits and mask for the bound (float64 logits are accurate enough to evaluate a bound)
+    # logits and mask for the bound (float64 logits are accurate enough to evaluate a bound); the oracle's layout
+    # decides which keys each query of each batch row attends
     group = q.shape[1] // k.shape[1]
     kk = np.repeat(k, group, axis=1)
-    qpos, kpos = oracle.positions(q.shape[2], k.shape[2], align=align)
-    keep = np.ones((q.shape[0], q.shape[1], q.shape[2], k.shape[2]), dtype=bool)
-    if causal:
-        keep &= np.asarray(oracle.causal_mask(qpos, kpos))[None, None]
+    layout = oracle.attention_layout(q.shape[0], q.shape[2], k.shape[2], causal=causal, align=align, **feats)
+    keep = np.broadcast_to(np.asarray(layout[2], dtype=bool)[:, None], (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
     sexact = np.einsum("bhid,bhjd->bhij", q, kk)  # float64 approximation suffices for the bound's z
     bb = np.zeros(keep.shape) if bias is None else np.broadcast_to(bias, keep.shape)
     z = sexact * scale + bb if placement == "post_scale" else (sexact + bb) * scale

@@ -2,9 +2,9 @@
 
 Three ways in:
 
-1. Python: :func:`check_bias`, :func:`check_buckets`, :func:`check_attention`, :func:`check_attention_backward`
-   return a :class:`Report` (``passed``, one :class:`CheckResult` per check with errors, first mismatch, diagnosis
-   and a reproduction snippet, ``to_json()``, a text table via ``str(report)``).
+1. Python: :func:`check_bias`, :func:`check_buckets`, :func:`check_attention`, :func:`check_attention_backward`,
+   :func:`check_paged_attention` return a :class:`Report` (``passed``, one :class:`CheckResult` per check with errors,
+   first mismatch, diagnosis and a reproduction snippet, ``to_json()``, a text table via ``str(report)``).
 2. pytest: :func:`parametrize_with_checks` over :func:`bias_checks` / :func:`attention_checks` /
    :func:`attention_backward_checks` / :func:`bucket_checks`, with known divergences marked.
 3. ``relpos-ref conform MODULE:FUNCTION ...`` on the command line, or
@@ -27,6 +27,7 @@ from .attention import AttentionShape, attention_checks, attention_inputs, check
 from .backward import attention_backward_checks, backward_inputs, check_attention_backward
 from .bias import bias_checks, check_bias
 from .buckets import bucket_checks, check_buckets
+from .paged import check_paged_attention, paged_attention_checks, paged_inputs
 from .plugin import load_target, parametrize_with_checks
 from .report import CheckResult, ConformanceError, Report
 from .tolerance import ATTENTION_FLOORS, ATTENTION_K, BIAS_TOLERANCES, rule_text
@@ -51,8 +52,11 @@ __all__ = [
     "check_attention_backward",
     "check_bias",
     "check_buckets",
+    "check_paged_attention",
     "hand_over",
     "load_target",
+    "paged_attention_checks",
+    "paged_inputs",
     "parametrize_with_checks",
     "rule_text",
     "run_checks",

@@ -46,6 +46,8 @@ def resolve_namespace(xp: Any) -> tuple[str, Any]:
 def from_host(arr: np.ndarray, kind: str, module: Any, device: Any = None) -> Any:
     """``arr`` (host NumPy, any float dtype incl. ml_dtypes.bfloat16) as an array of the chosen library."""
     is_bf16 = "bfloat16" in str(arr.dtype)
+    if np.issubdtype(arr.dtype, np.integer):
+        arr = arr.astype(np.int32)  # lengths, segment ids, block tables: what kernels take
     if kind == "numpy":
         return np.array(arr, copy=True)
     if kind == "torch":
@@ -73,6 +75,10 @@ def hand_over(
     arrays: Sequence[np.ndarray], *, xp: Any = None, device: Any = None, layout: TensorLayout = "bhsd"
 ) -> tuple[Any, ...]:
     """NumPy (B, H, S, D) arrays in ``layout``, converted to the namespace ``xp`` (module or name: numpy, torch, cupy,
-    array_api_strict) on ``device``: what a reproduction snippet hands to a candidate."""
+    array_api_strict) on ``device``: what a reproduction snippet hands to a candidate. Integer arrays (lengths,
+    segment ids, block tables, of any rank) are handed over as int32, the dtype kernels take, in their own layout."""
     kind, module = resolve_namespace(xp)
-    return tuple(from_host(to_layout(a, layout), kind, module, device) for a in arrays)
+    return tuple(
+        from_host(a if np.issubdtype(np.asarray(a).dtype, np.integer) else to_layout(a, layout), kind, module, device)
+        for a in arrays
+    )

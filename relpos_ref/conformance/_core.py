@@ -136,8 +136,8 @@ class _Suite:
     def header(self) -> dict[str, Any]:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def _call(self, *args: Any) -> Any:
-        """``candidate(*args)``, its return value unchanged, or :class:`CandidateError` for anything else.
+    def _call(self, *args: Any, **kwargs: Any) -> Any:
+        """``candidate(*args, **kwargs)``, its return value unchanged, or :class:`CandidateError` for anything else.
 
         The call runs in a worker thread that is waited for at most ``self.timeout`` seconds, so a candidate that
         hangs ends its check instead of the run. A Python thread cannot be killed: a call that timed out may still
@@ -167,7 +167,7 @@ class _Suite:
         def work() -> None:
             try:
                 with enter():
-                    outcome.append((True, context.run(self.candidate, *args)))
+                    outcome.append((True, context.run(self.candidate, *args, **kwargs)))
             except BaseException as exc:  # handed to the caller's thread, which decides what each one means
                 outcome.append((False, exc))
 
@@ -267,10 +267,14 @@ def run_checks(checks: Iterable[Check], *, expected_failures: dict[str, str] | N
                 res.passed = res.status == "xfail"
         results.append(res)
     suite = checks[0]._suite
-    header = dict(suite.header())
+    header, notes = dict(suite.header()), list(suite.notes)
+    others = {id(c._suite): c._suite for c in checks if c._suite is not suite}
+    for other in others.values():  # the feature suites of a forward run (varlen, segments): their cases and notes
+        header.update(getattr(other, "header_extra", dict)())
+        notes += [n for n in other.notes if n not in notes]
     if expected_failures:
         header["known divergences"] = ", ".join(f"{k} ({v})" for k, v in expected_failures.items())
-    return Report(results, header, list(suite.notes))
+    return Report(results, header, notes)
 
 
 def _match_expected(checks: Sequence[Check], expected: dict[str, str] | None) -> dict[str, str]:

@@ -125,10 +125,12 @@ def attention_snippet(
     with_lse: bool = False,
     what: str = "output",
     layout: str = "bhsd",
+    features: dict[str, np.ndarray] | None = None,
 ) -> str:
     """Python that recomputes one array of the candidate and of the reference: ``what`` is the forward's "output" or
     "lse", or the name of a gradient of the backward (dq, dk, dv or a bias parameter); ``layout`` is the
-    candidate's tensor layout (its arrays are read back as (B, H, S, D))."""
+    candidate's tensor layout (its arrays are read back as (B, H, S, D)); ``features`` the case's integer keywords
+    (lengths, segment ids), handed to the candidate as int32 arrays of its namespace and to the reference."""
     grad = what not in ("output", "lse")
     args, make = ("q, k, v, d_out", "backward_inputs") if grad else ("q, k, v", "attention_inputs")
     over = "" if layout == "bhsd" else f", layout={layout!r}"
@@ -137,7 +139,11 @@ def attention_snippet(
         hand = f"candidate({args})"
     else:
         hand = f"candidate(*hand_over(({args}){'' if xp_name == 'numpy' else f', xp={xp_name!r}'}{over}))"
-    opts = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    feats = features or {}
+    names, ns = ", ".join(feats), "" if xp_name == "numpy" else f", xp={xp_name!r}"
+    if feats:
+        hand = hand[:-1] + ", **given)"
+    opts = ", ".join([*(f"{k}={v!r}" for k, v in options.items()), *(f"{n}={n}" for n in feats)])
     ref = f"rp.{'attention_vjp' if grad else 'attention'}(*(a.astype(np.float64) for a in ({args})), bias=bias, {opts}"
     if not grad:
         pos = int(what == "lse")
@@ -159,6 +165,11 @@ def attention_snippet(
         f"bias = {family_source(bias)}",
         f"shape = {shape!r}",
         f"{args} = {make}(shape, dtype={dtype!r}, seed={seed})",
+        *(f"{n} = np.array({np.asarray(a).tolist()!r}, dtype=np.int64)" for n, a in feats.items()),
+        *(
+            [f"given = dict(zip({tuple(feats)!r}, hand_over(({names},){ns})))  # int32 arrays of its namespace"]
+            * bool(feats)
+        ),
         f"result = {hand}",
         f"got = as_numpy({got})" + (swap if over and what in ("output", *GRADS) else ""),
         f"want = {want}",

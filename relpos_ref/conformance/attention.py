@@ -43,6 +43,11 @@ from .tolerance import (
 __all__ = ["AttentionShape", "attention_checks", "attention_inputs", "check_attention"]
 
 
+#: Builders of the varlen and packed-sequence checks, ``hook(candidate, options, label=...)``: features.py (which
+#: subclasses the suite below, so this module cannot import it) registers its own when the package is imported.
+FEATURE_CHECKS: list[Callable[..., list[Check]]] = []
+
+
 class _Case(NamedTuple):
     name: str
     shape: AttentionShape
@@ -63,7 +68,7 @@ class _AttentionSuite(_Suite):
         self.dtype, self.with_lse, self.fully_masked = o.dtype, o.with_lse, o.fully_masked
         self.xp_kind, self.xp_mod, self.xp_name, self.device = o.xp_kind, o.xp_module, o.xp_name, o.device
         self.rtol, self.atol = o.rtol, o.atol
-        self.seed = o.seed
+        self.seed, self.window, self.softcap = o.seed, o.window, o.softcap
         self.cases = self._make_cases(o.shapes)
 
     def _make_cases(self, shapes: Any) -> dict[str, _Case]:
@@ -127,6 +132,7 @@ class _AttentionSuite(_Suite):
             "setup": (
                 f"causal={self.causal}, align={self.align}, placement={self.placement}, scale="
                 f"{'1/sqrt(D)' if self.scale is None else self.scale}, fully_masked={self.fully_masked}, "
+                f"window={self.window}, softcap={self.softcap}, "
                 f"inputs {self.dtype} as {self.xp_name} arrays, seed={self.seed}"
             ),
             "cases": f"level {self.options.level}, layout {self.options.layout}: "
@@ -171,16 +177,30 @@ class _AttentionSuite(_Suite):
         return np.asarray(q), np.asarray(k)
 
     def keep(self, shape: AttentionShape, align: str | None = None) -> np.ndarray | None:
-        if not self.causal:
-            return None
+        """The keys each query may attend by the causal mask and the window (None: all), (Sq, Sk)."""
         q, k = positions(shape.q_len, shape.k_len, align=align or self.align)
-        return np.asarray(causal_mask(q, k))
+        return diagnose.keep_mask(np.asarray(q), np.asarray(k), self.causal, self.window)
+
+    # Hooks of the feature suites (features.py, paged.py): per-row positions and lengths, the case's own keywords of
+    # the reference (lengths, segment ids) and their hypotheses.
+    def row_positions(self, case: _Case, e: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(e["q_pos"])[None], np.asarray(e["k_pos"])[None]
+
+    def row_lengths(self, case: _Case, sq: int, sk: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.array([sq]), np.array([sk])
+
+    def case_features(self, case: _Case) -> dict[str, Any]:
+        return {}
+
+    def extra_hypotheses(self, case: _Case, e: dict[str, Any]) -> list[tuple[str, Callable[..., Any]]]:
+        return []
 
     def scale_of(self, shape: AttentionShape) -> float:
         return self.scale if self.scale is not None else 1.0 / math.sqrt(shape.head_dim)
 
     def ref_options(self) -> dict[str, Any]:
-        return {"causal": self.causal, "align": self.align, "placement": self.placement, "scale": self.scale}
+        opts = {"causal": self.causal, "align": self.align, "placement": self.placement, "scale": self.scale}
+        return {**opts, **self.options.features()}
 
     def reference_options(self) -> dict[str, Any]:
         """The keywords but the bias of the suite's reference function (``relpos_ref.attention`` here)."""
@@ -217,6 +237,7 @@ class _AttentionSuite(_Suite):
             placement=self.placement,
             dtype=dtype or self.dtype,
             sequential=sequential,
+            softcap=self.softcap,
         )
 
     def sequential_baseline(self) -> bool:
@@ -224,8 +245,13 @@ class _AttentionSuite(_Suite):
         summation order is the plain error (in float16 and bfloat16 the rounding of every result to the dtype is)."""
         return self.dtype in ("float32", "float64")
 
-    def call(self, inputs: tuple[np.ndarray, ...], shape: AttentionShape) -> tuple[np.ndarray, np.ndarray | None]:
-        result = self._call(*self.hand(inputs))
+    def call(
+        self, inputs: tuple[np.ndarray, ...], shape: AttentionShape, **kw: Any
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.read_result(self._call(*self.hand(inputs), **kw), shape, inputs[2].shape[-1])
+
+    def read_result(self, result: Any, shape: AttentionShape, dv: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """A candidate's result as (out (B, H, Sq, Dv), lse (B, H, Sq) or None), checked against ``shape``."""
         lse = None
         if self.with_lse:
             if not isinstance(result, tuple | list) or len(result) != 2:
@@ -241,7 +267,7 @@ class _AttentionSuite(_Suite):
             raise CandidateError(msg)
         out, _ = _as_float_array(result, "candidate output")
         b, h, _, sq, _, _ = shape[:6]
-        out = self.unlayout(out, "output", (b, h, sq, inputs[2].shape[-1]))
+        out = self.unlayout(out, "output", (b, h, sq, dv))
         if lse is not None and lse.shape != (b, h, sq):
             if lse.shape == (b, h, sq, 1):
                 lse = lse[..., 0]
@@ -404,6 +430,8 @@ class _AttentionSuite(_Suite):
         if self.bias64 is not None:
             for label, alt in diagnose.bias_hypotheses(self.bias64, q_pos, k_pos, positions=False, keep=self.keep(sh)):
                 under(label, bias=alt[None])
+        for label, run in diagnose.feature_hypotheses(self, case, e):  # window, softcap, lengths, segments, pages
+            hyps.append((label, run))
         if sh.q_len != sh.k_len:
             what = (
                 "top-left (PyTorch SDPA is_causal=True, xformers LowerTriangularMask)"
@@ -802,6 +830,11 @@ def attention_checks(
     timeout: float | None = None,
     plot_dir: str | None = None,
     deterministic: bool = False,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    varlen: bool = False,
+    segments: bool = False,
+    segment_positions: str = "global",
     label: str = "attention",
 ) -> list[Check]:
     """The checks of :func:`check_attention`, unrun."""
@@ -825,8 +858,10 @@ def _attention_checks(candidate: Any, options: AttentionOptions, *, label: str =
                 Check(f"{label}.lse.{case.name}", f"lse of {case.shape}", lambda c=case: s.values_check(c, lse=True), s)
             )
     checks.append(Check(f"{label}.rows_sum_to_one", "probabilities via one-hot V probes", s.rows_sum_check, s))
-    if s.bias64 is not None:
+    if s.bias64 is not None and s.window is None:
         checks.append(Check(f"{label}.effective_bias", "the bias read back at q = 0", s.effective_bias_check, s))
+    elif s.bias64 is not None:
+        s.notes.append("effective_bias: not checked with a window (the readout knows only the causal mask)")
     else:
         s.notes.append("effective_bias: no bias family to compare with")
     checks += s.future_checks("independence from future keys")
@@ -844,7 +879,9 @@ def _attention_checks(candidate: Any, options: AttentionOptions, *, label: str =
         s.notes.append("alignment_consistency: needs a case with 1 < Sq < Sk and a positional (non-tensor) bias")
     checks += s.masked_checks("rows with no visible key")
     checks.append(Check(f"{label}.repeatable", "deterministic, inputs unchanged", s.repeatable_check, s))
-    return checks
+    if (options.varlen or options.segments) and not FEATURE_CHECKS:  # never a silent pass: features.py registers
+        raise RuntimeError("varlen, segments: relpos_ref.conformance.features is not loaded")
+    return checks + [c for hook in FEATURE_CHECKS for c in hook(candidate, options, label=label)]
 
 
 def check_attention(
@@ -875,6 +912,11 @@ def check_attention(
     timeout: float | None = None,
     plot_dir: str | None = None,
     deterministic: bool = False,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    varlen: bool = False,
+    segments: bool = False,
+    segment_positions: str = "global",
 ) -> Report:
     r"""Check an attention implementation against :func:`relpos_ref.attention` in float64.
 
@@ -927,6 +969,16 @@ def check_attention(
         Require two calls on the same inputs to return the same bits (``repeatable``). By default a second call
         need only meet the tolerance too, as atomic-add reductions (FlashAttention's backward, FlexAttention's
         captured-parameter gradients) make correct kernels differ call to call; the report says when they did.
+    window : (left, right), optional
+    softcap : float, optional
+        Fixed for the candidate (FlashAttention's ``window_size=``, ``softcap=``): ``candidate(q, k, v)`` applies
+        them itself; the reference and the plain baseline apply them as :func:`relpos_ref.attention` does.
+    varlen : bool
+        Add ragged batches: ``candidate(q, k, v, q_lens=..., k_lens=...)`` with padded (B, H, S, D) tensors and
+        (B,) int32 lengths; padding query rows must come out 0 (:mod:`relpos_ref.conformance.features`).
+    segments, segment_positions
+        Add packed sequences: ``candidate(q, k, v, q_segment_ids=..., k_segment_ids=...)``, (B, S) int32, with
+        positions ``"global"`` or ``"restart"`` per segment.
 
     Returns
     -------

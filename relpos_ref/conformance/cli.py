@@ -19,6 +19,7 @@ Exit status of ``relpos-ref conform`` (:func:`main_conform`):
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 import zipfile
@@ -136,6 +137,31 @@ def _head_dims(text: str) -> tuple[int, ...]:
     except argparse.ArgumentTypeError:
         msg = f"expected comma-separated positive integers such as 64,128, got {text!r}"
         raise argparse.ArgumentTypeError(msg) from None
+
+
+def _window(text: str) -> tuple[int | None, int | None]:
+    """``L,R``: each side an integer >= 0, or -1 / empty / "none" for unbounded (FlashAttention's -1)."""
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        sides = [None if x.strip().lower() in ("", "-1", "none") else int(x) for x in parts]
+        if any(x is not None and x < 0 for x in sides):
+            raise ValueError
+    except ValueError:
+        msg = f"expected L,R with each side an integer >= 0 or -1 (unbounded), such as 128,0, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    return sides[0], sides[1]
+
+
+def _softcap(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, such as 50, got {text!r}")
+    return value
 
 
 _SIZE_WHY = "the size limit of one array"
@@ -260,6 +286,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     a.add_argument("--scale", type=float, default=None, help="softmax scale (default 1/sqrt(D))")
     a.add_argument("--with-lse", action="store_true", help="the candidate returns (out, lse) (default: out only)")
+    a.add_argument(
+        "--window",
+        type=_window,
+        default=None,
+        metavar="L,R",
+        help="attention: local window the candidate applies, -R <= q_pos - k_pos <= L, -1 unbounded (default: none)",
+    )
+    a.add_argument(
+        "--softcap", type=_softcap, default=None, metavar="C", help="attention: softcap C tanh(s / C) (default: none)"
+    )
     a.add_argument(
         "--xp",
         choices=("numpy", "torch", "cupy", "array_api_strict"),
@@ -453,6 +489,9 @@ def build_checks(args: argparse.Namespace, candidate: Any = None) -> list[Check]
     backward = args.kind == "backward"
     if backward and args.with_lse:
         raise ValueError("--with-lse: applies to --kind attention, not backward")
+    for flag in ("window", "softcap"):
+        if backward and getattr(args, flag, None) is not None:
+            raise ValueError(f"--{flag}: applies to --kind attention, not backward (the backward harness lacks it)")
     (_BackwardSuite if backward else _AttentionSuite).check_candidate(candidate)  # first, as in the public functions
     options = AttentionOptions.of({**given, "dtype": args.dtype or "float32"})
     return (_backward_checks if backward else _attention_checks)(candidate, options)

@@ -515,3 +515,135 @@ def fit(
     hits += [h for h in matched if h not in hits]
     memo["misses"] = memo.get("misses", 0) + (not matched)
     return matched, len(order) == len(fns)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Kernel features: window, softcap, lengths, segments, paged caches
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def keep_mask(
+    q_pos: np.ndarray, k_pos: np.ndarray, causal: bool, window: tuple[int | None, int | None] | None
+) -> np.ndarray | None:
+    """The keys each query may attend by ``causal`` and ``window`` at these positions ((Sq,) and (Sk,), or (B, Sq)
+    and (B, Sk) for (B, Sq, Sk)); None when neither applies."""
+    left, right = window if window is not None else (None, None)
+    if not causal and left is None and right is None:
+        return None
+    delta = np.asarray(q_pos, dtype=np.int64)[..., :, None] - np.asarray(k_pos, dtype=np.int64)[..., None, :]
+    keep = np.ones(delta.shape, dtype=bool)
+    if causal:
+        keep &= delta >= 0
+    if left is not None:
+        keep &= delta <= left
+    if right is not None:
+        keep &= delta >= -right
+    return keep
+
+
+def family_bias(fam: BiasFamily, q_pos: np.ndarray, k_pos: np.ndarray) -> np.ndarray:
+    """The family's float64 bias at per-row positions (B|1, Sq) and (B|1, Sk): (B|1, H, Sq, Sk)."""
+    nb = max(q_pos.shape[0], k_pos.shape[0])
+    rows = [_np(fam.bias(q_pos[min(b, len(q_pos) - 1)], k_pos[min(b, len(k_pos) - 1)])) for b in range(nb)]
+    return np.stack(rows)
+
+
+def softcap_after_bias(
+    q: np.ndarray, k: np.ndarray, bias: np.ndarray, *, scale: float, softcap: float, placement: str
+) -> np.ndarray:
+    """The array bias that turns the reference's c tanh(s / c) + b into c tanh((s + b) / c) (the cap applied after
+    the bias; ``pre_scale``: c tanh(tau (q.k + b) / c), the array then scaled by tau as the reference scales it)."""
+    group = q.shape[1] // k.shape[1]
+    s = scale * np.einsum("bhid,bhjd->bhij", q, np.repeat(k, group, axis=1))
+    tb = bias if placement == "post_scale" else scale * bias
+    with np.errstate(invalid="ignore"):
+        arr = softcap * np.tanh((s + tb) / softcap) - softcap * np.tanh(s / softcap)
+    arr = np.where(np.isneginf(bias), -np.inf, arr)
+    return arr if placement == "post_scale" else arr / scale
+
+
+def feature_hypotheses(suite: Any, case: Any, e: dict[str, Any]) -> list[tuple[str, Callable[..., Any]]]:
+    """The hypotheses about the kernel features of ``suite`` (an attention suite) on ``case`` (evaluation ``e``),
+    the most specific first: the window off by one on either side or measured from the other alignment, the
+    softcap after the bias or ignored, padding keys attended or lengths ignored, segment positions restarted or not,
+    then the suite's own (a paged cache's block table and lengths). Each is the reference with other options, on
+    the whole case (a few rows cannot express a per-row length)."""
+    hyps: list[tuple[str, Callable[..., Any]]] = []
+    inputs = e["inputs"]
+
+    def whole(label: str, fn: Callable[[], Any]) -> None:
+        hyps.append((label, lambda rows=slice(None): fn() if rows == slice(None) else None))
+
+    def ref(**over: Any) -> Any:
+        return suite.reference(case, inputs, **over)
+
+    if suite.window is not None:
+        w = suite.window
+        for n, side in enumerate(("left", "right")):
+            if w[n] is None:
+                continue
+            for d in (1, -1):
+                if w[n] + d < 0:
+                    continue
+                alt = (w[0] + d, w[1]) if n == 0 else (w[0], w[1] + d)
+                how = "one key more" if d > 0 else "one key fewer (a strict < where <= was meant)"
+                whole(f"window off by one on the {side}: {alt} instead of {w}, {how}", lambda a=alt: ref(window=a))
+        qp, kp = suite.row_positions(case, e)
+        other = "top_left" if suite.align == "bottom_right" else "bottom_right"
+        sq, sk = qp.shape[-1], kp.shape[-1]
+        lq, lk = suite.row_lengths(case, sq, sk)
+        moved = np.arange(sq)[None, :] + (lk - lq)[:, None] if other == "bottom_right" else np.arange(sq)[None, :]
+        if not np.array_equal(np.broadcast_to(moved, (len(lq), sq)), np.broadcast_to(qp, (len(lq), sq))):
+            keep = keep_mask(moved, kp, False, w)
+            assert keep is not None
+            whole(
+                f"window aligned {other.replace('_', '-')}: the window measured from query i at position "
+                f"{'i' if other == 'top_left' else 'i + Sk - Sq'} while the bias and the causal mask are "
+                f"{suite.align.replace('_', '-')}",
+                lambda: ref(window=None, mask=keep[:, None]),
+            )
+    if suite.softcap is not None:
+        if suite.bias64 is not None:
+            qp, kp = suite.row_positions(case, e)
+
+            def after() -> Any:
+                q, k = (a.astype(np.float64) for a in inputs[:2])
+                b = family_bias(suite.bias64, qp, kp)
+                sc = suite.scale_of(case.shape)
+                arr = softcap_after_bias(q, k, b, scale=sc, softcap=suite.softcap, placement=suite.placement)
+                return ref(bias=arr)
+
+            whole("softcap applied after the bias: c tanh((s + b) / c) instead of c tanh(s / c) + b", after)
+        whole(
+            f"softcap ignored: no c tanh(s / c) cap (softcap={suite.softcap:g} not applied)", lambda: ref(softcap=None)
+        )
+    feats = suite.case_features(case)
+    if "k_lens" in feats:
+        qp, _ = suite.row_positions(case, e)
+        whole(
+            "padding keys attended: keys past k_lens are not masked (the query positions still follow the lengths)",
+            lambda: ref(k_lens=None, q_pos=np.broadcast_to(qp, (case.shape.batch, qp.shape[-1]))),
+        )
+        whole(
+            "k_lens ignored: every row attends all Sk keys, its queries aligned to the padded Sk",
+            lambda: ref(k_lens=None),
+        )
+        if "q_lens" in feats:
+            whole(
+                "lengths ignored: the padded batch computed as if every row were full",
+                lambda: ref(k_lens=None, q_lens=None),
+            )
+    if "q_segment_ids" in feats:
+        meant = suite.options.segment_positions
+        other = "restart" if meant == "global" else "global"
+        whole(
+            f"positions {'restarted per segment' if other == 'restart' else 'kept global'} (segment_positions="
+            f"{other!r}) where {meant!r} was meant",
+            lambda: ref(segment_positions=other),
+        )
+        whole(
+            "segment ids ignored: packed sequences attend across their boundaries",
+            lambda: ref(q_segment_ids=None, k_segment_ids=None, segment_positions="global"),
+        )
+    hyps += suite.extra_hypotheses(case, e)
+    return hyps

@@ -16,12 +16,14 @@ from ..conventions import (
     FULLY_MASKED,
     LEVELS,
     PLACEMENTS,
+    SEGMENT_POSITIONS,
     TENSOR_LAYOUTS,
     Alignment,
     FloatDtype,
     FullyMasked,
     Level,
     Placement,
+    SegmentPositions,
     TensorLayout,
 )
 from ..families import BiasFamily
@@ -41,7 +43,9 @@ class AttentionOptions(_Options):
     the CLI make one and hand it to the suites. Invalid values raise ``TypeError`` or ``ValueError`` naming the
     keyword, checked in the order of the fields. Derived: ``bias64`` (the bias in float64 NumPy, for the
     reference), ``xp_kind``, ``xp_module`` and ``xp_name`` (the resolved namespace of the inputs). ``shapes`` is kept
-    as a tuple; the suite checks it against the bias when it builds its cases.
+    as a tuple; the suite checks it against the bias when it builds its cases. ``window`` and ``softcap`` are fixed
+    per candidate (as FlashAttention's ``window_size=``, ``softcap=``); ``varlen``, ``segments`` and
+    ``segment_positions`` add the per-row length and packed-sequence cases of :mod:`relpos_ref.conformance.features`.
     """
 
     bias: BiasFamily | None = None
@@ -68,6 +72,11 @@ class AttentionOptions(_Options):
     timeout: float | None = None
     plot_dir: str | os.PathLike[str] | None = None
     deterministic: bool = False
+    window: tuple[int | None, int | None] | None = None
+    softcap: float | None = None
+    varlen: bool = False
+    segments: bool = False
+    segment_positions: SegmentPositions = "global"
     bias64: BiasFamily | None = field(init=False, repr=False, compare=False)
     xp_kind: str = field(init=False, repr=False, compare=False)
     xp_module: Any = field(init=False, repr=False, compare=False)
@@ -117,3 +126,21 @@ class AttentionOptions(_Options):
             msg = f"plot_dir: expected None or a directory path, got {type(self.plot_dir).__name__}"
             raise TypeError(msg)
         _checks.boolean("deterministic", self.deterministic)
+        if self.window is not None:
+            w = self.window
+            if isinstance(w, str | bytes) or not isinstance(w, Sequence) or len(w) != 2:
+                msg = f"window: expected None or a pair (left, right), each an int >= 0 or None, got {w!r}"
+                raise TypeError(msg)
+            put(
+                "window",
+                tuple(None if x is None else _checks.integer(f"window[{n}]", x, minimum=0) for n, x in enumerate(w)),
+            )
+        if self.softcap is not None:
+            put("softcap", _checks.real_scalar("softcap", self.softcap, positive=True))
+        _checks.boolean("varlen", self.varlen)
+        _checks.boolean("segments", self.segments)
+        _checks.option("segment_positions", self.segment_positions, SEGMENT_POSITIONS)
+
+    def features(self) -> dict[str, Any]:
+        """The fixed kernel features (``window``, ``softcap``) as keywords of ``relpos_ref.attention``, those set."""
+        return {n: getattr(self, n) for n in ("window", "softcap") if getattr(self, n) is not None}

@@ -177,19 +177,23 @@ def plain_attention(
     scale: float,
     placement: str,
     dtype: str,
+    softcap: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Naive attention in ``dtype``: the baseline of the attention tolerance rule.
 
     Every elementwise result is rounded to ``dtype``; the two matrix products accumulate in float32 (float64 for
     float64), as PyTorch's eager path and tensor cores do; the softmax subtracts the row maximum. Fully masked rows
     give 0 and lse -inf. Inputs are float64 arrays holding values already representable in ``dtype``; bias
-    (B|1, H, Sq, Sk) float64 is rounded to ``dtype`` first (SDPA allocates its bias in the query dtype).
+    (B|1, H, Sq, Sk) float64 is rounded to ``dtype`` first (SDPA allocates its bias in the query dtype). ``keep``
+    (broadcastable to (B, H, Sq, Sk)) is every mask as -inf (causal, window, lengths, segments); ``softcap`` c
+    replaces the scaled score s by c tanh(s / c) before the bias is added, as the reference and FlashAttention do.
 
     Returns
     -------
     out (B, H, Sq, Dv), lse (B, H, Sq) as float64 arrays of the rounded values.
     """
-    return _plain_outputs(_plain_forward(q, k, v, bias, keep, scale=scale, placement=placement, dtype=dtype))
+    f = _plain_forward(q, k, v, bias, keep, scale=scale, placement=placement, dtype=dtype, softcap=softcap)
+    return _plain_outputs(f)
 
 
 def _plain_outputs(f: _Plain) -> tuple[np.ndarray, np.ndarray]:
@@ -319,6 +323,7 @@ def _plain_forward(
     placement: str,
     dtype: str,
     sequential: bool = False,
+    softcap: float | None = None,
 ) -> _Plain:
     """The materialised forward shared by the plain baselines: logits, row maximum, sum (1 on empty rows), P.
 
@@ -339,7 +344,11 @@ def _plain_forward(
     vv = np.repeat(v, group, axis=1).astype(acc)
     s = rnd(mm(qq, np.swapaxes(kk, -1, -2)))
     sc = acc(scale) if dtype != "float64" else scale
-    if bias is not None:
+    if softcap is not None:  # c tanh(tau s / c), then the bias: post_scale + b, pre_scale + tau b
+        cap = acc(softcap) if dtype != "float64" else float(softcap)
+        capped = rnd(cap * rnd(np.tanh(rnd(rnd(s * sc) / cap))))
+        z = capped if bias is None else rnd(capped + (rnd(bias) if placement == "post_scale" else rnd(rnd(bias) * sc)))
+    elif bias is not None:
         b = rnd(bias)
         z = rnd(rnd(s * sc) + b) if placement == "post_scale" else rnd(rnd(s + b) * sc)
     else:

@@ -13,12 +13,19 @@ from .._checks import is_array_api_obj, is_cupy_array
 from .._host import host_numpy
 from ..conventions import ALIGNMENTS, FULLY_MASKED, PLACEMENTS
 from ..families import FAMILIES, BiasFamily, t5_bucket_thresholds
+from ..masks import _window
 from ._source import FAMILY_STRUCTS, cluster_policy, kernel_source, plan_launch
 
 __all__ = ["fused_biased_softmax", "supported_family"]
 
 # Flags of biased_softmax.cu (enum RP_*).
-_POS_ARRAYS, _CAUSAL, _HAS_MASK, _WANT_LSE, _EMPTY_NAN = 1, 2, 4, 8, 16
+_POS_ARRAYS, _CAUSAL, _HAS_MASK, _WANT_LSE, _EMPTY_NAN, _WINDOW, _SOFTCAP = 1, 2, 4, 8, 16, 32, 64
+# An unbounded window side: |q - k| < 2**31 - 1 for positions below 2**30, so this side never rejects a key
+# (bias.cuh, in_window), and -_WINDOW_UNBOUNDED is still an int32.
+_WINDOW_UNBOUNDED = 2**31 - 1
+# Softcaps whose float32 value and reciprocal are both normal numbers: the kernel multiplies by the rounded
+# reciprocal (bias.cuh, softcap_logit), which must be neither infinite nor subnormal for the error model to hold.
+_SOFTCAP_RANGE = {"float32": (2.0**-125, 2.0**125), "float64": (2.0**-1021, 2.0**1021)}
 # Offsets are 32-bit in the kernel: positions are kept below 2**30 in magnitude so q - k never overflows.
 _POS_LIMIT = 1 << 30
 # Largest Sandwich profile table (entries of 8 bytes).
@@ -256,6 +263,8 @@ def fused_biased_softmax(
     placement: str = "post_scale",
     fully_masked: str = "zero",
     return_lse: bool = False,
+    window: Any = None,
+    softcap: float | None = None,
 ) -> Any:
     r"""Biased softmax of CuPy scores in one CUDA kernel, the bias computed in the kernel.
 
@@ -285,6 +294,16 @@ def fused_biased_softmax(
         Rows with nothing to attend (or only -inf logits): zeros and lse -inf, or NaN and NaN.
     return_lse : bool, default False
         Also return the natural-log log-sum-exp of the final logits, shape ``scores.shape[:-1]``.
+    window : (left, right), optional
+        Local attention, as in :func:`relpos_ref.attention`: key j only when
+        :math:`-\mathit{right} \le p_i - p_j \le \mathit{left}` (the positions above); each side an int >= 0, or
+        None for unbounded. Combined with ``causal`` and ``mask``.
+    softcap : float, optional
+        :math:`c > 0` (and, with its reciprocal, a normal number of the kernel's precision): the scaled score
+        becomes :math:`c \tanh(\tau s / c)` before the bias is added and before masking, as in
+        :func:`relpos_ref.attention`: :math:`z = c \tanh(\tau s / c) + b` (``post_scale``) or
+        :math:`c \tanh(\tau s / c) + \tau b` (``pre_scale``). A -inf score stays -inf (a masked key, as
+        without a softcap), not :math:`c \tanh(-\infty) = -c`. None for none.
 
     Returns
     -------
@@ -306,6 +325,10 @@ def fused_biased_softmax(
     With ``RELPOS_REF_CUDA_CLUSTERS=1`` on a GPU of compute capability 9.0 or later, rows longer than 8192 keys
     (16384 for float64) and up to 65536 are split over a thread-block cluster instead of one block (off by default
     until measured on a GPU; results agree within the same error model, not bit for bit).
+    ``window`` and ``softcap`` are kernel arguments tested on uniform flags: without them the kernel takes the
+    branches it took before they existed (no tanh, no window test); nothing has been timed on a GPU. The softcap's
+    error model is :func:`relpos_ref.cuda.bounds.softcap_error_bound`. They are keywords of this function only:
+    ``biased_softmax(backend="fused")`` does not take them.
     """
     if not is_cupy_array(scores):
         msg = (
@@ -316,7 +339,8 @@ def fused_biased_softmax(
     with scores.device:
         launch = _prepare(
             _cupy_backend(), scores, bias, q_pos=q_pos, k_pos=k_pos, align=align, causal=causal, mask=mask,
-            scale=scale, placement=placement, fully_masked=fully_masked, return_lse=return_lse,
+            scale=scale, placement=placement, fully_masked=fully_masked, return_lse=return_lse, window=window,
+            softcap=softcap,
         )  # fmt: skip
         if launch.grid:
             _function(launch.name)((launch.grid,), (launch.block,), launch.args)
@@ -337,6 +361,8 @@ def _prepare(
     placement: str,
     fully_masked: str,
     return_lse: bool,
+    window: Any = None,
+    softcap: float | None = None,
 ) -> _Launch:
     """Validate the arguments and build the kernel launch (allocations happen here, the launch does not)."""
 
@@ -357,6 +383,9 @@ def _prepare(
     _checks.boolean("causal", causal)
     _checks.boolean("return_lse", return_lse)
     scale = _checks.real_scalar("scale", scale, positive=True)
+    left, right = _window(window)
+    if softcap is not None:
+        softcap = _checks.real_scalar("softcap", softcap, positive=True)
     shape4 = (1, *scores.shape) if scores.ndim == 3 else tuple(scores.shape)
     nb, nh, sq, sk = shape4
     nrows = nb * nh * sq
@@ -364,6 +393,11 @@ def _prepare(
         msg = f"scores: expected fewer than 2**31 rows and keys, got shape {tuple(scores.shape)}"
         raise ValueError(msg)
     acc = np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+    if softcap is not None:
+        lo, hi = _SOFTCAP_RANGE[acc.name]
+        if not lo <= softcap <= hi:
+            msg = f"softcap: expected a value in [{lo:.3g}, {hi:.3g}] for {acc.name} arithmetic, got {softcap!r}"
+            raise ValueError(msg)
 
     # -- bias: a family computed in the kernel, or a tensor read with strides ----------------------------------------
     family, fam_obj, tensor = "none", None, None
@@ -435,7 +469,11 @@ def _prepare(
         | (_CAUSAL if causal else 0)
         | (_WANT_LSE if return_lse else 0)
         | (_EMPTY_NAN if fully_masked == "nan" else 0)
+        | (_WINDOW if window is not None and (left, right) != (None, None) else 0)
+        | (_SOFTCAP if softcap is not None else 0)
     )
+    wl = _WINDOW_UNBOUNDED if left is None else min(left, _WINDOW_UNBOUNDED)
+    wr = _WINDOW_UNBOUNDED if right is None else min(right, _WINDOW_UNBOUNDED)
     if pos_arrays:
         qd, kd = am.asarray(qh.astype(np.int32)), am.asarray(kh.astype(np.int32))
         q0 = k0 = 0
@@ -451,11 +489,14 @@ def _prepare(
     plan = plan_launch(sk, dtype.name, vector_ok=vector_ok, clusters=be.clusters(dtype.name))
     a = acc.type
     alpha, beta = (a(scale), a(1.0)) if placement == "post_scale" else (a(scale), a(scale))
+    # cap and 1 / cap each rounded once from float64; 0 when off (never read then).
+    cap, inv_cap = (a(softcap), a(1.0 / softcap)) if softcap is not None else (a(0.0), a(0.0))
     i32 = np.int32
     args = (
         x, y, lse, fp, ip, lp, qd, kd, md,
         *(np.int64(s) for s in ms),
         i32(nrows), i32(nh), i32(sq), i32(sk), i32(q0), i32(k0), i32(flags), alpha, beta,
+        i32(wl), i32(wr), cap, inv_cap,
     )  # fmt: skip
     name = plan.kernel_name(family, dtype.name)
     return _Launch(name, plan.grid(nrows), plan.block, args, y, lse, tuple(scores.shape[:-1]), plan.cluster)

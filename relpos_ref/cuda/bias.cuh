@@ -35,6 +35,8 @@ RP_HD float m_sin(float x) { return sinf(x); }
 RP_HD double m_sin(double x) { return sin(x); }
 RP_HD float m_fma(float a, float b, float c) { return fmaf(a, b, c); }
 RP_HD double m_fma(double a, double b, double c) { return fma(a, b, c); }
+RP_HD float m_tanh(float x) { return tanhf(x); }
+RP_HD double m_tanh(double x) { return tanh(x); }
 
 RP_HD int iabs(int x) { return x < 0 ? -x : x; }
 RP_HD int iclamp(int x, int lo, int hi) { return x < lo ? lo : (x > hi ? hi : x); }
@@ -149,6 +151,27 @@ RP_HD void fire_mlp(const A* x, A* out, const A* w1, const A* b1, const A* w2_ro
     }
 #pragma unroll
     for (int e = 0; e < N; ++e) out[e] = acc[e] + b2_h;
+}
+
+// ---- kernel features (window, softcap), shared by the kernels and the host check -------------------------------
+
+// Sliding window on Delta = q_pos - k_pos (relpos_ref.attention's convention): key attended when
+// -right <= Delta <= left. The launcher passes 2**31 - 1 for an unbounded side: |Delta| < 2**31 - 1 because
+// positions are below 2**30 in magnitude, so that side never rejects, and -right does not overflow.
+RP_HD bool in_window(int delta, int left, int right) { return delta <= left && delta >= -right; }
+
+// Logit with a softcap: cap * tanh(s * alpha / cap) + bterm, bterm = bias * beta. The cap acts on the scaled score
+// alone, before the bias (FlashAttention's and vLLM's order, relpos_ref.attention's too). inv_cap = 1 / cap is
+// rounded once on the host, so the kernel multiplies instead of dividing (IEEE division is a subroutine call);
+// that costs one rounding of the argument, counted in relpos_ref.cuda.bounds.softcap_error_bound. The last step is
+// one fma, so cap * t is not rounded separately.
+template <typename A>
+RP_HD A softcap_logit(A s, A alpha, A cap, A inv_cap, A bterm) {
+    // A -inf score is a mask, as without a softcap (the reference masks after capping): c * tanh(-inf) = -c would
+    // attend the key. s - s is NaN only for an infinity (no fast-math here), so finite scores take the plain path.
+    if (s < (A)0 && s - s != s - s) return s;
+    const A t = m_tanh((s * alpha) * inv_cap);
+    return m_fma(cap, t, bterm);
 }
 
 // ---- family structs used by the kernels ---------------------------------------------------------------------------

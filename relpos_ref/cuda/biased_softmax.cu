@@ -1,7 +1,10 @@
 // Fused biased softmax: probs[b, h, i, :] = softmax(z) with
 //   z_j = s_j * alpha + bias_h(i, j) * beta   for attended keys, -inf (probability exactly 0) otherwise,
-// post_scale: alpha = scale, beta = 1; pre_scale: alpha = beta = scale. The bias is computed in the kernel from the
-// family's parameters (bias.cuh); nothing of shape (H, Sq, Sk) is read except for the TensorBias fallback.
+// post_scale: alpha = scale, beta = 1; pre_scale: alpha = beta = scale. With a softcap c (RP_SOFTCAP),
+//   z_j = c * tanh(s_j * alpha / c) + bias_h(i, j) * beta
+// and with a window (RP_WINDOW) key j is attended only when -right <= q_pos - k_pos <= left (see bias.cuh).
+// The bias is computed in the kernel from the family's parameters (bias.cuh); nothing of shape (H, Sq, Sk) is
+// read except for the TensorBias fallback.
 //
 // One read of the scores and one write of the probabilities per element for rows that fit the register paths
 // (Sk <= 32768 for float/half, <= 16384 for double; with thread-block clusters, sm_90+, up to 65536); longer rows use
@@ -20,7 +23,8 @@
 // aligned). Thread t owns elements (c * threads_per_row + t) * VEC + v, c < VPT / VEC, v < VEC: every load and
 // store instruction of a warp covers a contiguous, aligned span.
 //
-// Conventions: a row whose attended logits are all -inf (every key masked, or -inf scores) is "empty": probs are
+// Conventions: a row whose attended logits are all -inf (every key masked, or -inf scores, with or without a
+// softcap, which keeps a -inf score -inf) is "empty": probs are
 // written as 0 (or NaN with RP_EMPTY_NAN) and lse as -inf (or NaN). NaN logits propagate (the max below keeps
 // NaN), as in the NumPy reference. lse is the natural log-sum-exp of the final logits, in the accumulation type.
 //
@@ -146,7 +150,9 @@ enum {
     RP_CAUSAL = 2,      // attend only keys with kpos <= qpos
     RP_HAS_MASK = 4,    // boolean mask (uint8), strided
     RP_WANT_LSE = 8,    // write lse[row]
-    RP_EMPTY_NAN = 16   // empty rows: NaN probs and NaN lse instead of 0 and -inf
+    RP_EMPTY_NAN = 16,  // empty rows: NaN probs and NaN lse instead of 0 and -inf
+    RP_WINDOW = 32,     // attend only keys with -wr <= qpos - kpos <= wl
+    RP_SOFTCAP = 64     // logits cap * tanh(s * alpha / cap) + bias * beta
 };
 
 // Everything a row needs besides the family.
@@ -156,6 +162,8 @@ struct RowCtx {
     const int* kpos;
     long long msj;
     int Sk, k0, qpos, flags;
+    int wl, wr;      // window sides (RP_WINDOW)
+    A cap, inv_cap;  // softcap and its reciprocal (RP_SOFTCAP)
 };
 
 #define RP_KERNEL_PARAMS                                                                                             \
@@ -164,14 +172,15 @@ struct RowCtx {
         const long long *__restrict__ lp, const int *__restrict__ qpos, const int *__restrict__ kpos,                \
         const unsigned char *__restrict__ mask, long long msb, long long msh, long long msi, long long msj,          \
         int nrows, int H, int Sq, int Sk, int q0, int k0, int flags, typename Traits<T>::acc alpha,                  \
-        typename Traits<T>::acc beta
+        typename Traits<T>::acc beta, int wl, int wr, typename Traits<T>::acc cap, typename Traits<T>::acc inv_cap
 
 // Decompose the row index and prepare the family and the row context.
 template <template <typename> class F, typename A>
 __device__ __forceinline__ void setup_row(long long row, F<A>& fam, RowCtx<A>& rc, const A* fp, const int* ip,
                                           const long long* lp, const int* qpos, const int* kpos,
                                           const unsigned char* mask, long long msb, long long msh, long long msi,
-                                          long long msj, int H, int Sq, int Sk, int q0, int k0, int flags) {
+                                          long long msj, int H, int Sq, int Sk, int q0, int k0, int flags, int wl,
+                                          int wr, A cap, A inv_cap) {
     const int i = (int)(row % Sq);
     const long long bh = row / Sq;
     const int h = (int)(bh % H);
@@ -185,6 +194,10 @@ __device__ __forceinline__ void setup_row(long long row, F<A>& fam, RowCtx<A>& r
     rc.k0 = k0;
     rc.qpos = qp;
     rc.flags = flags;
+    rc.wl = wl;
+    rc.wr = wr;
+    rc.cap = cap;
+    rc.inv_cap = inv_cap;
 }
 
 // Load VPT scores of one row for thread t (of NTR threads per row) starting at column `base`, and turn them into
@@ -225,24 +238,34 @@ __device__ __forceinline__ void row_logits(typename Traits<T>::acc (&v)[VPT], co
             const int kp = (rc.flags & RP_POS_ARRAYS) ? rc.kpos[jc] : rc.k0 + jc;
             bool attend = in_row;
             if (rc.flags & RP_CAUSAL) attend = attend && kp <= rc.qpos;
+            if (rc.flags & RP_WINDOW) attend = attend && in_window(rc.qpos - kp, rc.wl, rc.wr);
             if (rc.flags & RP_HAS_MASK) attend = attend && rc.mask_row[(long long)jc * rc.msj] != 0;
             jj[e] = jc;
             dd[e] = rc.qpos - kp;
             ok[e] = attend;
         }
         // Families whose bias costs real arithmetic (FIRE's MLP, KERPLE's pow and log1p: F::skip_masked) skip it for
-        // a chunk with no attended key (past the causal diagonal, masked, padding): the masked half of a square
-        // causal softmax then costs no bias at all. Masked keys are contiguous along a causal row, so whole warps
-        // take the same branch except at the diagonal. The cheap families keep straight-line code (the branch costs
-        // them registers: 16 bytes more spills in the 1024 x 32 ALiBi kernel under ptxas for sm_90).
+        // a chunk with no attended key (past the causal diagonal, outside the window, masked, padding): the masked
+        // half of a square causal softmax then costs no bias at all. Masked keys are contiguous along a causal row
+        // (and on each side of a window), so whole warps take the same branch except at the diagonal (the edges).
+        // The cheap families keep straight-line code (the branch costs them registers: 16 bytes more spills in the
+        // 1024 x 32 ALiBi kernel under ptxas for sm_90).
         bool any = !F<A>::skip_masked;
 #pragma unroll
         for (int e = 0; e < CH; ++e) any = any || ok[e];
         if (any) {
             A bias[CH];
             fam.template eval<CH>(jj, dd, bias);
+            // flags is a kernel argument: the branch is uniform over the grid, and without RP_SOFTCAP the loop
+            // below is the one the kernel had before softcaps (no tanh on the default path).
+            if (rc.flags & RP_SOFTCAP) {
 #pragma unroll
-            for (int e = 0; e < CH; ++e) v[c0 + e] = ok[e] ? m_fma(v[c0 + e], alpha, bias[e] * beta) : ninf;
+                for (int e = 0; e < CH; ++e)
+                    v[c0 + e] = ok[e] ? softcap_logit(v[c0 + e], alpha, rc.cap, rc.inv_cap, bias[e] * beta) : ninf;
+            } else {
+#pragma unroll
+                for (int e = 0; e < CH; ++e) v[c0 + e] = ok[e] ? m_fma(v[c0 + e], alpha, bias[e] * beta) : ninf;
+            }
         } else {
 #pragma unroll
             for (int e = 0; e < CH; ++e) v[c0 + e] = ninf;
@@ -304,7 +327,8 @@ __global__ void __launch_bounds__(128) softmax_warp(RP_KERNEL_PARAMS) {
     if (row >= nrows) return;  // whole warps leave together: the shuffles below always see 32 lanes
     F<A> fam;
     RowCtx<A> rc;
-    setup_row<F, A>(row, fam, rc, fp, ip, lp, qpos, kpos, mask, msb, msh, msi, msj, H, Sq, Sk, q0, k0, flags);
+    setup_row<F, A>(row, fam, rc, fp, ip, lp, qpos, kpos, mask, msb, msh, msi, msj, H, Sq, Sk, q0, k0, flags,
+                    wl, wr, cap, inv_cap);
     const T* xrow = x + row * Sk;
     T* yrow = y + row * Sk;
     A v[VPT];
@@ -329,7 +353,8 @@ __global__ void __launch_bounds__(NT) softmax_block(RP_KERNEL_PARAMS) {
     const long long row = blockIdx.x;  // grid = nrows exactly: no early exit, every thread reaches every barrier
     F<A> fam;
     RowCtx<A> rc;
-    setup_row<F, A>(row, fam, rc, fp, ip, lp, qpos, kpos, mask, msb, msh, msi, msj, H, Sq, Sk, q0, k0, flags);
+    setup_row<F, A>(row, fam, rc, fp, ip, lp, qpos, kpos, mask, msb, msh, msi, msj, H, Sq, Sk, q0, k0, flags,
+                    wl, wr, cap, inv_cap);
     const T* xrow = x + row * Sk;
     T* yrow = y + row * Sk;
     A v[VPT];
@@ -354,7 +379,8 @@ __global__ void __launch_bounds__(NT) softmax_stream(RP_KERNEL_PARAMS) {
     const long long row = blockIdx.x;
     F<A> fam;
     RowCtx<A> rc;
-    setup_row<F, A>(row, fam, rc, fp, ip, lp, qpos, kpos, mask, msb, msh, msi, msj, H, Sq, Sk, q0, k0, flags);
+    setup_row<F, A>(row, fam, rc, fp, ip, lp, qpos, kpos, mask, msb, msh, msi, msj, H, Sq, Sk, q0, k0, flags,
+                    wl, wr, cap, inv_cap);
     const T* xrow = x + row * Sk;
     T* yrow = y + row * Sk;
     const A ninf = neg_inf(A());
@@ -439,7 +465,8 @@ __global__ void __cluster_dims__(C, 1, 1) __launch_bounds__(NT) softmax_cluster(
     const long long row = blockIdx.x / C;  // grid = nrows * C exactly: no early exit, every barrier is reached
     F<A> fam;
     RowCtx<A> rc;
-    setup_row<F, A>(row, fam, rc, fp, ip, lp, qpos, kpos, mask, msb, msh, msi, msj, H, Sq, Sk, q0, k0, flags);
+    setup_row<F, A>(row, fam, rc, fp, ip, lp, qpos, kpos, mask, msb, msh, msi, msj, H, Sq, Sk, q0, k0, flags,
+                    wl, wr, cap, inv_cap);
     const T* xrow = x + row * Sk;
     T* yrow = y + row * Sk;
     const int base = (int)rank * (NT * VPT);

@@ -37,6 +37,23 @@ All bounds also get an absolute floor, :math:`2^{-100}` (float32) or :math:`2^{-
 parameters and intermediate products below the normal range (flushed to zero or made subnormal when rounded).
 They are first-order forward error bounds, written to be tight within a small factor; the host check
 (``tests/cuda/test_host.py``) and the GPU tests measure the ratio error / bound and require it to be at most 1.
+
+**Softcap.** With ``softcap=c`` the kernel computes the capped score as ``fma(c, tanh((s * alpha) * inv_c), bb)``
+(``bias.cuh``, ``softcap_logit``; ``inv_c`` = 1/c and c each rounded once from float64, ``bb`` = bias * beta);
+a -inf score stays -inf (a masked key).
+:func:`softcap_error_bound` bounds the error of the capped term :math:`c \tanh(\alpha s / c)` by
+:math:`(5 + 2k)\,u\,c\,|\tanh(\alpha s / c)|` with :math:`k` = :data:`TANH_ULP` the maximum ulp error of
+``tanhf``/``tanh``: the argument :math:`y = \alpha s / c` is within :math:`3u` relative (the product
+:math:`s\alpha`, the rounding of :math:`1/c`, the product by it), which moves :math:`\tanh y` by at most
+:math:`3u\,|\tanh y|` because :math:`y\,\tanh'(y) = y\,\mathrm{sech}^2 y \le \tanh y` (the derivative of
+:math:`c\tanh(x/c)` is at most 1); ``tanh`` adds :math:`k` ulp, at most :math:`2ku\,|\tanh y|`; rounding
+:math:`c` adds :math:`u`. The fma's final rounding and the product ``bias * beta`` (:math:`u|z| + u\beta|b|`)
+are the bias term's :math:`3u\beta|b|` of the check plus :math:`u` of the capped term, counted in the 5.
+:data:`TANH_ULP` is 2 for both precisions: the CUDA C++ Programming Guide, appendix "Mathematical Functions",
+tables "Single-Precision Mathematical Standard Library Functions with Maximum ULP Error" (``tanhf(x)``: 2, full
+range) and the double-precision table (``tanh(x)``: 2, full range). That figure is quoted from the guide as
+recalled, not re-read here; the guide says its bounds come from extensive but not exhaustive tests. The CPU
+emulation uses glibc's ``tanhf``, also within 2 ulp (glibc manual, "Errors in Math Functions").
 """
 
 from __future__ import annotations
@@ -50,7 +67,11 @@ from .._host import host_numpy
 from ..bounds.model import unit_roundoff as _unit_roundoff
 from ..families import FAMILIES
 
-__all__ = ["bias_error_bound", "kernel_roundoff"]
+__all__ = ["TANH_ULP", "bias_error_bound", "kernel_roundoff", "softcap_error_bound"]
+
+#: Maximum ulp error of CUDA's ``tanhf`` (float32) and ``tanh`` (float64), from the CUDA C++ Programming Guide's
+#: tables of mathematical functions (see the module docstring).
+TANH_ULP = {"float32": 2, "float64": 2}
 
 _FLOOR = {"float32": 2.0**-100, "float64": 2.0**-1000}
 
@@ -67,6 +88,27 @@ def kernel_roundoff(precision: str) -> float:
         return 2 * _unit_roundoff("float64")
     msg = f"precision: expected 'float32' or 'float64', got {precision!r}"
     raise ValueError(msg)
+
+
+def softcap_error_bound(scores: Any, alpha: float, softcap: float, precision: str) -> np.ndarray:
+    """Elementwise bound, float64 NumPy of the shape of ``scores``, on the error of the kernel's capped score
+    against :math:`c \tanh(\alpha s / c)` in exact arithmetic (see the module docstring).
+
+    Parameters
+    ----------
+    scores : array
+        The raw scores :math:`s` as the kernel reads them (float16 values are exact in float32).
+    alpha : float
+        The scale :math:`\tau` (``alpha`` of the kernel in both placements).
+    softcap : float
+        :math:`c > 0`.
+    precision : {"float32", "float64"}
+        The kernel's accumulation precision.
+    """
+    u = kernel_roundoff(precision)
+    s = np.asarray(host_numpy(scores), dtype=np.float64)
+    capped = softcap * np.abs(np.tanh(alpha * s / softcap))
+    return (5 + 2 * TANH_ULP[precision]) * u * capped + _FLOOR[precision]
 
 
 def bias_error_bound(family: Any, q_pos: Any, k_pos: Any, precision: str) -> np.ndarray:

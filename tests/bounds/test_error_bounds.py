@@ -353,3 +353,45 @@ def test_hazard_slopes_stored_in_bfloat16(xp):
     u = bounds.unit_roundoff("bfloat16")
     assert np.all(shift <= np.abs(exact_b) * u + bounds.ulp(exact_b, "bfloat16") / 2)  # stored slope, then rounding
     assert shift.max() >= 0.5  # half a logit at 8192 tokens (0.62 measured for 12 heads)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Kernel features in the oracle table: each feature row measures the feature (a reference that drops it fails)
+# ---------------------------------------------------------------------------------------------------------------------
+
+FEATURE_NAMES = ("window", "q_pos", "q_lens", "q_segment_ids")
+
+
+def _feature_cases(dtype):
+    cases = list(bounds.measure._attention_cases(dtype, False, np.random.default_rng(3)))
+    return [c for c in cases if any(n in c for n in FEATURE_NAMES)]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_feature_cases_within_bound(xp, dtype):
+    _need(xp, dtype)
+    cases = _feature_cases(dtype)
+    assert {n for c in cases for n in FEATURE_NAMES if n in c} == set(FEATURE_NAMES)
+    for case in cases:
+        mo, ml_ = bounds.measure_attention(case, xp, dtype)
+        _assert_within(mo, f"attention out {dtype} {sorted(case)}")
+        _assert_within(ml_, f"attention lse {dtype} {sorted(case)}")
+
+
+@pytest.mark.parametrize("drop", ["window", "q_pos", "q_lens", "k_lens", "q_segment_ids"])
+def test_feature_case_fails_when_the_reference_drops_it(monkeypatch, drop):
+    import array_api_compat.numpy as npc
+
+    real = bounds.measure.attention
+
+    def dropping(*args, **kw):
+        kw.pop(drop, None)
+        if drop == "q_segment_ids":
+            kw.pop("k_segment_ids", None)
+            kw.pop("segment_positions", None)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(bounds.measure, "attention", dropping)
+    case = next(c for c in _feature_cases("float64") if drop in c)
+    mo, ml_ = bounds.measure_attention(case, npc, "float64")
+    assert mo.summary()["ratio"] > 1 or ml_.summary()["ratio"] > 1

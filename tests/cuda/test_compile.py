@@ -407,3 +407,66 @@ def test_fused_rejects_numpy_scores():
     scores = np.zeros((1, 2, 3, 4), dtype=np.float32)
     with pytest.raises(TypeError, match=r"scores: expected a CuPy array.*numpy\.ndarray"):
         fused_biased_softmax(scores, rp.ALiBi.from_num_heads(2))
+
+
+# ---- window and softcap: kernel arguments of every kernel ----------------------------------------------------------
+
+# The launch's argument count (relpos_ref.cuda._launch._prepare): 22 before the window and softcap, then
+# wl, wr, cap, inv_cap.
+KERNEL_ARGS = 26
+
+
+def feature_names() -> list[str]:
+    """A small subset with the window and softcap code paths: every kernel kind, every storage type, a cheap family
+    and a skip_masked one (FIRE, KERPLE: the window-emptied chunk branch)."""
+    names = [
+        plan_launch(128, "float32").kernel_name("alibi", "float32"),
+        plan_launch(1003, "float16").kernel_name("fire", "float16"),
+        plan_launch(4096, "float64").kernel_name("kerple_log", "float64"),
+        plan_launch(100_000, "float32").kernel_name("t5", "float32"),
+    ]
+    return sorted(names)
+
+
+def _entry_params(ptx: str, lowered: str) -> int:
+    body = ptx.split(f".entry {lowered}(", 1)[1].split(")", 1)[0]
+    return body.count(".param")
+
+
+def _check_feature_ptx(names: list[str], arch: str, source: str | None = None) -> None:
+    from relpos_ref.cuda._nvrtc import nvrtc_compile
+
+    res = nvrtc_compile(names, arch, source=source)
+    ptx = res.output.decode()
+    assert "warning" not in res.log.lower(), res.log
+    for name in names:
+        assert _entry_params(ptx, res.lowered[name]) == KERNEL_ARGS, name
+
+
+@needs_nvrtc
+@pytest.mark.cuda_compile
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+def test_nvrtc_compiles_window_softcap_kernels(arch):
+    """The kernels with the window test and the softcap (tanhf/tanh, uniform flag branches) compile without
+    warnings and take the 26 arguments the launcher passes."""
+    _check_feature_ptx(feature_names(), arch)
+
+
+@needs_nvrtc
+@pytest.mark.cuda_compile
+@pytest.mark.slow
+def test_nvrtc_window_softcap_arguments_full_matrix():
+    """Every representative kernel (all families, dtypes and launch shapes) takes the 26 launch arguments."""
+    _check_feature_ptx(representative_names()[:-1], "compute_90")
+
+
+@needs_nvrtc
+@pytest.mark.cuda_compile
+def test_feature_argument_check_rejects_old_signature():
+    """The argument-count check can fail: the kernel source without the four feature parameters has 22."""
+    src = kernel_source()
+    old = ", int wl, int wr, typename Traits<T>::acc cap, typename Traits<T>::acc inv_cap"
+    assert src.count(old) == 1
+    mutant = src.replace(old, "").replace("wl, wr, cap, inv_cap);", "0, 0, (A)0, (A)0);")
+    with pytest.raises(AssertionError):
+        _check_feature_ptx(feature_names()[:1], "compute_90", source=mutant)

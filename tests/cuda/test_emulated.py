@@ -33,6 +33,15 @@ import pytest
 import relpos_ref as rp
 from relpos_ref.cuda._launch import _Backend, _prepare
 from relpos_ref.cuda._source import CLUSTER_POLICIES, ClusterPolicy
+from tests.cuda.feature_cases import (
+    ATTENTION_CHECKED,
+    FEATURE_CASES,
+    FEATURE_CLUSTER_CASES,
+    FeatureCase,
+    build_feature,
+    prepare_feature,
+    reference_matches_attention,
+)
 from tests.support.fused_cases import Case, build, check, family_sweep, special_cases
 
 CUDA_DIR = Path(rp.__file__).parent / "cuda"
@@ -158,6 +167,7 @@ template <typename T>
 using KFn = void (*)(const T*, T*, typename rp::Traits<T>::acc*, const typename rp::Traits<T>::acc*, const int*,
                      const long long*, const int*, const int*, const unsigned char*, long long, long long, long long,
                      long long, int, int, int, int, int, int, int, typename rp::Traits<T>::acc,
+                     typename rp::Traits<T>::acc, int, int, typename rp::Traits<T>::acc,
                      typename rp::Traits<T>::acc);
 
 // Clusters (of `cluster` consecutive blocks) run one after another; the blocks of one cluster run concurrently.
@@ -202,7 +212,8 @@ static int launch(KFn<T> k, int grid, int block, int cluster, void** a) {
         k(*(const T**)a[0], *(T**)a[1], *(A**)a[2], *(const A**)a[3], *(const int**)a[4], *(const long long**)a[5],
           *(const int**)a[6], *(const int**)a[7], *(const unsigned char**)a[8], *(long long*)a[9],
           *(long long*)a[10], *(long long*)a[11], *(long long*)a[12], *(int*)a[13], *(int*)a[14], *(int*)a[15],
-          *(int*)a[16], *(int*)a[17], *(int*)a[18], *(int*)a[19], *(A*)a[20], *(A*)a[21]);
+          *(int*)a[16], *(int*)a[17], *(int*)a[18], *(int*)a[19], *(A*)a[20], *(A*)a[21], *(int*)a[22],
+          *(int*)a[23], *(A*)a[24], *(A*)a[25]);
     }, cluster);
 }
 
@@ -426,10 +437,19 @@ def compile_emulation(names: list[str], directory: Path, cuda_dir: Path = CUDA_D
 
 
 @pytest.fixture(scope="module")
-def emulator(built_cases, built_cluster_cases, tmp_path_factory):
+def built_feature_cases():
+    return {fc.id: build_feature(fc) for fc in FEATURE_CASES + FEATURE_CLUSTER_CASES}
+
+
+@pytest.fixture(scope="module")
+def emulator(built_cases, built_cluster_cases, built_feature_cases, tmp_path_factory):
     """Compile the kernels the cases need (names from the real launch preparation) into one host library."""
     names = {prepare(b, _probe()).name for b in built_cases.values()}
     names |= {prepare(built_cluster_cases[_cluster_id(c, p)], _probe(p)).name for c, p in CLUSTER_CASES}
+    names |= {prepare_feature(fc, built_feature_cases[fc.id], _probe()).name for fc in FEATURE_CASES}
+    names |= {
+        prepare_feature(fc, built_feature_cases[fc.id], _probe(SMALL_CLUSTERS)).name for fc in FEATURE_CLUSTER_CASES
+    }
     return compile_emulation(sorted(names), tmp_path_factory.mktemp("cuda_emulated"))
 
 
@@ -470,3 +490,63 @@ def test_emulated_cluster_kernel_matches_reference(case, policy, built_cluster_c
     assert launch.grid % launch.cluster == 0
     emulator.run(built, launch)
     check(built, launch.probs, launch.lse.reshape(launch.lse_shape) if case.return_lse else None)
+
+
+# ---- window and softcap (feature_cases.py) --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fc", FEATURE_CASES, ids=[fc.id for fc in FEATURE_CASES])
+def test_emulated_window_softcap_match_reference(fc, built_feature_cases, emulator):
+    """The kernel with a window and/or a softcap against the float64 reference with the same features, within the
+    error model (the softcap's term from relpos_ref.cuda.bounds.softcap_error_bound)."""
+    built = built_feature_cases[fc.id]
+    launch = prepare_feature(fc, built, emulator.backend)
+    emulator.run(built, launch)
+    check(built, launch.probs, launch.lse.reshape(launch.lse_shape) if fc.case.return_lse else None)
+
+
+@pytest.mark.parametrize("fc", FEATURE_CLUSTER_CASES, ids=[fc.id for fc in FEATURE_CLUSTER_CASES])
+def test_emulated_cluster_window_softcap_match_reference(fc, built_feature_cases, emulator):
+    built = built_feature_cases[fc.id]
+    launch = prepare_feature(fc, built, emulator.backend_with(SMALL_CLUSTERS))
+    assert launch.name.startswith("rp::softmax_cluster<"), launch.name
+    emulator.run(built, launch)
+    check(built, launch.probs, launch.lse.reshape(launch.lse_shape))
+
+
+@pytest.mark.parametrize("fc", ATTENTION_CHECKED, ids=[fc.id for fc in ATTENTION_CHECKED])
+def test_feature_reference_is_rp_attention(fc, built_feature_cases):
+    """The reference of the feature cases (capped scores and window mask through rp.biased_softmax) is rp.attention
+    with the same window and softcap, to float64 rounding."""
+    assert reference_matches_attention(fc, built_feature_cases[fc.id]) < 1e-12
+
+
+def test_feature_reference_check_rejects_a_wrong_reference():
+    """The cross-check can fail: the reference built with the window one key narrower on the left differs from
+    rp.attention."""
+    fc = ATTENTION_CHECKED[0]
+    assert fc.window is not None
+    assert fc.window[0] is not None
+    narrower = FeatureCase(fc.case, window=(fc.window[0] - 1, fc.window[1]), softcap=fc.softcap)
+    assert reference_matches_attention(fc, build_feature(narrower)) > 1e-3
+
+
+def test_features_off_leave_the_launch_unchanged():
+    """window=None / (None, None) and softcap=None launch the same kernel with the same flags as before the
+    features existed (flags and the other arguments are equal; the feature arguments are the inert defaults)."""
+    built = build(Case("alibi", (1, 2, 3, 50), "float32", causal=True))
+    base = prepare(built, _probe())
+    for window in (None, (None, None)):
+        fc = FeatureCase(built.case, window=window)
+        launch = prepare_feature(fc, built, _probe())
+        assert launch.name == base.name
+        flags = launch.args[19]
+        assert int(flags) == int(base.args[19])
+        assert not int(flags) & (32 | 64)
+        assert [int(a) for a in launch.args[22:24]] == [2**31 - 1, 2**31 - 1]
+        assert [float(a) for a in launch.args[24:26]] == [0.0, 0.0]
+    on = prepare_feature(FeatureCase(built.case, window=(3, None), softcap=2.0), built, _probe())
+    assert int(on.args[19]) == int(base.args[19]) | 32 | 64
+    assert [int(a) for a in on.args[22:24]] == [3, 2**31 - 1]
+    assert float(on.args[24]) == 2.0
+    assert float(on.args[25]) == 0.5

@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 
+from tests.cuda.feature_cases import FEATURE_MUTANT_CASE, build_feature, prepare_feature
 from tests.cuda.test_emulated import (
     CUDA_DIR,
     CXX,
@@ -49,6 +50,68 @@ def test_kernel_mutants_are_detected(mutant_emulators):
     for mutant, (built, emu) in mutant_emulators.items():
         launch = prepare(built, emu.backend_with(SMALL_CLUSTERS))
         assert launch.cluster == 4
+        try:
+            emu.run(built, launch)
+            check(built, launch.probs, launch.lse.reshape(launch.lse_shape))
+        except AssertionError:
+            continue
+        survivors.append(mutant)
+    assert not survivors, f"mutants not detected: {survivors}"
+
+
+# Broken window and softcap arithmetic: (file, old text, new text), each caught on FEATURE_MUTANT_CASE.
+FEATURE_MUTANTS = {
+    "window_left_off_by_one": (
+        "bias.cuh",
+        "return delta <= left && delta >= -right;",
+        "return delta < left && delta >= -right;",
+    ),
+    "window_right_off_by_one": (
+        "bias.cuh",
+        "return delta <= left && delta >= -right;",
+        "return delta <= left && delta > -right;",
+    ),
+    "window_ignored": (
+        "biased_softmax.cu",
+        "attend = attend && in_window(rc.qpos - kp, rc.wl, rc.wr);",
+        "attend = attend;",
+    ),
+    "softcap_after_bias": (
+        "bias.cuh",
+        "const A t = m_tanh((s * alpha) * inv_cap);\n    return m_fma(cap, t, bterm);",
+        "const A t = m_tanh((s * alpha + bterm) * inv_cap);\n    return cap * t;",
+    ),
+    "softcap_dropped": (
+        "bias.cuh",
+        "const A t = m_tanh((s * alpha) * inv_cap);\n    return m_fma(cap, t, bterm);",
+        "return m_fma(s, alpha, bterm);",
+    ),
+}
+
+
+def test_unmutated_feature_case_passes(tmp_path):
+    """The mutants' case passes on the real source (so a failure below is the mutant's)."""
+    built = build_feature(FEATURE_MUTANT_CASE)
+    emu = compile_emulation([prepare_feature(FEATURE_MUTANT_CASE, built, _probe()).name], tmp_path)
+    launch = prepare_feature(FEATURE_MUTANT_CASE, built, emu.backend)
+    emu.run(built, launch)
+    check(built, launch.probs, launch.lse.reshape(launch.lse_shape))
+
+
+def test_window_softcap_mutants_are_detected(tmp_path_factory):
+    built = build_feature(FEATURE_MUTANT_CASE)
+    name = prepare_feature(FEATURE_MUTANT_CASE, built, _probe()).name
+    survivors = []
+    for mutant, (fname, old, new) in FEATURE_MUTANTS.items():
+        d = tmp_path_factory.mktemp(f"feature_mutant_{mutant}")
+        for f in ("biased_softmax.cu", "bias.cuh"):
+            text = (CUDA_DIR / f).read_text()
+            if f == fname:
+                assert text.count(old) == 1, f"mutant {mutant}: {old!r} must occur once in {f}"
+                text = text.replace(old, new)
+            (d / f).write_text(text)
+        emu = compile_emulation([name], d, cuda_dir=d)
+        launch = prepare_feature(FEATURE_MUTANT_CASE, built, emu.backend)
         try:
             emu.run(built, launch)
             check(built, launch.probs, launch.lse.reshape(launch.lse_shape))

@@ -67,3 +67,65 @@ def test_biased_softmax_fused_matches_reference():
     got_p, got_l = rp.biased_softmax(s, b, mask=m, scale=0.125, return_lse=True, backend="fused")
     np.testing.assert_allclose(to_numpy(got_p), to_numpy(ref_p), rtol=2e-5, atol=1e-7)
     np.testing.assert_allclose(to_numpy(got_l), to_numpy(ref_l), rtol=2e-6, atol=1e-6)
+
+
+# ---- window and softcap of fused_biased_softmax: argument checks (no GPU: the launch preparation on NumPy) -------
+
+
+def _prepare_numpy(dtype="float32", **kw):
+    from relpos_ref.cuda._launch import _prepare
+    from tests.cuda.test_emulated import _probe
+
+    scores = np.zeros((1, 2, 3, 4), dtype=dtype)
+    args = {"q_pos": None, "k_pos": None, "align": "bottom_right", "causal": False, "mask": None, "scale": 1.0,
+            "placement": "post_scale", "fully_masked": "zero", "return_lse": False}  # fmt: skip
+    return _prepare(_probe(), scores, rp.ALiBi.from_num_heads(2), **args, **kw)
+
+
+@pytest.mark.parametrize(
+    ("kw", "error", "match"),
+    [
+        ({"window": 3}, TypeError, r"window: expected a pair"),
+        ({"window": (1, 2, 3)}, TypeError, r"window: expected a pair"),
+        ({"window": (-1, 2)}, ValueError, r"window\[0\]"),
+        ({"window": (2, -1)}, ValueError, r"window\[1\]"),
+        ({"window": (1.5, 2)}, TypeError, r"window\[0\]"),
+        ({"window": (True, 2)}, TypeError, r"window\[0\]"),
+        ({"softcap": 0.0}, ValueError, r"softcap: expected a number > 0"),
+        ({"softcap": -2.0}, ValueError, r"softcap: expected a number > 0"),
+        ({"softcap": float("inf")}, ValueError, r"softcap: expected a finite number"),
+        ({"softcap": float("nan")}, ValueError, r"softcap: expected a finite number"),
+        ({"softcap": "2"}, TypeError, r"softcap: expected a real number"),
+        ({"softcap": True}, TypeError, r"softcap: expected a real number"),
+        ({"softcap": 1e-40}, ValueError, r"softcap: expected a value in .* for float32"),
+        ({"softcap": 1e39}, ValueError, r"softcap: expected a value in .* for float32"),
+    ],
+)
+def test_fused_rejects_bad_window_and_softcap(kw, error, match):
+    with pytest.raises(error, match=match):
+        _prepare_numpy(**kw)
+
+
+def test_fused_accepts_good_window_and_softcap():
+    """The rejections above are the arguments' (the same call with valid ones prepares a launch), and float64
+    arithmetic accepts softcaps beyond the float32 range."""
+    for kw in ({"window": (0, None)}, {"window": [None, 0]}, {"window": (None, None)}, {"softcap": 30},
+               {"window": (2**40, 3), "softcap": 1e-30}):  # fmt: skip
+        assert _prepare_numpy(**kw).name
+    assert _prepare_numpy("float64", softcap=1e-40).name
+    assert _prepare_numpy("float64", softcap=1e39).name
+
+
+def test_fused_window_softcap_keywords_only_on_fused_biased_softmax():
+    """window/softcap are keywords of fused_biased_softmax (checked after the CuPy test on scores), not of
+    biased_softmax."""
+    import inspect
+
+    from relpos_ref.cuda import fused_biased_softmax
+
+    params = inspect.signature(fused_biased_softmax).parameters
+    assert params["window"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert params["softcap"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert "window" not in inspect.signature(rp.biased_softmax).parameters
+    with pytest.raises(TypeError, match="scores"):
+        fused_biased_softmax(np.zeros((1, 2, 3, 4), np.float32), window=(1, 1), softcap=2.0)

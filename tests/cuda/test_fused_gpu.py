@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 import relpos_ref as rp
 from relpos_ref.cuda import fused_biased_softmax
+from tests.cuda.feature_cases import FEATURE_CASES, FEATURE_MUTANT_CASE, FeatureCase, build_feature
 from tests.support.fused_cases import FAMILIES, Case, build, check, family_sweep, special_cases
 
 pytestmark = pytest.mark.gpu
@@ -290,3 +291,44 @@ def test_kernel_attributes_readable():
         k = _function(plan_launch(sk, "float32").kernel_name("alibi", "float32"))
         assert k.num_regs > 0
         assert k.max_threads_per_block >= plan_launch(sk, "float32").block
+
+
+# ---- window and softcap (feature_cases.py; the same cases run on the CPU emulation in test_emulated.py) ----------
+
+
+def run_fused_features(fc, built):
+    case = built.case
+    scores, bias, mask, q_pos, k_pos = to_cupy_inputs(built, family_on_device=False)
+    out = fused_biased_softmax(
+        scores, bias, q_pos=q_pos, k_pos=k_pos, align=case.align, causal=case.causal, mask=mask, scale=case.scale,
+        placement=case.placement, fully_masked=case.fully_masked, return_lse=case.return_lse, window=fc.window,
+        softcap=fc.softcap,
+    )  # fmt: skip
+    probs, lse = out if case.return_lse else (out, None)
+    return probs.get(), (None if lse is None else lse.get())
+
+
+@pytest.mark.parametrize("fc", FEATURE_CASES, ids=[fc.id for fc in FEATURE_CASES])
+def test_fused_window_softcap_match_reference(fc):
+    """The real kernel with a window and/or softcap against the float64 reference with the same features."""
+    built = build_feature(fc)
+    check(built, *run_fused_features(fc, built))
+
+
+def test_fused_window_softcap_check_rejects_the_features_dropped():
+    """The comparison can fail on the device: the kernel run without the window and softcap misses the reference
+    that has them."""
+    fc = FEATURE_MUTANT_CASE
+    built = build_feature(fc)
+    plain = FeatureCase(fc.case)
+    with pytest.raises(AssertionError):
+        check(built, *run_fused_features(plain, built))
+
+
+def test_fused_window_softcap_on_cluster_kernel(clusters_on):
+    """A row long enough for the default cluster policy, with a window and a softcap."""
+    clusters_on("1")
+    fc = FeatureCase(Case("alibi", (1, 1, 2, 16384), "float32", causal=True, seed=3), window=(3000, None), softcap=2.0)
+    built = build_feature(fc)
+    _assert_cluster_launch(built)
+    check(built, *run_fused_features(fc, built))

@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 
 import relpos_ref as rp
 from relpos_ref.cuda import supported_family
-from relpos_ref.cuda._launch import _pack_family
-from relpos_ref.cuda.bounds import bias_error_bound
+from relpos_ref.cuda._launch import _WINDOW_UNBOUNDED, _pack_family
+from relpos_ref.cuda.bounds import bias_error_bound, kernel_roundoff, softcap_error_bound
 
 CUDA_DIR = Path(rp.__file__).parent / "cuda"
 
@@ -83,6 +83,20 @@ extern "C" int rp_bias_f64(ARGS(double)) { return dispatch<double>(PASS); }
 
 extern "C" void rp_t5_buckets(const int* delta, long long n, int bidirectional, const int* thr, int nthr, int* out) {
     for (long long k = 0; k < n; ++k) out[k] = rp::t5_bucket(delta[k], bidirectional, thr, nthr);
+}
+
+extern "C" void rp_in_window(const int* delta, long long n, int left, int right, unsigned char* out) {
+    for (long long k = 0; k < n; ++k) out[k] = rp::in_window(delta[k], left, right) ? 1 : 0;
+}
+
+extern "C" void rp_softcap_f32(const float* s, long long n, float alpha, float cap, float inv_cap, const float* bt,
+                               float* out) {
+    for (long long k = 0; k < n; ++k) out[k] = rp::softcap_logit<float>(s[k], alpha, cap, inv_cap, bt[k]);
+}
+
+extern "C" void rp_softcap_f64(const double* s, long long n, double alpha, double cap, double inv_cap,
+                               const double* bt, double* out) {
+    for (long long k = 0; k < n; ++k) out[k] = rp::softcap_logit<double>(s[k], alpha, cap, inv_cap, bt[k]);
 }
 
 extern "C" void rp_sandwich_profile_at(const int* n, int count, int half_d, double* out) {
@@ -144,6 +158,10 @@ def lib(request, tmp_path_factory):
         fn.restype = ctypes.c_int
     lib.rp_t5_buckets.argtypes = [ip, ctypes.c_longlong, ctypes.c_int, ip, ctypes.c_int, ip]
     lib.rp_sandwich_profile_at.argtypes = [ip, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_double)]
+    lib.rp_in_window.argtypes = [ip, ctypes.c_longlong, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    for fn, real in ((lib.rp_softcap_f32, ctypes.c_float), (lib.rp_softcap_f64, ctypes.c_double)):
+        fn.argtypes = [ctypes.POINTER(real), ctypes.c_longlong, real, real, real, ctypes.POINTER(real),
+                       ctypes.POINTER(real)]  # fmt: skip
     return lib
 
 
@@ -372,3 +390,116 @@ def test_kernel_bound_refuses_a_subclass_of_a_family():
     with pytest.raises(TypeError, match="family: no documented bound for Steeper"):
         bias_error_bound(Steeper(rp.alibi_slopes(2)), q, q, "float32")
     assert bias_error_bound(rp.ALiBi(rp.alibi_slopes(2)), q, q, "float32").shape == (2, 4, 4)
+
+
+# ---- window test and softcap transform (bias.cuh: in_window, softcap_logit) ------------------------------------------
+
+# Offsets around every window edge below, and the extremes the kernel can see (|Delta| <= 2**31 - 2).
+WINDOW_DELTAS = np.array([*range(-12, 13), -(2**31 - 2), 2**31 - 2, -(2**30), 2**30], dtype=np.int32)
+WINDOW_SIDES = [*range(9), _WINDOW_UNBOUNDED]
+
+
+def _window_rule(delta: np.ndarray, left: int, right: int) -> np.ndarray:
+    """The reference convention (relpos_ref.attention): -right <= Delta <= left, the sentinel meaning unbounded."""
+    keep = np.ones(delta.shape, bool)
+    if left != _WINDOW_UNBOUNDED:
+        keep &= delta.astype(np.int64) <= left
+    if right != _WINDOW_UNBOUNDED:
+        keep &= delta.astype(np.int64) >= -right
+    return keep
+
+
+def host_window(lib, delta: np.ndarray, left: int, right: int) -> np.ndarray:
+    out = np.zeros(delta.size, dtype=np.uint8)
+    lib.rp_in_window(_ptr(delta, ctypes.c_int), delta.size, left, right, out.ctypes.data)
+    return out.astype(bool)
+
+
+def test_window_exhaustive_small_range(lib):
+    """in_window on every offset in [-12, 12] (and the extremes) for every pair of sides in 0..8 or unbounded."""
+    for left in WINDOW_SIDES:
+        for right in WINDOW_SIDES:
+            got = host_window(lib, WINDOW_DELTAS, left, right)
+            np.testing.assert_array_equal(got, _window_rule(WINDOW_DELTAS, left, right), err_msg=f"{left}, {right}")
+
+
+def test_window_check_rejects_off_by_one():
+    """The comparison above can fail: the rule with either edge open differs from it on the offsets tested."""
+    for left in range(9):
+        for right in range(9):
+            rule = _window_rule(WINDOW_DELTAS, left, right)
+            assert not np.array_equal(rule, _window_rule(WINDOW_DELTAS, left - 1, right))
+            assert not np.array_equal(rule, _window_rule(WINDOW_DELTAS, left, right - 1))
+
+
+def _all_float16_values() -> np.ndarray:
+    v = np.arange(2**16, dtype=np.uint16).view(np.float16)
+    return v[np.isfinite(v)].astype(np.float64)
+
+
+# (alpha, softcap): caps below, at and far above the scaled scores, a cap that is not a float32 number (0.01).
+SOFTCAP_CONFIGS = [(0.125, 1.0), (1.0, 30.0), (0.5, 2.5), (3.0, 0.01), (0.0625, 50.0)]
+
+
+def host_softcap(lib, s: np.ndarray, alpha: float, cap: float, bterm: np.ndarray, precision: str) -> np.ndarray:
+    acc = np.dtype(np.float32 if precision == "float32" else np.float64)
+    real = ctypes.c_float if precision == "float32" else ctypes.c_double
+    fn = lib.rp_softcap_f32 if precision == "float32" else lib.rp_softcap_f64
+    s_a, b_a = np.ascontiguousarray(s, dtype=acc), np.ascontiguousarray(bterm, dtype=acc)
+    out = np.empty_like(s_a)
+    # cap and 1 / cap rounded once from float64, as the launcher does.
+    fn(_ptr(s_a, real), s_a.size, acc.type(alpha), acc.type(cap), acc.type(1.0 / cap), _ptr(b_a, real), _ptr(out, real))
+    return out.astype(np.float64)
+
+
+def _softcap_ratio(got, s, alpha, cap, bterm, precision) -> float:
+    ref = cap * np.tanh(alpha * s / cap) + bterm
+    bound = softcap_error_bound(s, alpha, cap, precision) + 3 * kernel_roundoff(precision) * np.abs(bterm)
+    return float(np.max(np.abs(got - ref) / bound))
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize(("alpha", "cap"), SOFTCAP_CONFIGS)
+def test_softcap_within_bound_on_every_float16_score(lib, precision, alpha, cap):
+    """softcap_logit on every finite float16 score (exact in float32 and float64), with and without a bias term,
+    against c tanh(alpha s / c) + b in float64, within softcap_error_bound (+ the bias term's 3u|b|)."""
+    s = _all_float16_values()
+    bterm = np.random.default_rng(0).normal(size=s.size) * 3
+    if precision == "float32":
+        bterm = bterm.astype(np.float32).astype(np.float64)  # the kernel's bias * beta, already a float32 number
+    for b in (np.zeros_like(s), bterm):
+        got = host_softcap(lib, s, alpha, cap, b, precision)
+        assert _softcap_ratio(got, s, alpha, cap, b, precision) <= 1
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_softcap_bound_rejects_wrong_transforms(lib, precision):
+    """The bound can fail: 16 ulp more on tanh, the cap after the bias, or no cap at all exceed it."""
+    s = _all_float16_values()
+    alpha, cap = 0.5, 2.5
+    bterm = np.random.default_rng(1).normal(size=s.size)
+    if precision == "float32":
+        bterm = bterm.astype(np.float32).astype(np.float64)
+    ulp = 2 * kernel_roundoff(precision)
+    t = np.tanh(alpha * s / cap)
+    wrong = {
+        "tanh 16 ulp off": host_softcap(lib, s, alpha, cap, bterm, precision) + 16 * ulp * cap * np.abs(t),
+        "cap after the bias": cap * np.tanh((alpha * s + bterm) / cap),
+        "no cap": alpha * s + bterm,
+    }
+    for name, got in wrong.items():
+        assert _softcap_ratio(got, s, alpha, cap, bterm, precision) > 1, name
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_softcap_keeps_a_minus_inf_score_masked(lib, precision):
+    """A -inf score is a masked key with or without a softcap: it stays -inf (c tanh(-inf) = -c would attend it);
+    +inf and NaN are not masks and go through tanh (+c, NaN), finite scores are capped."""
+    s = np.array([-np.inf, np.inf, np.nan, -1e30, 0.0, 3.0])
+    got = host_softcap(lib, s, 0.5, 2.5, np.zeros_like(s), precision)
+    assert got[0] == -np.inf
+    assert got[1] == pytest.approx(2.5)
+    assert np.isnan(got[2])
+    assert got[3] == pytest.approx(-2.5)
+    assert got[4] == 0.0
+    assert got[5] == pytest.approx(2.5 * np.tanh(1.5 / 2.5), rel=1e-6)
