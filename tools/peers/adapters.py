@@ -21,6 +21,7 @@ __all__ = [
     "BiasBuilder",
     "alibi_params",
     "bloom_alibi",
+    "fa_attention_ref",
     "flex_alibi",
     "flex_backward",
     "flex_t5",
@@ -33,6 +34,8 @@ __all__ = [
     "sdpa_backward",
     "sdpa_causal",
     "t5_params",
+    "vllm_ref_paged_attn",
+    "xformers_mask_attention",
 ]
 
 
@@ -392,5 +395,168 @@ def flex_backward(form: str, *, causal: bool, layer: Any = None, params_only: bo
         out = _flex(q, k, v, score_mod, scale=scale, with_lse=False)
         leaves = params if params_only else {"dq": q, "dk": k, "dv": v, **params}
         return _grads(out, leaves, d_out)
+
+    return candidate
+
+
+# -- kernel test references, written in torch from their documented steps ------------------------------------
+
+
+def _fa_local_mask(sq: int, sk: int, window: tuple[int, int], lq: Any, lk: Any, *, mutant: str | None) -> Any:
+    """FlashAttention ``construct_local_mask``: True where masked; -1 = unbounded side; per-row Sq, Sk (B, 1, 1, 1).
+
+    ``mutant="top_left"`` drops the ``Sk - Sq`` offset (local indices); ``"left_off_by_one"`` compares the left edge
+    with ``<=`` where ``<`` was meant (one key fewer on the left)."""
+    torch = _torch()
+    row = torch.arange(sq)[:, None]
+    col = torch.arange(sk)
+    off = 0 if mutant == "top_left" else lk - lq
+    left, right = window
+    if left < 0:
+        return col > row + off + right
+    over = col > torch.minimum(row + off + right, lk) if right >= 0 else torch.zeros_like(col > row + off)
+    lo = row + off - left
+    under = col <= lo if mutant == "left_off_by_one" else col < lo
+    return over | under
+
+
+def fa_attention_ref(
+    *,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    causal: bool = False,
+    alibi: bool = False,
+    mutant: str | None = None,
+) -> Callable:
+    """FlashAttention's ``tests/test_flash_attn.py::attention_ref`` (with ``construct_local_mask`` and the
+    non-causal ``attn_bias_from_alibi_slopes``), (B, S, H, D), upcast to float32, official ALiBi slopes.
+
+    Steps: GQA by repeating kv heads (query head h uses kv head h // g); scores = (q / sqrt(d)) . k; softcap
+    c tanh(s / c) on them; key padding and the local window as -inf (bottom-right per row with the rows' lengths;
+    ``causal`` forces right = 0); then the bias -m |i + Sk_b - Sq_b - j|; softmax; rows the window empties and query
+    padding rows set to 0. ``mutant="softcap_after_bias"`` caps s + b instead (and the others of ``_fa_local_mask``).
+    Called as ``candidate(q, k, v)`` or, with per-row lengths, ``candidate(q, k, v, q_lens=..., k_lens=...)``."""
+    torch = _torch()
+    if causal:
+        window = (window[0], 0)
+
+    def candidate(q: Any, k: Any, v: Any, q_lens: Any = None, k_lens: Any = None) -> Any:
+        dtype_og = q.dtype
+        q, k, v = q.float(), k.float(), v.float()
+        b, sq, h, d = q.shape
+        sk = k.shape[1]
+        k = k.repeat_interleave(h // k.shape[2], dim=2)
+        v = v.repeat_interleave(h // v.shape[2], dim=2)
+        lq = torch.full((b,), sq) if q_lens is None else q_lens.long()
+        lk = torch.full((b,), sk) if k_lens is None else k_lens.long()
+        lq4, lk4 = lq[:, None, None, None], lk[:, None, None, None]
+        scores = torch.einsum("bthd,bshd->bhts", q / d**0.5, k)
+        bias = None
+        if alibi:
+            slopes = torch.tensor(np.asarray(rp.alibi_slopes(h)), dtype=torch.float32)[None, :, None, None]
+            rel = (torch.arange(sq)[:, None] + lk4 - lq4 - torch.arange(sk)).abs()
+            bias = -slopes * rel.to(torch.float32)
+        if softcap > 0 and mutant != "softcap_after_bias":
+            scores = torch.tanh(scores / softcap) * softcap
+        if mutant == "softcap_after_bias":
+            scores = torch.tanh((scores + bias) / softcap) * softcap
+            bias = None
+        key_pad = torch.arange(sk)[None, :] >= lk[:, None]
+        scores = scores.masked_fill(key_pad[:, None, None, :], float("-inf"))
+        local = None
+        if window[0] >= 0 or window[1] >= 0:
+            local = _fa_local_mask(sq, sk, window, lq4, lk4, mutant=mutant)
+            scores = scores.masked_fill(local, float("-inf"))
+        if bias is not None:
+            scores = scores + bias
+        attention = torch.softmax(scores, dim=-1)
+        if local is not None:
+            attention = attention.masked_fill(local.all(dim=-1, keepdim=True), 0.0)
+        q_pad = (torch.arange(sq)[None, :] >= lq[:, None])[:, None, :, None]
+        attention = attention.masked_fill(q_pad, 0.0)
+        out = torch.einsum("bhts,bshd->bthd", attention, v)
+        out = out.masked_fill(q_pad.permute(0, 2, 1, 3), 0.0)
+        return out.to(dtype_og)
+
+    return candidate
+
+
+def vllm_ref_paged_attn(*, sliding_window: int | None = None, soft_cap: float | None = None, mutant: str | None = None):
+    """vLLM's ``tests/kernels/attention/test_flash_attn.py::ref_paged_attn`` on a (num_blocks, P, H_kv, D) cache.
+
+    Per sequence: q scaled by 1/sqrt(d) in the input dtype; keys and values gathered through the block table and cut
+    to ``kv_len``; kv heads repeated (``repeat_interleave``); scores in the input dtype, then float32; causal
+    bottom-right mask ``triu(diagonal=kv_len - q_len + 1)``; the sliding-window mask, the complement of
+    ``triu(diagonal=kv_len - (q_len + sliding_window) + 1)`` (keys with Delta >= sliding_window masked, i.e.
+    ``window=(sliding_window - 1, 0)``); softcap on the scaled scores before the masks; softmax cast to v's dtype.
+    ``mutant="window_off_by_one"`` uses ``diagonal=kv_len - (q_len + sliding_window)`` (one key more)."""
+    torch = _torch()
+
+    def candidate(q: Any, k_cache: Any, v_cache: Any, block_table: Any, cache_seqlens: Any) -> Any:
+        nb, sq, h, d = q.shape
+        _, page, hk, _ = k_cache.shape
+        table = block_table.long()
+        outs = []
+        for i in range(nb):
+            kv_len = int(cache_seqlens[i])
+            qi = q[i] * d**-0.5
+            blocks = table[i, : (kv_len + page - 1) // page]
+            k = k_cache[blocks].reshape(-1, hk, d)[:kv_len]
+            v = v_cache[blocks].reshape(-1, hk, d)[:kv_len]
+            if h != hk:
+                k, v = (t.repeat_interleave(h // hk, dim=1) for t in (k, v))
+            attn = torch.einsum("qhd,khd->hqk", qi, k).float()
+            ones = torch.ones(sq, kv_len)
+            mask = torch.triu(ones, diagonal=kv_len - sq + 1).bool()
+            if sliding_window is not None:
+                extra = 0 if mutant == "window_off_by_one" else 1
+                mask |= torch.triu(ones, diagonal=kv_len - (sq + sliding_window) + extra).bool().logical_not()
+            if soft_cap is not None:
+                attn = soft_cap * torch.tanh(attn / soft_cap)
+            attn = attn.masked_fill(mask, float("-inf"))
+            attn = torch.softmax(attn, dim=-1).to(v.dtype)
+            outs.append(torch.einsum("hqk,khd->qhd", attn, v))
+        return torch.stack(outs)
+
+    return candidate
+
+
+def xformers_mask_attention(mask: str, *, window: tuple[int, int] | None = None) -> Callable:
+    """An xformers ``attn_bias`` mask materialised on CPU (``.materialize(shape)``) and applied by a float32 softmax
+    attention in torch ((B, H, S, D); rows with no key give 0, NaN set to 0 here). ``mask``:
+    ``"local_bottom_right"`` (``LocalAttentionFromBottomRightMask(window_left, window_right)``), ``"block_diagonal"``
+    or ``"block_diagonal_causal_bottom_right"`` (``BlockDiagonalMask`` / ``BlockDiagonalCausalFromBottomRightMask``
+    ``.from_seqlens`` of each row's per-segment q and kv counts, called with segment ids)."""
+    torch = _torch()
+    from xformers.ops.fmha import attn_bias as ab
+
+    def attend(q: Any, k: Any, v: Any, add: Any) -> Any:
+        dt = q.dtype
+        q, k, v = q.float(), k.float(), v.float()
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        s = torch.einsum("bhtd,bhsd->bhts", q / q.shape[-1] ** 0.5, k) + add
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+        return torch.einsum("bhts,bhsd->bhtd", p, v).to(dt)
+
+    def counts(ids: Any, n: int) -> list[int]:
+        return torch.bincount(ids.long(), minlength=n).tolist()  # ids 0..n-1 in contiguous runs, as the cases have
+
+    def candidate(q: Any, k: Any, v: Any, q_segment_ids: Any = None, k_segment_ids: Any = None) -> Any:
+        sq, sk = q.shape[2], k.shape[2]
+        if mask == "local_bottom_right":
+            left, right = window
+            m = ab.LocalAttentionFromBottomRightMask(window_left=left, window_right=right)
+            return attend(q, k, v, m.materialize((sq, sk), dtype=torch.float32))
+        cls = ab.BlockDiagonalMask if mask == "block_diagonal" else ab.BlockDiagonalCausalFromBottomRightMask
+        rows = []
+        if q_segment_ids is None:  # the dense cases: one segment per row
+            q_segment_ids = torch.zeros(q.shape[0], sq, dtype=torch.int32)
+            k_segment_ids = torch.zeros(k.shape[0], sk, dtype=torch.int32)
+        for b in range(q.shape[0]):
+            n = int(k_segment_ids[b].max()) + 1
+            m = cls.from_seqlens(q_seqlen=counts(q_segment_ids[b], n), kv_seqlen=counts(k_segment_ids[b], n))
+            add = m.materialize((sq, sk), dtype=torch.float32)
+            rows.append(attend(q[b : b + 1], k[b : b + 1], v[b : b + 1], add))
+        return torch.cat(rows)
 
     return candidate

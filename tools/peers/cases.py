@@ -9,11 +9,19 @@ from typing import Any
 import numpy as np
 
 import relpos_ref as rp
-from relpos_ref.conformance import Report, check_attention, check_attention_backward, check_bias, check_buckets
+from relpos_ref.conformance import (
+    Report,
+    check_attention,
+    check_attention_backward,
+    check_bias,
+    check_buckets,
+    check_paged_attention,
+)
 
 from .adapters import (
     alibi_params,
     bloom_alibi,
+    fa_attention_ref,
     flex_alibi,
     flex_backward,
     flex_t5,
@@ -26,6 +34,8 @@ from .adapters import (
     sdpa_backward,
     sdpa_causal,
     t5_params,
+    vllm_ref_paged_attn,
+    xformers_mask_attention,
 )
 
 __all__ = ["PeerCase", "cases"]
@@ -42,6 +52,7 @@ class PeerCase:
     expect_text: str | None
     meaning: str
     run: Callable[[], Report]
+    needs: str | None = None  # a module the case imports when run (skipped by the tests without it)
 
 
 # -- the cases ------------------------------------------------------------------------------------------------
@@ -331,7 +342,209 @@ def cases() -> list[PeerCase]:
             ),
         )
     )
+    out.extend(_kernel_cases())
     out.extend(_backward_cases(enc, dec, w_enc, w_dec))
+    return out
+
+
+def _kernel_cases() -> list[PeerCase]:
+    """Kernel test references (FlashAttention, vLLM) written in torch from their steps, and xformers' masks."""
+    out: list[PeerCase] = []
+    alibi8 = rp.ALiBi.from_num_heads(8)
+    fa = (
+        "FlashAttention `tests/test_flash_attn.py::attention_ref` + `construct_local_mask` "
+        "(torch, written from its steps)"
+    )
+    fa_src = (
+        "Dao-AILab/flash-attention `tests/test_flash_attn.py::attention_ref`, `construct_local_mask`, "
+        "`attn_bias_from_alibi_slopes` (non-causal form)"
+    )
+    win, cap = (8, 4), 10.0
+
+    def fa_check(mutant: str | None = None, **kw: Any) -> Report:
+        return check_attention(
+            fa_attention_ref(window=win, softcap=cap, alibi=True, mutant=mutant),
+            bias=alibi8,
+            window=win,
+            softcap=cap,
+            layout="bshd",
+            xp="torch",
+            **kw,
+        )
+
+    for dtype in ("float32", "bfloat16"):
+        out.append(
+            PeerCase(
+                f"fa_ref_window_softcap_alibi_{dtype}",
+                fa + ", `window_size=(8, 4)`, `softcap=10`, ALiBi `attn_bias`",
+                f"`check_attention(bias=ALiBi(8), window=(8, 4), softcap=10.0, layout='bshd', dtype='{dtype}', "
+                "xp='torch')`",
+                True,
+                None,
+                f"{fa_src}: (B, S, H, D), computed in float32 (`upcast`), kv heads repeated (h uses h // g); softcap "
+                "on the scaled scores, then the window as -inf (bottom-right, -right <= Delta <= left), then the bias "
+                "-m|i + Sk - Sq - j| added; rows the window empties set to 0: relpos_ref's order (softcap, bias, mask)"
+                + (
+                    "; the bfloat16 output is within FlashAttention's rule against the float64 reference"
+                    if dtype == "bfloat16"
+                    else ""
+                ),
+                lambda dtype=dtype: fa_check(dtype=dtype),
+            )
+        )
+    out.append(
+        PeerCase(
+            "fa_ref_causal_window_softcap",
+            fa + ", `causal=True`, `window_size=(16, -1)`, `softcap=5`",
+            "`check_attention(causal=True, window=(16, None), softcap=5.0, layout='bshd', xp='torch')`",
+            True,
+            None,
+            f"{fa_src}: `causal` forces right = 0 (so -1 there is no matter); -1 = unbounded, our `None`; empty rows "
+            "(Sq > Sk) set to 0 by the reference, fully_masked='zero'",
+            lambda: check_attention(
+                fa_attention_ref(window=(16, -1), causal=True, softcap=5.0),
+                causal=True,
+                window=(16, None),
+                softcap=5.0,
+                layout="bshd",
+                xp="torch",
+            ),
+        )
+    )
+    out.append(
+        PeerCase(
+            "fa_ref_varlen_window_softcap_alibi",
+            fa + " with `query_padding_mask`, `key_padding_mask` from the lengths",
+            "`check_attention(bias=ALiBi(8), window=(8, 4), softcap=10.0, layout='bshd', varlen=True, level='quick', "
+            "xp='torch')` (quick: the point is the per-row alignment, not the size)",
+            True,
+            None,
+            f"{fa_src}: with padding masks, Sk and Sq in the window and the ALiBi bias are each row's "
+            "`mask.sum(-1)`, so bottom-right is per row (our k_lens, q_lens); padding query rows 0 in the output",
+            lambda: fa_check(varlen=True, level="quick"),
+        )
+    )
+    mutants = (
+        (
+            "fa_ref_window_top_left",
+            "top_left",
+            "window aligned top-left",
+            "mutant: the window measured from local query indices (row i, no Sk - Sq offset, as with SDPA/Flex "
+            "`q_idx`) while the bias stays bottom-right; equal only for Sq = Sk",
+        ),
+        (
+            "fa_ref_softcap_after_bias",
+            "softcap_after_bias",
+            "softcap applied after the bias",
+            "mutant: the cap applied to score + ALiBi bias (c tanh((s + b) / c)) instead of before adding the bias, "
+            "as FlashAttention's reference and kernels do",
+        ),
+        (
+            "fa_ref_window_off_by_one",
+            "left_off_by_one",
+            "window off by one on the left",
+            "mutant: the left edge masks keys j <= p_i - left instead of j < p_i - left (one key fewer per row)",
+        ),
+    )
+    for key, mutant, phrase, meaning in mutants:
+        out.append(
+            PeerCase(
+                key,
+                fa + f", mutant `{mutant}`",
+                "`check_attention(bias=ALiBi(8), window=(8, 4), softcap=10.0, layout='bshd', level='quick', "
+                "xp='torch')` (quick: the point is the convention)",
+                False,
+                phrase,
+                meaning,
+                lambda mutant=mutant: fa_check(mutant, level="quick"),
+            )
+        )
+
+    vllm = (
+        "vLLM `tests/kernels/attention/test_flash_attn.py::ref_paged_attn` (torch, written from its steps), "
+        "`sliding_window=32`, `soft_cap=10`"
+    )
+    vllm_src = "vllm-project/vllm `tests/kernels/attention/test_flash_attn.py::ref_paged_attn`"
+    for dtype in ("float32", "bfloat16"):
+        out.append(
+            PeerCase(
+                f"vllm_ref_paged_window_softcap_{dtype}",
+                vllm,
+                "`check_paged_attention(causal=True, window=(31, 0), softcap=10.0, layout='flash', "
+                f"page_block_size=16, dtype='{dtype}', xp='torch')`",
+                True,
+                None,
+                f"{vllm_src}: always causal, bottom-right per sequence (`triu(diagonal=kv_len - q_len + 1)`); the "
+                "sliding window keeps Delta <= sliding_window - 1 (the vLLM test passes FlashAttention "
+                "`window_size=(sliding_window - 1, 0)`); softcap on the scaled scores before the masks; cache "
+                "(num_blocks, page, H_kv, D) read through the block table"
+                + ("; scores in bfloat16 then float32, within the bfloat16 rule" if dtype == "bfloat16" else ""),
+                lambda dtype=dtype: check_paged_attention(
+                    vllm_ref_paged_attn(sliding_window=32, soft_cap=10.0),
+                    causal=True,
+                    window=(31, 0),
+                    softcap=10.0,
+                    layout="flash",
+                    page_block_size=16,
+                    dtype=dtype,
+                    xp="torch",
+                ),
+            )
+        )
+    out.append(
+        PeerCase(
+            "vllm_ref_paged_window_off_by_one",
+            vllm + ", mutant: window mask `diagonal=kv_len - (q_len + sliding_window)`",
+            "`check_paged_attention(causal=True, window=(31, 0), softcap=10.0, layout='flash', page_block_size=16, "
+            "xp='torch')`",
+            False,
+            "window off by one on the left",
+            "mutant: the `+ 1` dropped from the sliding-window `triu` diagonal, so sliding_window = 32 keeps 33 keys "
+            "(Delta <= 32): the sliding_window vs window_size=(sliding_window - 1, 0) confusion",
+            lambda: check_paged_attention(
+                vllm_ref_paged_attn(sliding_window=32, soft_cap=10.0, mutant="window_off_by_one"),
+                causal=True,
+                window=(31, 0),
+                softcap=10.0,
+                layout="flash",
+                page_block_size=16,
+                xp="torch",
+            ),
+        )
+    )
+
+    xf = "xformers `fmha.attn_bias` mask `.materialize()` on CPU + float32 softmax attention in torch"
+    out.append(
+        PeerCase(
+            "xformers_local_bottom_right",
+            xf + ", `LocalAttentionFromBottomRightMask(window_left=8, window_right=4)`",
+            "`check_attention(window=(8, 4), level='quick', xp='torch')` (quick: the point is the convention)",
+            True,
+            None,
+            "facebookresearch/xformers `xformers/ops/fmha/attn_bias.py`: keeps -right <= Delta <= left with "
+            "bottom-right positions, our window=(left, right); empty rows (Sq > Sk) give 0 here (NaN set to 0 by the "
+            "glue, xformers' mask alone leaves them -inf)",
+            lambda: check_attention(
+                xformers_mask_attention("local_bottom_right", window=(8, 4)), window=(8, 4), level="quick", xp="torch"
+            ),
+            needs="xformers",
+        )
+    )
+    out.append(
+        PeerCase(
+            "xformers_block_diagonal",
+            xf + ", `BlockDiagonalMask.from_seqlens` of each row's segments",
+            "`check_attention(segments=True, level='quick', xp='torch')` (quick: the point is the convention)",
+            True,
+            None,
+            "facebookresearch/xformers `attn_bias.py` `BlockDiagonalMask`: packed sequences attend only within their "
+            "block (q and kv block lengths per segment, 0 allowed for a chunk); dense cases as one block per row",
+            lambda: check_attention(
+                xformers_mask_attention("block_diagonal"), segments=True, level="quick", xp="torch"
+            ),
+            needs="xformers",
+        )
+    )
     return out
 
 

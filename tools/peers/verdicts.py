@@ -22,6 +22,7 @@ import argparse
 import platform
 import re
 import sys
+import importlib.util
 import time
 from pathlib import Path
 
@@ -35,6 +36,10 @@ __all__ = ["PeerCase", "cases", "main", "markdown", "run_case"]
 
 
 def run_case(case: PeerCase) -> tuple[Report, float]:
+    if case.needs is not None and importlib.util.find_spec(case.needs) is None:
+        # The table records every case: a missing peer is an error, never a row left out.
+        msg = f"case {case.key} runs {case.needs}'s own code: install it (pip install --no-deps {case.needs})"
+        raise ImportError(msg)
     t0 = time.perf_counter()
     report = case.run()
     return report, time.perf_counter() - t0
