@@ -19,10 +19,10 @@ the harness says.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import re
 import sys
-import importlib.util
 import time
 from pathlib import Path
 
