@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import math
 import numbers
+import types
 import warnings
 from typing import Any
 
@@ -32,13 +33,23 @@ def default_namespace() -> Any:
     return compat_namespace("numpy")
 
 
+#: Plain library modules that array-api-compat wraps, by module name: ``xp=torch`` is how users write it, and the
+#: plain module lacks parts of the standard (``torch.astype``, ``numpy.concat`` before NumPy 2) that the wrapper has.
+_COMPAT_WRAPPED = {"numpy": "numpy", "cupy": "cupy", "torch": "torch", "dask.array": "dask.array"}
+
+
 def namespace_arg(xp: Any) -> Any:
-    """The ``xp`` argument of a public function: NumPy (array-api-compat) when None, else checked to be a namespace."""
+    """The ``xp`` argument of a public function: NumPy (array-api-compat) when None, the array-api-compat wrapper of a
+    plain library module (``numpy``, ``torch``, ``cupy``, ``dask.array``), else checked to be a namespace."""
     if xp is None:
         return default_namespace()
+    library = _COMPAT_WRAPPED.get(getattr(xp, "__name__", None)) if isinstance(xp, types.ModuleType) else None
+    if library is not None:
+        return compat_namespace(library)
     if isinstance(xp, type) or not all(callable(getattr(xp, a, None)) for a in ("asarray", "astype", "arange")):
         msg = (
-            f"xp: expected an array namespace (a module such as array_api_compat.numpy or array_api_strict), got {xp!r}"
+            "xp: expected an array namespace (a module such as numpy, torch, array_api_compat.numpy or "
+            f"array_api_strict), got {xp!r}"
         )
         raise TypeError(msg)
     return xp

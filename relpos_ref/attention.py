@@ -233,7 +233,9 @@ def _prepare(q: Any, k: Any, v: Any, bias: Any, mask: Any, xp: Any, options: dic
     """Validate the arguments of :func:`attention` and :func:`relpos_ref.attention_vjp` (``options``: causal, align,
     scale, placement, fully_masked, and optionally softcap, window, segment_positions and :data:`_FEATURE_ARRAYS`)
     and resolve them into a :class:`_Spec`."""
-    family, array_bias, tensor = BiasTiles.split(bias)
+    # A family with NumPy parameters follows q's library and device (converted once, cached on the family); one whose
+    # parameters live elsewhere is checked against q, k, v below.
+    family, array_bias, tensor = BiasTiles.split(bias, like=q)
     extra = {name: options.get(name) for name in _FEATURE_ARRAYS}
     # Messages name the feature arrays only when given, so a call without them reads as before they existed.
     given = {name: a for name, a in extra.items() if a is not None}

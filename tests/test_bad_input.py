@@ -383,10 +383,17 @@ CASES = [
         r"^q_pos: expected an integer dtype, got float64$",
     ),
     (
+        # A NumPy family follows its positions' library; one whose parameters were put elsewhere does not.
         "bias positions of another library",
-        lambda: ALIBI2.bias(xs.arange(3), xs.arange(3)),
+        lambda: ALIBI2.astype(xp=xs).bias(np.arange(3), np.arange(3)),
         TypeError,
-        r"^q_pos, k_pos: expected arrays of .*numpy.*got arrays of array_api_strict$",
+        r"^q_pos, k_pos: expected arrays of array_api_strict.*got arrays of numpy$",
+    ),
+    (
+        "bias float16 family, positions of a library without float16",
+        lambda: rp.ALiBi([0.5], dtype=np.float16).bias(xs.arange(3), xs.arange(3)),
+        TypeError,
+        r"^q_pos: expected arrays of a library with the family's dtype float16 .*got arrays of array_api_strict",
     ),
     (
         "astype int",

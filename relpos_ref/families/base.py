@@ -151,7 +151,8 @@ class BiasFamily:
         Parameters
         ----------
         q_pos, k_pos : 1-D integer arrays
-            Absolute query and key positions, in the parameters' namespace (see :func:`relpos_ref.positions`).
+            Absolute query and key positions (see :func:`relpos_ref.positions`): in the parameters' namespace, or in
+            any namespace and device for a family with NumPy parameters (see :meth:`_following`).
         heads : int or sequence of int, optional
             Compute only these heads (0-based), in this order. Parameters are sliced before any arithmetic, so one
             head costs one head's work and memory.
@@ -172,6 +173,9 @@ class BiasFamily:
             entries on a power-of-two scale instead. Also when the (h, Sq, Sk) result (or the (Sq, Sk) int64
             offsets) would exceed ``MAX_ARRAY_BYTES`` (8 GiB), checked before allocating.
         """
+        family = self._following(q_pos)
+        if family is not self:
+            return family.bias(q_pos, k_pos, heads=heads)
         if not self._bias_may_overflow:
             return self._evaluate(self._compute, q_pos, k_pos, heads)
         with _checks.quiet_overflow():  # infinities are the rounded exact values; a NaN is reported below
@@ -199,9 +203,47 @@ class BiasFamily:
         functions whose rounding moves the result by :math:`|x|\,u` (FIRE's MLP, Sandwich's cosines).
         Same arguments, shape and dtype as :meth:`bias`; infinite where the bias is.
         """
+        family = self._following(q_pos)
+        if family is not self:
+            return family.bias_magnitude(q_pos, k_pos, heads=heads)
         return self._evaluate(self._magnitude, q_pos, k_pos, heads)
 
     # -- internals -----------------------------------------------------------------------------------------------
+    def _following(self, array: Any, name: str = "q_pos") -> BiasFamily:
+        """The family to use with ``array``'s namespace and device: itself, or a cached copy there.
+
+        A family with NumPy parameters (every constructor's default) is a description of a few numbers, so it goes
+        wherever its inputs are: ``ALiBi.from_num_heads(8)`` used with torch tensors is converted once per (namespace,
+        device, dtype) and cached on the object. A family whose parameters were put in another library on purpose
+        keeps them there, and mixing it with a third library stays an error (raised by the caller's namespace check).
+        """
+        if not is_array_api_obj(array) or not _checks.same_namespace(self.xp, _checks.default_namespace()):
+            return self
+        try:
+            xp = _checks.array_namespace(array)
+            device = array_device(array)
+        except (TypeError, ValueError):  # not an array after all (a class such as numpy.float64): the checks name it
+            return self
+        if _checks.same_namespace(xp, self.xp):
+            return self
+        dtype = getattr(xp, dtype_name(self.dtype), None)
+        if dtype is None:
+            msg = (
+                f"{name}: expected arrays of a library with the family's dtype {dtype_name(self.dtype)} (its NumPy "
+                f"parameters follow the inputs' library), got arrays of {_checks._ns_name(xp)}; convert the family "
+                "with .astype(dtype, xp=...) first"
+            )
+            raise TypeError(msg)
+        key = (_checks._ns_name(xp), str(device), dtype_name(self.dtype))
+        # The cache lives in the instance dict (the class forbids attribute assignment, not dict items): one dict
+        # assignment per key is atomic under the GIL, and two threads racing on a first call both build equal copies.
+        cache = self.__dict__.setdefault("_followers", {})
+        family = cache.get(key)
+        if family is None:
+            family = _follow_convert(self, xp, dtype, device)
+            cache[key] = family
+        return family
+
     def _evaluate(self, fn: Any, q_pos: Any, k_pos: Any, heads: Any) -> Any:
         """``fn(xp, arrays, delta, q_pos, dtype)`` on the selected heads in the compute dtype, in the family's."""
         xp = _positions_pair(q_pos, k_pos, self.xp)
@@ -263,6 +305,9 @@ class BiasFamily:
         result multiplied back, which is exact; a gradient is then :math:`\pm\infty` only where its exact value is
         beyond the dtype's range.
         """
+        family = self._following(q_pos)
+        if family is not self:
+            return family.bias_vjp(q_pos, k_pos, d_bias)
         xp = _positions_pair(q_pos, k_pos, self.xp)
         _checks.float_array("d_bias", d_bias, xp, ndim=3)
         want = (self.num_heads, int(q_pos.shape[0]), int(k_pos.shape[0]))
@@ -482,6 +527,12 @@ def _head_indices(heads: Any, num_heads: int) -> list[int]:
             raise ValueError(msg)
         out.append(h)
     return out
+
+
+def _follow_convert(family: BiasFamily, xp: Any, dtype: Any, device: Any) -> BiasFamily:
+    """``family`` with its parameters in ``xp`` on ``device`` (one conversion; :meth:`BiasFamily._following` caches
+    it, and the tests count calls of this function)."""
+    return family.astype(dtype, xp=xp, device=device)
 
 
 def _convert(value: Any, xp_from: Any, xp_to: Any, dtype: Any, device: Any) -> Any:

@@ -47,6 +47,9 @@ class TensorBias(BiasFamily, name="tensor"):
         return tuple(self._params["array"].shape)
 
     def bias(self, q_pos: Any, k_pos: Any, *, heads: Any = None) -> Any:
+        family = self._following(q_pos)
+        if family is not self:
+            return family.bias(q_pos, k_pos, heads=heads)
         xp = _positions_pair(q_pos, k_pos, self.xp)
         self._check_positions(q_pos, k_pos)
         arr = self._params["array"]
@@ -56,7 +59,8 @@ class TensorBias(BiasFamily, name="tensor"):
         return xp.take(arr, idx, axis=0)
 
     def bias_magnitude(self, q_pos: Any, k_pos: Any, *, heads: Any = None) -> Any:
-        return self.xp.abs(self.bias(q_pos, k_pos, heads=heads))
+        family = self._following(q_pos)
+        return family.xp.abs(family.bias(q_pos, k_pos, heads=heads))
 
     def _dense_array(self) -> Any:
         return self._params["array"]

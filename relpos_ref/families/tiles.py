@@ -32,9 +32,15 @@ class BiasTiles:
         self.family, self.array, self.tensor, self.sq, self.sk = family, array, tensor, sq, sk
 
     @staticmethod
-    def split(bias: Any) -> tuple[Any, Any, Any]:
-        """(family, array, tensor) of an attention ``bias`` argument, unchecked: exactly one is not None (or none)."""
+    def split(bias: Any, like: Any = None) -> tuple[Any, Any, Any]:
+        """(family, array, tensor) of an attention ``bias`` argument, unchecked: exactly one is not None (or none).
+
+        ``like``: an input array (q); a family with NumPy parameters is taken in its namespace and device
+        (:meth:`BiasFamily._following`).
+        """
         if isinstance(bias, BiasFamily):
+            if like is not None:
+                bias = bias._following(like, "bias")
             dense = bias._dense_array()
             return (None, dense, bias) if dense is not None else (bias, None, None)
         return None, bias, None

@@ -18,6 +18,8 @@ import pytest
 from array_api_compat import array_namespace
 
 import relpos_ref as rp
+from relpos_ref.families import FAMILIES as REGISTRY
+from relpos_ref.families import example_family
 
 
 def to_np(x):
@@ -496,6 +498,25 @@ def test_astype_roundtrip(xp, name):
         np.testing.assert_array_equal(to_np(value), to_np(fam.parameters()[key]).astype(np.float32))
     # The default dtype keeps the current one.
     assert fam.astype().dtype == xp.float64
+
+
+@pytest.mark.parametrize("family_name", list(REGISTRY))
+def test_numpy_family_follows_positions_and_inputs(family_name):
+    # The parameters are converted once to the inputs' library and cached there; the result equals the family
+    # converted by hand, and attention on array_api_strict inputs takes the same family.
+    fam = example_family(family_name, 2, head_dim=8, shape=(3, 5) if family_name == "tensor" else None)
+    q_pos, k_pos = rp.positions(3, 5, xp=array_api_strict)
+    got = fam.bias(q_pos, k_pos)
+    assert array_namespace(got) is array_namespace(q_pos)
+    want = fam.astype(xp=array_api_strict).bias(q_pos, k_pos)
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+    assert list(fam.__dict__["_followers"]) == [("array_api_strict", str(array_api_strict.Device()), "float64")]
+    q = array_api_strict.asarray(np.random.default_rng(0).standard_normal((1, 2, 3, 8)))
+    k = array_api_strict.asarray(np.random.default_rng(1).standard_normal((1, 2, 5, 8)))
+    out = rp.attention(q, k, k, bias=fam, causal=True)
+    ref = rp.attention(np.asarray(q), np.asarray(k), np.asarray(k), bias=fam, causal=True)
+    assert np.array_equal(np.asarray(out), ref)
+    assert len(fam.__dict__["_followers"]) == 1
 
 
 @pytest.mark.parametrize("name", FAMILIES)
