@@ -125,6 +125,11 @@ def relative_offsets(q_pos: Any, k_pos: Any, *, xp: Any = None) -> Any:
         would exceed ``MAX_ARRAY_BYTES`` (8 GiB: Sq * Sk > 2**30), checked before allocating.
     """
     xp = _positions_pair(q_pos, k_pos, xp)
+    return _offsets(xp, q_pos, k_pos)
+
+
+def _offsets(xp: Any, q_pos: Any, k_pos: Any) -> Any:
+    """:func:`relative_offsets` of positions :func:`_positions_pair` has already checked (exact in int64)."""
     return xp.astype(q_pos, xp.int64)[:, None] - xp.astype(k_pos, xp.int64)[None, :]
 
 

@@ -382,6 +382,20 @@ class _AttentionSuite(_Suite):
             }
         return res, bound
 
+    def values_checks(self, describe: Callable[[_Case], str] = lambda c: f"{c.shape}") -> list[Check]:
+        """One output check per case (and one lse check with ``with_lse``), unrun; ``describe`` the case's text."""
+        kinds = (("output", False), ("lse", True)) if self.with_lse else (("output", False),)
+        return [
+            Check(
+                f"{self.label}.{what}.{c.name}",
+                f"{what} of {describe(c)}",
+                lambda c=c, e=e: self.values_check(c, lse=e),
+                self,
+            )
+            for c in self.cases.values()
+            for what, e in kinds
+        ]
+
     def values_check(self, case: _Case, *, lse: bool) -> CheckResult:
         name = f"{self.label}.{'lse' if lse else 'output'}.{case.name}"
         e = self.evaluated(case)
@@ -846,17 +860,7 @@ def attention_checks(
 def _attention_checks(candidate: Any, options: AttentionOptions, *, label: str = "attention") -> list[Check]:
     """The forward checks of ``candidate`` under ``options``, unrun."""
     s = _AttentionSuite(candidate, options, label=label)
-    checks: list[Check] = []
-    for case in s.cases.values():
-        checks.append(
-            Check(
-                f"{label}.output.{case.name}", f"output of {case.shape}", lambda c=case: s.values_check(c, lse=False), s
-            )
-        )
-        if s.with_lse:
-            checks.append(
-                Check(f"{label}.lse.{case.name}", f"lse of {case.shape}", lambda c=case: s.values_check(c, lse=True), s)
-            )
+    checks = s.values_checks()
     checks.append(Check(f"{label}.rows_sum_to_one", "probabilities via one-hot V probes", s.rows_sum_check, s))
     if s.bias64 is not None and s.window is None:
         checks.append(Check(f"{label}.effective_bias", "the bias read back at q = 0", s.effective_bias_check, s))

@@ -298,20 +298,7 @@ def feature_checks(candidate: Any, options: AttentionOptions, *, label: str = "a
         if not s.cases:
             res = CheckResult(f"{s.label}.output", False, summary="; ".join(s.notes), status="not_checked")
             checks.append(Check(f"{s.label}.output", f"{kind} cases", lambda r=res: r, s))
-        for case in s.cases.values():
-            desc = f"output of {case.shape} with {', '.join(case.features)}"
-            checks.append(
-                Check(f"{s.label}.output.{case.name}", desc, lambda c=case, s=s: s.values_check(c, lse=False), s)
-            )
-            if s.with_lse:
-                checks.append(
-                    Check(
-                        f"{s.label}.lse.{case.name}",
-                        f"lse of {case.shape}",
-                        lambda c=case, s=s: s.values_check(c, lse=True),
-                        s,
-                    )
-                )
+        checks += s.values_checks(lambda c: f"{c.shape} with {', '.join(c.features)}")
     return checks
 
 

@@ -198,18 +198,7 @@ def paged_attention_checks(
     if s.cache_layout == "vllm":
         paged_inputs(next(iter(s.cases.values())).shape, [0] * 4, page_block_size=page, layout="vllm", dtype=dtype)
     s.notes.append("paged: repeatable, rows_sum_to_one and effective_bias are checked by check_attention, not here")
-    checks = []
-    for case in s.cases.values():
-        checks.append(
-            Check(
-                f"{label}.output.{case.name}", f"output of {case.shape}", lambda c=case: s.values_check(c, lse=False), s
-            )
-        )
-        if s.with_lse:
-            checks.append(
-                Check(f"{label}.lse.{case.name}", f"lse of {case.shape}", lambda c=case: s.values_check(c, lse=True), s)
-            )
-    return checks
+    return s.values_checks()
 
 
 def check_paged_attention(

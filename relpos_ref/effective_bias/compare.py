@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from .. import _checks
+from ..bounds.model import FORMATS, unit_roundoff
 from ..conventions import FLOAT_DTYPES
 from ..families import BiasFamily
 from ..positions import causal_mask
@@ -29,9 +30,9 @@ __all__ = [
     "reference_magnitude",
 ]
 
-#: Unit roundoff u (half an ulp of 1, relative) and smallest normal number of each format.
-UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
-SMALLEST_NORMAL = {"float64": 2.0**-1022, "float32": 2.0**-126, "float16": 2.0**-14, "bfloat16": 2.0**-126}
+#: Unit roundoff u (half an ulp of 1, relative) and smallest normal number of each format (bounds.model.FORMATS).
+UNIT_ROUNDOFF = {d: unit_roundoff(d) for d in FORMATS}
+SMALLEST_NORMAL = {d: 2.0 ** FORMATS[d][1] for d in FORMATS}
 #: Roundings of a probability a correct kernel may make, in units of u: the output, P before ``P @ V``, the
 #: exponential, the division by the row sum, and a few rescalings of an online softmax.
 READOUT_ULPS = 8

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from .. import _checks
 from .._checks import array_device, is_array_api_obj, to_device
 from .._host import dtype_name, host_numpy
-from ..positions import _positions_pair, relative_offsets
+from ..positions import _offsets, _positions_pair
 
 __all__ = ["FAMILIES", "BiasFamily", "family_class"]
 
@@ -254,7 +254,7 @@ class BiasFamily:
         _checks.result_size("q_pos, k_pos", (h, q_pos.shape[0], k_pos.shape[0]), itemsize, what="bias (h, Sq, Sk)")
         if cdtype != self.dtype:
             arrays = {k: xp.astype(v, cdtype) for k, v in arrays.items()}
-        delta = relative_offsets(q_pos, k_pos, xp=xp)
+        delta = _offsets(xp, q_pos, k_pos)  # checked once above, not again (four reductions per attention tile)
         out = fn(xp, arrays, delta, q_pos, cdtype)
         return out if out.dtype == self.dtype else xp.astype(out, self.dtype)
 
@@ -480,7 +480,7 @@ def offset_sums(xp: Any, g: Any, q_pos: Any, k_pos: Any) -> tuple[Any, Any, bool
     h, rows, cols = (int(n) for n in g.shape)
     dev = array_device(g)
     if q0 is None or k0 is None:
-        delta = relative_offsets(q_pos, k_pos, xp=xp)
+        delta = _offsets(xp, q_pos, k_pos)  # the callers checked the positions
         return xp.reshape(g, (h, rows * cols)), xp.reshape(delta, (rows * cols,)), False
     # Skew: with the columns reversed (j' = Sk-1-j), entry (i, j') moves to column i + j' of a (rows, rows+cols-1)
     # array when each row is padded with `rows` zeros and the flat buffer is cut to rows * (rows + cols - 1); column
